@@ -1,0 +1,216 @@
+//! Types shared by the kernel programs (`monitor-ebpf`) and the agent (`monitor`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and a compile-time size check, so
+//! both sides agree on the bytes without relying on the compiler's layout choices.
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+    /// One past the highest state number: the size of per-state arrays.
+    pub const MAX_STATES: u32 = 13;
+
+    /// The states a connection passes through while it is being torn down, the ones the kernel
+    /// programs keep a per-socket entry time for.
+    #[inline(always)]
+    pub const fn is_teardown(state: u8) -> bool {
+        matches!(state, FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | CLOSING | LAST_ACK | TIME_WAIT)
+    }
+}
+
+/// What an [`Event`] reports.
+pub mod kind {
+    /// A socket moved from `from` to `to`. For a timewait socket ending at 2MSL, `to` is CLOSE
+    /// and `reason` is [`super::reason::EXPIRED`].
+    pub const TRANSITION: u8 = 1;
+    /// A timewait socket's timer was cancelled before it was due. If the kernel re-arms it at
+    /// once a [`REARM`] with the same `obj` follows; otherwise the socket ended early and
+    /// `reason` says what the kernel program could tell about why.
+    pub const TW_CANCEL: u8 = 2;
+    /// A timewait socket's 2MSL timer was restarted (a segment, normally a retransmitted FIN,
+    /// reached it). `flags` has [`super::flags::SILENT`] when the kernel re-armed the timer
+    /// without a trace event and the sweep or the socket's end found it.
+    pub const REARM: u8 = 3;
+}
+
+/// Why a timewait socket ended.
+pub mod reason {
+    pub const NONE: u8 = 0;
+    /// The 2MSL (or tcp_fin_timeout for an orphaned FIN_WAIT2) timer ran out.
+    pub const EXPIRED: u8 = 1;
+    /// A `connect()` took over the 4-tuple (net.ipv4.tcp_tw_reuse).
+    pub const REUSE: u8 = 2;
+    /// Ended by the kernel before its timer: an RST (RFC 1337 assassination), a new SYN that
+    /// reopened the 4-tuple, or the network namespace being destroyed.
+    pub const KILLED: u8 = 3;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flags {
+    /// `duration_ns` holds the time spent in `from`.
+    pub const DURATION: u16 = 1 << 0;
+    /// `obj` is a timewait socket (`struct inet_timewait_sock`), not a full socket.
+    pub const TIMEWAIT: u16 = 1 << 1;
+    /// A re-arm the kernel made without a timer trace event (same timer-wheel bucket).
+    pub const SILENT: u16 = 1 << 2;
+}
+
+/// One record on the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) when it happened.
+    pub ts_ns: u64,
+    /// Time spent in `from` when `flags & DURATION`.
+    pub duration_ns: u64,
+    /// Address of the kernel object; an identity only, never dereferenced by the agent.
+    pub obj: u64,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    pub kind: u8,
+    pub from: u8,
+    pub to: u8,
+    pub reason: u8,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// Local and remote port, host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u16,
+    /// Local and remote address, network byte order; IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 72);
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    use super::tcp::MAX_STATES;
+    /// A ring-buffer reservation failed: the event was dropped.
+    pub const EVENTS_LOST: u32 = 0;
+    /// The per-socket map was full: a socket's entry time was not kept.
+    pub const SOCKS_FULL: u32 = 1;
+    /// The timewait map was full: a timewait socket was not followed.
+    pub const TIMEWAIT_FULL: u32 = 2;
+    /// A full socket ended in the state of a timewait hand-off but no timewait socket matched it.
+    pub const HANDOFF_MISSED: u32 = 3;
+    /// `RETRANSMITS + state`: retransmitted segments by the socket's state (err == 0 only).
+    pub const RETRANSMITS: u32 = 8;
+    /// `RESETS_SENT + state`: RSTs sent, by the state of the socket that sent them.
+    pub const RESETS_SENT: u32 = RETRANSMITS + MAX_STATES;
+    /// `RESETS_RECEIVED + state`: RSTs received, by the state of the socket that got them.
+    pub const RESETS_RECEIVED: u32 = RESETS_SENT + MAX_STATES;
+    pub const COUNT: u32 = RESETS_RECEIVED + MAX_STATES;
+}
+
+/// Offsets and addresses of the running kernel, read by the agent at load time from tracefs
+/// format files, BTF and /proc/kallsyms, and handed to the kernel programs as a constant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `sock:inet_sock_set_state` fields.
+    pub ss_skaddr: u32,
+    pub ss_oldstate: u32,
+    pub ss_newstate: u32,
+    pub ss_sport: u32,
+    pub ss_dport: u32,
+    pub ss_family: u32,
+    pub ss_protocol: u32,
+    pub ss_saddr: u32,
+    pub ss_daddr: u32,
+    pub ss_saddr_v6: u32,
+    pub ss_daddr_v6: u32,
+    /// `tcp:tcp_retransmit_skb` fields; `rt_err` is 0 on kernels whose tracepoint has no
+    /// `err` (before 6.17), where every event is a retransmit that was sent.
+    pub rt_state: u32,
+    pub rt_err: u32,
+    /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset` fields.
+    pub rs_state: u32,
+    pub rr_skaddr: u32,
+    /// `timer:timer_start`, `timer:timer_cancel`.
+    pub ts_timer: u32,
+    pub ts_function: u32,
+    pub ts_expires: u32,
+    pub ts_now: u32,
+    pub tc_timer: u32,
+    /// `struct sock_common` members.
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_hash: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct net` -> `ns.inum`.
+    pub net_inum: u32,
+    /// `struct inet_timewait_sock` members.
+    pub tw_substate: u32,
+    pub tw_timer: u32,
+    /// `struct timer_list` members.
+    pub timer_expires: u32,
+    pub timer_function: u32,
+    /// `skaddr` of `tcp:tcp_retransmit_skb`.
+    pub rt_skaddr: u32,
+    /// Address of `tw_timer_handler`, the callback of every timewait socket's timer.
+    pub tw_timer_handler: u64,
+    /// Only sockets of this network namespace when not 0.
+    pub netns_only: u32,
+    /// `skaddr` of `tcp:tcp_send_reset`.
+    pub rs_skaddr: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 36 * 4 + 16);
+
+/// Per-socket entry of the kernel's socket and timewait maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockEntry {
+    /// When the socket entered `state` (0 when unknown: it was there before the agent started).
+    pub entered_ns: u64,
+    /// For timewait sockets: the timer's `expires` (jiffies) as last seen.
+    pub expires: u64,
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<SockEntry>() == 24);
+
+/// Clock pair written by the sweep program so the agent can measure the kernel's HZ.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClockSample {
+    pub ktime_ns: u64,
+    pub jiffies: u64,
+}
+
+/// Run-time settings the agent writes into the `SETTINGS` array after load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// Nanoseconds per jiffy, measured at start-up; 0 until then.
+    pub ns_per_jiffy: u64,
+    /// TCP_TIMEWAIT_LEN in jiffies (60 * HZ).
+    pub timewait_len_jiffies: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data: repr(C), no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::SockEntry {}
+    unsafe impl aya::Pod for super::ClockSample {}
+    unsafe impl aya::Pod for super::Settings {}
+}

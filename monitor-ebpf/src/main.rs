@@ -1,0 +1,596 @@
+//! twmon's kernel programs: follow TCP connections through the four-way close.
+//!
+//! Full sockets are followed on `sock:inet_sock_set_state`. TIME_WAIT is not visible there: in
+//! `tcp_time_wait()` the kernel hands the connection to a separate `inet_timewait_sock` and moves
+//! the full socket to CLOSE. Timewait sockets are followed through their timer instead, whose
+//! callback is `tw_timer_handler`:
+//!
+//! - `timer:timer_start` for a timer we do not know yet: a timewait socket was created. The
+//!   full socket's `X -> CLOSE` that follows on the same CPU is the hand-off (`X -> TIME_WAIT`).
+//! - `timer:timer_cancel` when the timer is due: the socket ended at 2MSL (the kernel detaches
+//!   a timer just before running it). Before it is due: either a re-arm (a `timer_start` for the
+//!   same timer follows at once) or an early end (reuse, RST, namespace teardown).
+//! - The kernel re-arms a timer without any trace event when the new expiry lands in the same
+//!   timer-wheel bucket, and an orphaned FIN_WAIT2 timewait socket becomes TIME_WAIT when its FIN
+//!   arrives without any event at all. `twmon_sweep`, run by the agent, and the socket's end find
+//!   both from the timer's `expires` and the socket's `tw_substate`.
+//!
+//! Per-socket entry times, per-state gauges and retransmit/reset counters stay in the kernel;
+//! only lifecycle transitions cross the ring buffer to the agent.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::{bpf_for_each_map_elem, bpf_jiffies64}},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use monitor_common::{
+    counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Settings, SockEntry,
+};
+
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+
+/// Filled in by the agent at load time (`EbpfLoader::set_global`); read-only to the verifier,
+/// which prunes what it makes unreachable.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = unsafe { core::mem::zeroed() };
+
+macro_rules! layout {
+    ($field:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&LAYOUT.$field) };
+        v
+    }};
+}
+
+/// Lifecycle records for the agent. The agent sets the size at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
+
+/// Full sockets in a teardown state: when they entered it. Bounded; a full map is counted.
+#[map]
+static SOCKS: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+/// Timewait sockets, keyed by the address of their `inet_timewait_sock`.
+#[map]
+static TIMEWAIT: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Sockets entering (+1) and leaving (-1) each state, per CPU; their sum is the gauge.
+#[map]
+static GAUGES: PerCpuArray<i64> = PerCpuArray::with_max_entries(tcp::MAX_STATES, 0);
+
+/// The timewait socket this CPU created last, for matching the full socket's hand-off.
+#[map]
+static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// The timewait socket whose timer this CPU cancelled last, kept so a re-arm can restore it.
+#[map]
+static CANCELLED: PerCpuArray<Cancelled> = PerCpuArray::with_max_entries(1, 0);
+
+/// The socket this CPU last saw `connect()` (CLOSE -> SYN_SENT), for telling tcp_tw_reuse.
+#[map]
+static CONNECTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+static CLOCK: Array<ClockSample> = Array::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Handoff {
+    tw: u64,
+    net: u64,
+    portpair: u32,
+    hash: u32,
+    state: u8,
+    _pad: [u8; 7],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Cancelled {
+    tw: u64,
+    entry: SockEntry,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+#[inline(always)]
+fn kread<T>(addr: u64) -> Result<T, i64> {
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|e| e as i64)
+}
+
+#[inline(always)]
+fn count(idx: u32) -> u64 {
+    match COUNTERS.get_ptr_mut(idx) {
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn gauge(state: u8, delta: i64) {
+    if let Some(p) = GAUGES.get_ptr_mut(state as u32) {
+        unsafe { *p += delta };
+    }
+}
+
+#[inline(always)]
+fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        count(counter::EVENTS_LOST);
+    }
+}
+
+#[inline(always)]
+fn settings() -> Settings {
+    match SETTINGS.get(0) {
+        Some(s) => *s,
+        None => Settings::default(),
+    }
+}
+
+#[inline(always)]
+fn since(now: u64, then: u64) -> (u64, u16) {
+    if then != 0 && now >= then { (now - then, flags::DURATION) } else { (0, 0) }
+}
+
+/// Network namespace inode of a socket (full or timewait: both start with `sock_common`).
+#[inline(always)]
+fn netns_of(sk: u64) -> Result<u32, i64> {
+    let net: u64 = kread(sk + layout!(skc_net) as u64)?;
+    kread(net + layout!(net_inum) as u64)
+}
+
+/// False when the agent watches one namespace and this is not it.
+#[inline(always)]
+fn wanted(netns: u32) -> bool {
+    let only = layout!(netns_only);
+    only == 0 || only == netns
+}
+
+/// Fill family, ports and addresses of `ev` from a `sock_common`.
+#[inline(always)]
+fn fill_tuple(ev: &mut Event, sk: u64) -> Result<(), i64> {
+    ev.family = kread(sk + layout!(skc_family) as u64)?;
+    ev.sport = kread(sk + layout!(skc_num) as u64)?;
+    ev.dport = u16::from_be(kread(sk + layout!(skc_dport) as u64)?);
+    if ev.family == AF_INET6 {
+        ev.saddr = kread(sk + layout!(skc_v6_rcv_saddr) as u64)?;
+        ev.daddr = kread(sk + layout!(skc_v6_daddr) as u64)?;
+    } else {
+        let s: [u8; 4] = kread(sk + layout!(skc_rcv_saddr) as u64)?;
+        let d: [u8; 4] = kread(sk + layout!(skc_daddr) as u64)?;
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+    Ok(())
+}
+
+/// What identifies a connection across the hand-off from full socket to timewait socket.
+#[inline(always)]
+fn identity(sk: u64) -> Result<(u64, u32, u32), i64> {
+    let net: u64 = kread(sk + layout!(skc_net) as u64)?;
+    // skc_dport and skc_num are adjacent: one 32-bit read gives the port pair.
+    let portpair: u32 = kread(sk + layout!(skc_dport) as u64)?;
+    let hash: u32 = kread(sk + layout!(skc_hash) as u64)?;
+    Ok((net, portpair, hash))
+}
+
+#[inline(always)]
+fn tw_event(tw: u64, netns: u32, now: u64) -> Event {
+    let mut ev = Event { ts_ns: now, obj: tw, netns, flags: flags::TIMEWAIT, ..Event::default() };
+    let _ = fill_tuple(&mut ev, tw);
+    ev
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock:inet_sock_set_state
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn twmon_state(ctx: TracePointContext) -> u32 {
+    let _ = try_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
+    let protocol: u16 = unsafe { ctx.read_at(layout!(ss_protocol) as usize)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old = unsafe { ctx.read_at::<i32>(layout!(ss_oldstate) as usize)? } as u8;
+    let new = unsafe { ctx.read_at::<i32>(layout!(ss_newstate) as usize)? } as u8;
+    let sk: u64 = unsafe { ctx.read_at(layout!(ss_skaddr) as usize)? };
+
+    if new == tcp::SYN_SENT {
+        if let Some(p) = CONNECTING.get_ptr_mut(0) {
+            unsafe { *p = sk };
+        }
+        return Ok(());
+    }
+    // Only what the close path is made of: into a teardown state or CLOSE, not from CLOSE or
+    // LISTEN (bind, listen, connect).
+    if !(tcp::is_teardown(new) || new == tcp::CLOSE) || old == tcp::CLOSE || old == tcp::LISTEN {
+        return Ok(());
+    }
+    let netns = netns_of(sk)?;
+    if !wanted(netns) {
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let mut ev = Event { ts_ns: now, obj: sk, netns, kind: kind::TRANSITION, from: old, to: new, ..Event::default() };
+    ev.family = unsafe { ctx.read_at(layout!(ss_family) as usize)? };
+    ev.sport = unsafe { ctx.read_at(layout!(ss_sport) as usize)? };
+    ev.dport = unsafe { ctx.read_at(layout!(ss_dport) as usize)? };
+    if ev.family == AF_INET6 {
+        ev.saddr = unsafe { ctx.read_at(layout!(ss_saddr_v6) as usize)? };
+        ev.daddr = unsafe { ctx.read_at(layout!(ss_daddr_v6) as usize)? };
+    } else {
+        let s: [u8; 4] = unsafe { ctx.read_at(layout!(ss_saddr) as usize)? };
+        let d: [u8; 4] = unsafe { ctx.read_at(layout!(ss_daddr) as usize)? };
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+
+    // Leaving `old`: its entry time gives the duration.
+    let mut entered = 0u64;
+    if let Some(e) = unsafe { SOCKS.get(sk) } {
+        if e.state == old {
+            entered = e.entered_ns;
+        }
+        gauge(e.state, -1);
+        let _ = SOCKS.remove(sk);
+    }
+    (ev.duration_ns, ev.flags) = since(now, entered);
+
+    if new == tcp::CLOSE && (old == tcp::FIN_WAIT1 || old == tcp::FIN_WAIT2 || old == tcp::CLOSING) {
+        if let Some(h) = take_handoff(sk) {
+            // The connection lives on as a timewait socket: RFC 793's view is old -> TIME_WAIT,
+            // or no change at all for an orphaned FIN_WAIT2 that the kernel keeps as one.
+            if h.state == old {
+                if entered != 0 {
+                    if let Some(tw) = TIMEWAIT.get_ptr_mut(h.tw) {
+                        unsafe { (*tw).entered_ns = entered };
+                    }
+                }
+                return Ok(());
+            }
+            ev.to = h.state;
+            emit(&ev);
+            return Ok(());
+        }
+        count(counter::HANDOFF_MISSED);
+    }
+
+    if tcp::is_teardown(new) {
+        let entry = SockEntry { entered_ns: now, expires: 0, state: new, _pad: [0; 7] };
+        if SOCKS.insert(sk, entry, 0).is_ok() {
+            gauge(new, 1);
+        } else if count(counter::SOCKS_FULL).is_power_of_two() {
+            warn!(ctx, "twmon: socket map full; raise --bpf.max-sockets");
+        }
+    }
+    emit(&ev);
+    Ok(())
+}
+
+/// The timewait socket this CPU just created for `sk`, if it is the one.
+#[inline(always)]
+fn take_handoff(sk: u64) -> Option<Handoff> {
+    let slot = HANDOFF.get_ptr_mut(0)?;
+    let h = unsafe { *slot };
+    if h.tw == 0 {
+        return None;
+    }
+    let (net, portpair, hash) = identity(sk).ok()?;
+    if h.net != net || h.portpair != portpair || h.hash != hash {
+        return None;
+    }
+    unsafe { (*slot).tw = 0 };
+    Some(h)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timewait sockets: timer:timer_start, timer:timer_cancel and the sweep.
+
+#[tracepoint(category = "timer", name = "timer_start")]
+pub fn twmon_timer_start(ctx: TracePointContext) -> u32 {
+    let _ = try_timer_start(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
+    let function: u64 = unsafe { ctx.read_at(layout!(ts_function) as usize)? };
+    if function != layout!(tw_timer_handler) {
+        return Ok(());
+    }
+    let timer: u64 = unsafe { ctx.read_at(layout!(ts_timer) as usize)? };
+    let expires: u64 = unsafe { ctx.read_at(layout!(ts_expires) as usize)? };
+    let tw = timer - layout!(tw_timer) as u64;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // A re-arm: the kernel detached the pending timer (our cancel handler took the socket out
+    // of the map) and now queues it again.
+    if let Some(slot) = CANCELLED.get_ptr_mut(0) {
+        let c = unsafe { *slot };
+        if c.tw == tw {
+            unsafe { (*slot).tw = 0 };
+            let netns = netns_of(tw)?;
+            let mut entry = c.entry;
+            gauge(entry.state, 1);
+            let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
+            if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
+                to_time_wait(&mut entry, tw, netns, now);
+            } else {
+                let mut ev = tw_event(tw, netns, now);
+                ev.kind = kind::REARM;
+                ev.from = entry.state;
+                ev.to = entry.state;
+                emit(&ev);
+            }
+            entry.expires = expires;
+            if TIMEWAIT.insert(tw, entry, 0).is_err() {
+                gauge(entry.state, -1);
+                count(counter::TIMEWAIT_FULL);
+            }
+            return Ok(());
+        }
+    }
+    if TIMEWAIT.get_ptr(tw).is_some() {
+        return Ok(());
+    }
+
+    // A new timewait socket.
+    let netns = netns_of(tw)?;
+    if !wanted(netns) {
+        return Ok(());
+    }
+    let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
+    let state = if substate == tcp::FIN_WAIT2 { tcp::FIN_WAIT2 } else { tcp::TIME_WAIT };
+    let entry = SockEntry { entered_ns: now, expires, state, _pad: [0; 7] };
+    if TIMEWAIT.insert(tw, entry, 0).is_err() {
+        if count(counter::TIMEWAIT_FULL).is_power_of_two() {
+            warn!(ctx, "twmon: timewait map full; raise --bpf.max-timewait");
+        }
+        return Ok(());
+    }
+    gauge(state, 1);
+    if let Some(slot) = HANDOFF.get_ptr_mut(0) {
+        let (net, portpair, hash) = identity(tw)?;
+        unsafe { *slot = Handoff { tw, net, portpair, hash, state, _pad: [0; 7] } };
+    }
+    Ok(())
+}
+
+/// An orphaned FIN_WAIT2 timewait socket got its FIN: report FIN_WAIT2 -> TIME_WAIT at `at`.
+#[inline(always)]
+fn to_time_wait(entry: &mut SockEntry, tw: u64, netns: u32, at: u64) {
+    let mut ev = tw_event(tw, netns, at);
+    ev.kind = kind::TRANSITION;
+    ev.from = tcp::FIN_WAIT2;
+    ev.to = tcp::TIME_WAIT;
+    (ev.duration_ns, ev.flags) = since(at, entry.entered_ns);
+    ev.flags |= flags::TIMEWAIT;
+    emit(&ev);
+    gauge(tcp::FIN_WAIT2, -1);
+    gauge(tcp::TIME_WAIT, 1);
+    entry.state = tcp::TIME_WAIT;
+    entry.entered_ns = at;
+}
+
+/// When a silent FIN_WAIT2 -> TIME_WAIT happened: the kernel restarted the timer with
+/// TCP_TIMEWAIT_LEN at that moment, so `expires - TCP_TIMEWAIT_LEN` is its jiffy.
+#[inline(always)]
+fn change_time(expires: u64, now: u64, now_jiffies: u64) -> u64 {
+    let s = settings();
+    let at = expires.wrapping_sub(s.timewait_len_jiffies);
+    if s.ns_per_jiffy == 0 || at > now_jiffies {
+        return now;
+    }
+    let back = (now_jiffies - at) * s.ns_per_jiffy;
+    if back < now { now - back } else { now }
+}
+
+/// Bring an entry up to date with its socket: a silent substate change or re-arm.
+#[inline(always)]
+fn refresh(entry: &mut SockEntry, tw: u64, netns: u32, expires: u64, now: u64, now_jiffies: u64) -> Result<(), i64> {
+    let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
+    if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
+        to_time_wait(entry, tw, netns, change_time(expires, now, now_jiffies));
+    } else if entry.state == tcp::TIME_WAIT && expires != entry.expires {
+        let mut ev = tw_event(tw, netns, now);
+        ev.kind = kind::REARM;
+        ev.from = tcp::TIME_WAIT;
+        ev.to = tcp::TIME_WAIT;
+        ev.flags |= flags::SILENT;
+        emit(&ev);
+    }
+    entry.expires = expires;
+    Ok(())
+}
+
+#[tracepoint(category = "timer", name = "timer_cancel")]
+pub fn twmon_timer_cancel(ctx: TracePointContext) -> u32 {
+    let _ = try_timer_cancel(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
+    let timer: u64 = unsafe { ctx.read_at(layout!(tc_timer) as usize)? };
+    // Every timer in the system passes here: look at the callback before touching a map.
+    let function: u64 = kread(timer + layout!(timer_function) as u64)?;
+    if function != layout!(tw_timer_handler) {
+        return Ok(());
+    }
+    let tw = timer - layout!(tw_timer) as u64;
+    let mut entry = match unsafe { TIMEWAIT.get(tw) } {
+        Some(e) => *e,
+        None => return Ok(()),
+    };
+    let _ = TIMEWAIT.remove(tw);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let now_jiffies = unsafe { bpf_jiffies64() };
+    let expires: u64 = kread(timer + layout!(timer_expires) as u64)?;
+    let netns = netns_of(tw)?;
+    let _ = refresh(&mut entry, tw, netns, expires, now, now_jiffies);
+    gauge(entry.state, -1);
+
+    let mut ev = tw_event(tw, netns, now);
+    ev.from = entry.state;
+    ev.to = tcp::CLOSE;
+    let (d, f) = since(now, entry.entered_ns);
+    ev.duration_ns = d;
+    ev.flags |= f;
+    // Timers never run early, so a due timer being detached is the expiry itself.
+    if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
+        ev.kind = kind::TRANSITION;
+        ev.reason = reason::EXPIRED;
+        emit(&ev);
+        return Ok(());
+    }
+    ev.kind = kind::TW_CANCEL;
+    ev.reason = if reused(tw) { reason::REUSE } else { reason::KILLED };
+    if let Some(slot) = CANCELLED.get_ptr_mut(0) {
+        unsafe { *slot = Cancelled { tw, entry } };
+    }
+    emit(&ev);
+    Ok(())
+}
+
+/// Whether the `connect()` this CPU saw last took over this timewait socket's 4-tuple.
+#[inline(always)]
+fn reused(tw: u64) -> bool {
+    let sk = match CONNECTING.get(0) {
+        Some(sk) if *sk != 0 => *sk,
+        _ => return false,
+    };
+    match (identity(sk), identity(tw)) {
+        (Ok((n1, p1, _)), Ok((n2, p2, _))) => {
+            let d1: Result<u32, i64> = kread(sk + layout!(skc_daddr) as u64);
+            let d2: Result<u32, i64> = kread(tw + layout!(skc_daddr) as u64);
+            n1 == n2 && p1 == p2 && d1 == d2
+        }
+        _ => false,
+    }
+}
+
+/// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings every timewait entry up to
+/// date, and records a clock pair so the agent can measure HZ.
+#[raw_tracepoint(tracepoint = "twmon_sweep")]
+pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
+    if let Some(c) = CLOCK.get_ptr_mut(0) {
+        unsafe { *c = ClockSample { ktime_ns: now, jiffies } };
+    }
+    let visited = unsafe {
+        bpf_for_each_map_elem(
+            &TIMEWAIT as *const _ as *mut c_void,
+            sweep_one as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    visited as i32
+}
+
+#[inline(never)]
+extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, value: *mut SockEntry, _ctx: *mut c_void) -> i64 {
+    let tw = unsafe { *key };
+    let entry = unsafe { &mut *value };
+    let timer = tw + layout!(tw_timer) as u64;
+    // A socket being freed while we look: only trust a timer that is still a timewait timer.
+    match kread::<u64>(timer + layout!(timer_function) as u64) {
+        Ok(f) if f == layout!(tw_timer_handler) => {}
+        _ => return 0,
+    }
+    let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return 0 };
+    if expires == entry.expires && entry.state == tcp::TIME_WAIT {
+        return 0;
+    }
+    let Ok(netns) = netns_of(tw) else { return 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = refresh(entry, tw, netns, expires, now, unsafe { bpf_jiffies64() });
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retransmits and resets: counted in the kernel by state, no event.
+
+#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
+pub fn twmon_retransmit(ctx: TracePointContext) -> u32 {
+    let err_off = layout!(rt_err);
+    if err_off != 0 {
+        // Since 6.17 the tracepoint also fires for retransmits that could not be sent.
+        match unsafe { ctx.read_at::<i32>(err_off as usize) } {
+            Ok(0) => {}
+            _ => return 0,
+        }
+    }
+    if let Ok(state) = unsafe { ctx.read_at::<i32>(layout!(rt_state) as usize) } {
+        let sk: u64 = unsafe { ctx.read_at(layout!(rt_skaddr) as usize) }.unwrap_or(0);
+        if in_scope(sk) {
+            count(counter::RETRANSMITS + (state as u32 % tcp::MAX_STATES));
+        }
+    }
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_send_reset")]
+pub fn twmon_send_reset(ctx: TracePointContext) -> u32 {
+    // skaddr may be NULL (a reset for a segment no socket owns): counted under state 0.
+    if let Ok(state) = unsafe { ctx.read_at::<i32>(layout!(rs_state) as usize) } {
+        let sk: u64 = unsafe { ctx.read_at(layout!(rs_skaddr) as usize) }.unwrap_or(0);
+        if sk != 0 && in_scope(sk) {
+            count(counter::RESETS_SENT + (state as u32 % tcp::MAX_STATES));
+        }
+    }
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn twmon_receive_reset(ctx: TracePointContext) -> u32 {
+    if let Ok(sk) = unsafe { ctx.read_at::<u64>(layout!(rr_skaddr) as usize) } {
+        if in_scope(sk) {
+            if let Ok(state) = kread::<u8>(sk + layout!(skc_state) as u64) {
+                count(counter::RESETS_RECEIVED + (state as u32 % tcp::MAX_STATES));
+            }
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn in_scope(sk: u64) -> bool {
+    layout!(netns_only) == 0 || (sk != 0 && netns_of(sk).map(wanted).unwrap_or(false))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

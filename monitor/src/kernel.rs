@@ -1,0 +1,304 @@
+//! Loading and attaching the kernel programs, and reading what they keep in the kernel.
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramFd, RawTracePoint, TracePoint},
+};
+use monitor_common::{ClockSample, KernelLayout, Settings, counter, tcp};
+
+use crate::layout::{self, LayoutError};
+
+/// The kernel object built by `build.rs` from `monitor-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+/// Programs and the tracepoints they attach to.
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("twmon_state", "sock", "inet_sock_set_state"),
+    ("twmon_timer_start", "timer", "timer_start"),
+    ("twmon_timer_cancel", "timer", "timer_cancel"),
+    ("twmon_retransmit", "tcp", "tcp_retransmit_skb"),
+    ("twmon_send_reset", "tcp", "tcp_send_reset"),
+    ("twmon_receive_reset", "tcp", "tcp_receive_reset"),
+];
+const SWEEP: &str = "twmon_sweep";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(
+        "loading the kernel programs failed: {0}\n  twmon needs root, or CAP_BPF, CAP_PERFMON and \
+         CAP_SYS_RESOURCE (plus CAP_SYS_ADMIN to mount tracefs); run it with sudo"
+    )]
+    Permission(String),
+    #[error("loading the kernel programs failed: {0:#}")]
+    Load(#[source] anyhow::Error),
+    #[error(
+        "attaching {0} to tracepoint {1}:{2} failed: {3}\n  check that the kernel has this \
+         tracepoint (ls /sys/kernel/tracing/events/{1}/{2})"
+    )]
+    Attach(String, String, String, String),
+}
+
+/// Sizes of the kernel maps.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_sockets: u32,
+    pub max_timewait: u32,
+    pub ring_buffer_bytes: u32,
+}
+
+/// The loaded, attached programs and the maps the agent reads at scrape time.
+pub struct Kernel {
+    ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    gauges: PerCpuArray<MapData, i64>,
+    sweep: ProgramFd,
+    pub hz: u32,
+    pub attached: usize,
+}
+
+/// Kernel-side numbers read at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct Readout {
+    /// Sockets in each state (indexed by kernel state number).
+    pub sockets: [i64; tcp::MAX_STATES as usize],
+    pub counters: Vec<u64>,
+}
+
+impl Readout {
+    pub fn counter(&self, idx: u32) -> u64 {
+        self.counters.get(idx as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Per-program statistics from the kernel (non-zero when kernel.bpf_stats_enabled=1).
+pub struct ProgramStats {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time: Duration,
+}
+
+fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
+        }
+        let text = err.to_string();
+        if text.contains("Operation not permitted") || text.contains("Permission denied") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl Kernel {
+    /// Loads, calibrates and attaches everything. On error nothing stays attached.
+    pub fn load(
+        netns_only: u32,
+        limits: &Limits,
+    ) -> Result<(Self, RingBuf<MapData>, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), KernelError>
+    {
+        raise_memlock();
+        let layout: KernelLayout = layout::read(netns_only)?;
+        tracing::debug!(?layout, "kernel layout");
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &layout, true)
+            .map_max_entries("SOCKS", limits.max_sockets)
+            .map_max_entries("TIMEWAIT", limits.max_timewait)
+            .map_max_entries("EVENTS", limits.ring_buffer_bytes)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission(&e) {
+                    KernelError::Permission(e.to_string())
+                } else {
+                    KernelError::Load(e.into())
+                }
+            })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("kernel-side logging unavailable: {e}");
+                None
+            }
+        };
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).ok_or_else(|| KernelError::Load(anyhow::anyhow!("map {name} missing")))
+        };
+        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| KernelError::Load(e.into()))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(|e| KernelError::Load(e.into()))?;
+        let gauges = PerCpuArray::try_from(take(&mut ebpf, "GAUGES")?).map_err(|e| KernelError::Load(e.into()))?;
+
+        let sweep: &mut RawTracePoint = ebpf
+            .program_mut(SWEEP)
+            .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {SWEEP} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
+        sweep.load().map_err(|e| load_error(SWEEP, e))?;
+        let sweep = sweep
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|e| KernelError::Load(e.into()))?;
+
+        let mut kernel = Kernel { ebpf, counters, gauges, sweep, hz: 0, attached: 0 };
+        kernel.calibrate()?;
+        for (name, category, tp) in TRACEPOINTS {
+            let prog: &mut TracePoint = kernel
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {name} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
+            prog.load().map_err(|e| load_error(name, e))?;
+            prog.attach(category, tp).map_err(|e| {
+                KernelError::Attach(name.to_string(), category.to_string(), tp.to_string(), format!("{e:#}"))
+            })?;
+            kernel.attached += 1;
+        }
+        Ok((kernel, events, logger))
+    }
+
+    /// Measures HZ with two clock samples from the sweep program and tells the programs how to
+    /// turn jiffies into nanoseconds.
+    fn calibrate(&mut self) -> Result<(), KernelError> {
+        let sample = |k: &mut Self| -> Result<ClockSample, KernelError> {
+            k.run_sweep().map_err(|e| KernelError::Load(anyhow::anyhow!("running {SWEEP}: {e}")))?;
+            let clock: Array<&MapData, ClockSample> =
+                Array::try_from(k.ebpf.map("CLOCK").expect("CLOCK map")).map_err(|e| KernelError::Load(e.into()))?;
+            clock.get(&0, 0).map_err(|e| KernelError::Load(e.into()))
+        };
+        let a = sample(self)?;
+        std::thread::sleep(Duration::from_millis(200));
+        let b = sample(self)?;
+        let hz = hz_from(&a, &b);
+        self.hz = hz;
+        let settings = Settings {
+            ns_per_jiffy: 1_000_000_000 / hz as u64,
+            timewait_len_jiffies: 60 * hz as u64,
+        };
+        let mut map: Array<&mut MapData, Settings> =
+            Array::try_from(self.ebpf.map_mut("SETTINGS").expect("SETTINGS map"))
+                .map_err(|e| KernelError::Load(e.into()))?;
+        map.set(0, settings, 0).map_err(|e| KernelError::Load(e.into()))?;
+        tracing::info!(hz, "kernel timer frequency measured");
+        Ok(())
+    }
+
+    /// Runs the sweep program once (BPF_PROG_TEST_RUN): brings timewait entries up to date.
+    /// Returns how many timewait sockets it visited.
+    pub fn run_sweep(&self) -> std::io::Result<u32> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        let mut attr = TestRun { prog_fd: self.sweep.as_fd().as_raw_fd() as u32, ..Default::default() };
+        // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the size we pass.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(attr.retval)
+    }
+
+    pub fn read(&self) -> Readout {
+        let mut out = Readout::default();
+        for (state, slot) in out.sockets.iter_mut().enumerate() {
+            if let Ok(v) = self.gauges.get(&(state as u32), 0) {
+                *slot = v.iter().sum::<i64>().max(0);
+            }
+        }
+        out.counters = (0..counter::COUNT)
+            .map(|i| self.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect();
+        out
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some(ProgramStats { name: name.to_string(), run_count: info.run_count(), run_time: info.run_time() })
+            })
+            .collect()
+    }
+}
+
+fn load_error(name: &str, e: aya::programs::ProgramError) -> KernelError {
+    if is_permission(&e) {
+        KernelError::Permission(format!("{name}: {e}"))
+    } else {
+        KernelError::Load(anyhow::Error::new(e).context(format!("loading program {name}")))
+    }
+}
+
+/// HZ from two (ktime, jiffies) samples, snapped to the values kernels are built with.
+pub fn hz_from(a: &ClockSample, b: &ClockSample) -> u32 {
+    let ns = b.ktime_ns.saturating_sub(a.ktime_ns).max(1) as f64;
+    let measured = b.jiffies.saturating_sub(a.jiffies) as f64 * 1e9 / ns;
+    [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by(|x, y| (*x as f64 - measured).abs().total_cmp(&(*y as f64 - measured).abs()))
+        .unwrap_or(250)
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones use memory cgroups.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); harmless on Linux 5.11 and newer",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hz_snaps_to_kernel_values() {
+        let a = ClockSample { ktime_ns: 1_000_000_000, jiffies: 10_000 };
+        let b = ClockSample { ktime_ns: 1_200_000_000, jiffies: 10_051 };
+        assert_eq!(hz_from(&a, &b), 250);
+        let b = ClockSample { ktime_ns: 1_200_000_000, jiffies: 10_199 };
+        assert_eq!(hz_from(&a, &b), 1000);
+        let b = ClockSample { ktime_ns: 1_200_000_000, jiffies: 10_020 };
+        assert_eq!(hz_from(&a, &b), 100);
+    }
+}
