@@ -1,1 +1,100 @@
-fn main() {}
+//! Developer tasks that are more than a plain `cargo build`.
+//!
+//! `cargo xtask setup` installs what a fresh Debian machine lacks; every other task runs it first.
+mod checks;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "twmon developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces and packages a fresh machine lacks.
+    Setup,
+    /// Build the single `twmon` binary (kernel programs embedded).
+    Build,
+    /// Build, then run the agent as root with its defaults (extra arguments go to twmon).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, real-kernel tests, and the checks of dashboards, rules and
+    /// deployment files.
+    Test {
+        /// Only tests whose name contains this (passed to cargo test).
+        filter: Option<String>,
+    },
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions. Avoids a libc dependency for one call.
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
+}
+
+fn build() -> Result<PathBuf> {
+    setup::ensure()?;
+    run(Command::new("cargo").args(["build", "--release", "--package", "monitor"]))?;
+    Ok(root().join("target/release/twmon"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::ensure(),
+        Task::Build => build().map(|p| eprintln!("built {}", p.display())),
+        Task::Run { args } => {
+            let bin = build()?;
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else {
+                let mut c = Command::new("sudo");
+                c.arg(&bin);
+                c
+            };
+            run(cmd.args(args))
+        }
+        Task::Test { filter } => {
+            build()?;
+            if !is_root() {
+                bail!("the tests load kernel programs and create network namespaces: run as root");
+            }
+            let mut cmd = Command::new("cargo");
+            cmd.args(["test", "--release", "--workspace"]);
+            if let Some(f) = &filter {
+                cmd.arg(f);
+            }
+            // Real-kernel tests each wait for timers of up to 2MSL; run them side by side.
+            cmd.args(["--", "--test-threads", "16"]);
+            run(&mut cmd)?;
+            if filter.is_none() {
+                checks::run()?;
+            }
+            Ok(())
+        }
+    }
+}
