@@ -1,6 +1,7 @@
 //! Developer tasks that are more than a plain `cargo build`.
 //!
 //! `cargo xtask setup` installs what a fresh Debian machine lacks; every other task runs it first.
+mod bench;
 mod checks;
 mod setup;
 
@@ -32,6 +33,12 @@ enum Task {
     Test {
         /// Only tests whose name contains this (passed to cargo test).
         filter: Option<String>,
+    },
+    /// Measure the agent's overhead: churn with the agent off and on, per-event kernel cost,
+    /// agent CPU and memory, scrape latency. Prints numbers; see BENCHMARKS.md.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -77,6 +84,13 @@ fn main() -> Result<()> {
                 c
             };
             run(cmd.args(args))
+        }
+        Task::Bench { args } => {
+            let bin = build()?;
+            if !is_root() {
+                bail!("the benchmark loads kernel programs and creates network namespaces: run as root");
+            }
+            bench::run(&bin, &args)
         }
         Task::Test { filter } => {
             build()?;
