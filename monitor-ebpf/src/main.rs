@@ -92,7 +92,7 @@ static CLOCK: Array<ClockSample> = Array::with_max_entries(1, 0);
 struct Handoff {
     tw: u64,
     net: u64,
-    portpair: u32,
+    dport: u32,
     hash: u32,
     state: u8,
     _pad: [u8; 7],
@@ -183,14 +183,15 @@ fn fill_tuple(ev: &mut Event, sk: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// What identifies a connection across the hand-off from full socket to timewait socket.
+/// What identifies a connection across the hand-off from full socket to timewait socket: its
+/// namespace, remote port and established-hash (a hash of the whole 4-tuple). Not the local
+/// port: by the time the full socket moves to CLOSE the kernel has zeroed its `skc_num`.
 #[inline(always)]
 fn identity(sk: u64) -> Result<(u64, u32, u32), i64> {
     let net: u64 = kread(sk + layout!(skc_net) as u64)?;
-    // skc_dport and skc_num are adjacent: one 32-bit read gives the port pair.
-    let portpair: u32 = kread(sk + layout!(skc_dport) as u64)?;
+    let dport: u16 = kread(sk + layout!(skc_dport) as u64)?;
     let hash: u32 = kread(sk + layout!(skc_hash) as u64)?;
-    Ok((net, portpair, hash))
+    Ok((net, dport as u32, hash))
 }
 
 #[inline(always)]
@@ -300,8 +301,8 @@ fn take_handoff(sk: u64) -> Option<Handoff> {
     if h.tw == 0 {
         return None;
     }
-    let (net, portpair, hash) = identity(sk).ok()?;
-    if h.net != net || h.portpair != portpair || h.hash != hash {
+    let (net, dport, hash) = identity(sk).ok()?;
+    if h.net != net || h.dport != dport || h.hash != hash {
         return None;
     }
     unsafe { (*slot).tw = 0 };
@@ -375,8 +376,8 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
     }
     gauge(state, 1);
     if let Some(slot) = HANDOFF.get_ptr_mut(0) {
-        let (net, portpair, hash) = identity(tw)?;
-        unsafe { *slot = Handoff { tw, net, portpair, hash, state, _pad: [0; 7] } };
+        let (net, dport, hash) = identity(tw)?;
+        unsafe { *slot = Handoff { tw, net, dport, hash, state, _pad: [0; 7] } };
     }
     Ok(())
 }
@@ -415,7 +416,10 @@ fn change_time(expires: u64, now: u64, now_jiffies: u64) -> u64 {
 fn refresh(entry: &mut SockEntry, tw: u64, netns: u32, expires: u64, now: u64, now_jiffies: u64) -> Result<(), i64> {
     let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
     if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
-        to_time_wait(entry, tw, netns, change_time(expires, now, now_jiffies));
+        // A timer we have not seen move is being re-armed for this very change (the kernel
+        // sets the substate, then restarts the timer); a timer that moved was restarted then.
+        let at = if expires == entry.expires { now } else { change_time(expires, now, now_jiffies) };
+        to_time_wait(entry, tw, netns, at);
     } else if entry.state == tcp::TIME_WAIT && expires != entry.expires {
         let mut ev = tw_event(tw, netns, now);
         ev.kind = kind::REARM;
@@ -484,14 +488,9 @@ fn reused(tw: u64) -> bool {
         Some(sk) if *sk != 0 => *sk,
         _ => return false,
     };
-    match (identity(sk), identity(tw)) {
-        (Ok((n1, p1, _)), Ok((n2, p2, _))) => {
-            let d1: Result<u32, i64> = kread(sk + layout!(skc_daddr) as u64);
-            let d2: Result<u32, i64> = kread(tw + layout!(skc_daddr) as u64);
-            n1 == n2 && p1 == p2 && d1 == d2
-        }
-        _ => false,
-    }
+    // The connecting socket is hashed under the same 4-tuple before the kernel kills the
+    // timewait socket, so its identity is the timewait socket's.
+    matches!((identity(sk), identity(tw)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings every timewait entry up to

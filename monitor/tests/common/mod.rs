@@ -1,0 +1,258 @@
+//! Test harness for real-kernel tests: private network namespaces, the real `twmon` binary
+//! watching only that namespace, its /metrics parsed, and the kernel's own view (`ss`,
+//! /proc/net/sockstat) read from inside the namespace.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace of the test's own, with loopback up; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("twmon-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace and returns its output.
+    pub fn exec(&self, args: &[&str]) -> String {
+        sh(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it creates live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: a valid namespace fd; affects only this thread.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// TCP sockets `ss` shows in a state (its names: TIME-WAIT, FIN-WAIT-2, CLOSE-WAIT ...), as
+    /// (local, peer) address pairs. Filters the full dump rather than using `ss state X`: the
+    /// kernel's sock_diag leaves timewait sockets out of a FIN-WAIT-2 query but reports the
+    /// orphaned FIN_WAIT2 ones as FIN-WAIT-2 in a full dump.
+    pub fn ss(&self, state: &str) -> Vec<(String, String)> {
+        self.exec(&["ss", "-tanH"])
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 5 && w[0] == state).then(|| (w[3].to_string(), w[4].to_string()))
+            })
+            .collect()
+    }
+
+    /// The `tw` count of /proc/net/sockstat in this namespace.
+    pub fn sockstat_tw(&self) -> u64 {
+        let text = self.exec(&["cat", "/proc/net/sockstat"]);
+        let line = text.lines().find(|l| l.starts_with("TCP:")).expect("TCP line in sockstat");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let i = words.iter().position(|w| *w == "tw").expect("tw in sockstat");
+        words[i + 1].parse().expect("tw count")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real agent, watching one namespace.
+pub struct Agent {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    pub fn start(ns: &Netns) -> Self {
+        Self::start_with(ns, &[])
+    }
+
+    pub fn start_with(ns: &Netns, extra: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
+        let child = Command::new(env!("CARGO_BIN_EXE_twmon"))
+            .args(["--web.listen-address", &addr.to_string(), "--netns", &ns.path(), "--log.level", "debug"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start twmon");
+        let mut agent = Self { child: Some(child), addr, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = agent.get("/healthz") {
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("twmon exited with {status} before it was healthy:\n{}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "twmon not healthy after 30 s:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A plain HTTP/1.0 GET: status and body.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = self.get("/metrics").expect("scrape");
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    }
+
+    /// Scrapes until `ok` holds or `timeout` passes; returns the last scrape either way so the
+    /// caller's assertions report the numbers that differed.
+    pub fn wait_for(&self, timeout: Duration, ok: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.metrics();
+            if ok(&m) || Instant::now() >= deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A parsed Prometheus text exposition: `name{sorted labels}` -> value.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    samples: HashMap<String, f64>,
+    pub text: String,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let mut pairs: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+                    pairs.sort();
+                    (n, pairs.join(","))
+                }
+                None => (series, String::new()),
+            };
+            samples.insert(format!("{name}{{{labels}}}"), value.parse::<f64>().expect("value"));
+        }
+        Self { samples, text: text.to_string() }
+    }
+
+    /// A sample's value, 0 when the series does not exist (counters not yet incremented).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        pairs.sort();
+        self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied().unwrap_or(0.0)
+    }
+
+    pub fn sockets(&self, state: &str) -> f64 {
+        self.get("twmon_sockets", &[("state", state)])
+    }
+
+    pub fn transitions(&self, from: &str, to: &str) -> f64 {
+        self.get("twmon_state_transitions_total", &[("from", from), ("to", to)])
+    }
+
+    pub fn duration_count(&self, state: &str) -> f64 {
+        self.get("twmon_state_duration_seconds_count", &[("state", state)])
+    }
+
+    pub fn duration_sum(&self, state: &str) -> f64 {
+        self.get("twmon_state_duration_seconds_sum", &[("state", state)])
+    }
+
+    pub fn bucket(&self, state: &str, le: &str) -> f64 {
+        self.get("twmon_state_duration_seconds_bucket", &[("state", state), ("le", le)])
+    }
+
+    /// Every `twmon_state_transitions_total` series with a non-zero value, for messages.
+    pub fn all_transitions(&self) -> Vec<(String, f64)> {
+        let mut v: Vec<(String, f64)> = self
+            .samples
+            .iter()
+            .filter(|(k, v)| k.starts_with("twmon_state_transitions_total{") && **v != 0.0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}

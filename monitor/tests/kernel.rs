@@ -1,0 +1,309 @@
+//! Real kernel, real tracepoints, real TCP: each test makes its own network namespace, runs the
+//! real agent watching only it, drives connections and compares the agent's numbers with the
+//! exact number of connections it made and with the kernel's own view (`ss`, sockstat).
+//!
+//! Needs root (the agent loads BPF programs; namespaces and nftables need CAP_NET_ADMIN).
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use common::{Agent, Metrics, Netns};
+use socket2::{Domain, SockRef, Socket, Type};
+
+const N: usize = 20;
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// `n` established connections inside `ns`, client and server ends.
+fn connect(ns: &Netns, n: usize, v6: bool) -> Vec<(TcpStream, TcpStream)> {
+    ns.run(move || {
+        let l = TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).expect("listen");
+        let addr = l.local_addr().unwrap();
+        (0..n)
+            .map(|_| {
+                let mut c = TcpStream::connect(addr).expect("connect");
+                let (mut s, _) = l.accept().expect("accept");
+                c.write_all(b"q").unwrap();
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).unwrap();
+                s.write_all(b"a").unwrap();
+                c.read_exact(&mut b).unwrap();
+                (c, s)
+            })
+            .collect()
+    })
+}
+
+/// `first` closes; the other end sees EOF and closes too.
+fn close_pair(first: TcpStream, mut second: TcpStream) {
+    drop(first);
+    let mut b = [0u8; 1];
+    second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(second.read(&mut b).expect("EOF after the peer's FIN"), 0);
+    drop(second);
+}
+
+fn series(expected: &[(&str, &str, usize)]) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = expected
+        .iter()
+        .map(|(f, t, n)| (format!("twmon_state_transitions_total{{from=\"{f}\",to=\"{t}\"}}"), *n as f64))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Waits until the transitions are exactly `expected` (no more, no fewer, nothing else).
+fn expect_transitions(agent: &Agent, expected: &[(&str, &str, usize)]) -> Metrics {
+    let want = series(expected);
+    let m = agent.wait_for(SETTLE, |m| m.all_transitions() == want);
+    assert_eq!(m.all_transitions(), want, "transitions differ from the connections made");
+    m
+}
+
+/// A normal four-way close in which `client_first` decides who closes first.
+fn four_way(v6: bool, client_first: bool) {
+    let ns = Netns::new(if v6 { "close6" } else { "close" });
+    let agent = Agent::start(&ns);
+    let pairs = connect(&ns, N, v6);
+    let server_port = pairs[0].1.local_addr().unwrap().port();
+    for (c, s) in pairs {
+        if client_first { close_pair(c, s) } else { close_pair(s, c) }
+    }
+    let m = expect_transitions(
+        &agent,
+        &[
+            ("established", "fin_wait1", N),
+            ("fin_wait1", "fin_wait2", N),
+            ("fin_wait2", "time_wait", N),
+            ("established", "close_wait", N),
+            ("close_wait", "last_ack", N),
+            ("last_ack", "close", N),
+        ],
+    );
+    // Only the active closer holds TIME_WAIT, and the kernel agrees on how many.
+    let tw = ns.ss("TIME-WAIT");
+    assert_eq!(tw.len(), N, "ss TIME-WAIT: {tw:?}");
+    let port = format!(":{server_port}");
+    let on_server_port = tw.iter().filter(|(l, p)| l.ends_with(&port) || p.ends_with(&port)).count();
+    let local_is_server = tw.iter().filter(|(l, _)| l.ends_with(&port)).count();
+    assert_eq!(on_server_port, N, "every TIME_WAIT socket is one of the test's connections: {tw:?}");
+    assert_eq!(local_is_server, if client_first { 0 } else { N }, "TIME_WAIT on the wrong side: {tw:?}");
+    assert_eq!(m.sockets("time_wait"), N as f64, "time_wait gauge vs ss ({}):\n{}", tw.len(), m.text);
+    assert_eq!(m.sockets("time_wait"), ns.sockstat_tw() as f64, "time_wait gauge vs /proc/net/sockstat");
+    for state in ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack"] {
+        assert_eq!(m.sockets(state), 0.0, "{state} gauge after every close completed");
+    }
+    // Every state left was timed.
+    for state in ["fin_wait1", "fin_wait2", "close_wait", "last_ack"] {
+        assert_eq!(m.duration_count(state), N as f64, "{state} durations observed");
+    }
+    assert_eq!(m.get("twmon_events_lost_total", &[]), 0.0);
+}
+
+/// 1. Active close by the client: TIME_WAIT on the client side.
+#[test]
+fn active_close_by_client() {
+    four_way(false, true);
+}
+
+/// 2. Active close by the server: TIME_WAIT on the server side.
+#[test]
+fn active_close_by_server() {
+    four_way(false, false);
+}
+
+/// 6. IPv6 variant of 1.
+#[test]
+fn active_close_by_client_ipv6() {
+    four_way(true, true);
+}
+
+/// 3. Abort with RST (SO_LINGER 0): no TIME_WAIT, counted as resets on both sides. The kernel
+/// moves an aborting socket to CLOSE before it sends the RST, so the sender's state is `close`.
+#[test]
+fn abort_with_rst() {
+    let ns = Netns::new("rst");
+    let agent = Agent::start(&ns);
+    let pairs = connect(&ns, N, false);
+    for (c, mut s) in pairs {
+        SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(c);
+        let mut b = [0u8; 1];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let err = s.read(&mut b).expect_err("the peer's RST resets the connection");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+    let m = expect_transitions(&agent, &[("established", "close", 2 * N)]);
+    let m = agent.wait_for(SETTLE, |m| m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]) == N as f64);
+    assert_eq!(m.get("twmon_resets_total", &[("direction", "sent"), ("state", "close")]), N as f64, "{}", m.text);
+    assert_eq!(m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]), N as f64);
+    assert_eq!(m.sockets("time_wait"), 0.0);
+    assert_eq!(ns.ss("TIME-WAIT").len(), 0);
+    assert_eq!(ns.sockstat_tw(), 0);
+    assert_eq!(m.transitions("fin_wait2", "time_wait"), 0.0);
+}
+
+/// 4 and 8. CLOSE_WAIT held by a peer that does not close: the gauge stays up, equal to ss;
+/// when it closes the gauge drops and the time it was held is observed within tolerance.
+#[test]
+fn close_wait_held_then_released() {
+    const HOLD: f64 = 3.0;
+    let ns = Netns::new("closewait");
+    let agent = Agent::start(&ns);
+    let pairs = connect(&ns, N, false);
+    let mut servers = Vec::new();
+    for (c, mut s) in pairs {
+        drop(c);
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0);
+        servers.push(s);
+    }
+    let since = std::time::Instant::now();
+    // The closer reaches FIN_WAIT2 when the peer's (possibly delayed) ACK arrives.
+    let m = agent.wait_for(SETTLE, |m| m.sockets("close_wait") == N as f64 && m.sockets("fin_wait2") == N as f64);
+    eprintln!("gauges settled after {:?}", since.elapsed());
+    assert_eq!(m.sockets("close_wait"), N as f64, "close_wait gauge while held");
+    assert_eq!(ns.ss("CLOSE-WAIT").len(), N, "ss close-wait while held");
+    // The closer is in FIN_WAIT2 (an orphan the kernel keeps as a timewait socket), as ss says.
+    assert_eq!(m.sockets("fin_wait2"), ns.ss("FIN-WAIT-2").len() as f64, "fin_wait2 gauge vs ss");
+    assert_eq!(m.sockets("fin_wait2"), N as f64);
+    std::thread::sleep(Duration::from_secs_f64(HOLD).saturating_sub(since.elapsed()));
+    servers.clear();
+    let m = expect_transitions(
+        &agent,
+        &[
+            ("established", "fin_wait1", N),
+            ("fin_wait1", "fin_wait2", N),
+            ("fin_wait2", "time_wait", N),
+            ("established", "close_wait", N),
+            ("close_wait", "last_ack", N),
+            ("last_ack", "close", N),
+        ],
+    );
+    assert_eq!(m.sockets("close_wait"), 0.0, "close_wait gauge after release");
+    assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
+    assert_eq!(m.sockets("time_wait"), N as f64);
+    assert_eq!(m.sockets("fin_wait2"), 0.0);
+    // Durations: every CLOSE_WAIT lasted about HOLD seconds (2.5 < d <= 5 bucket).
+    let (count, sum) = (m.duration_count("close_wait"), m.duration_sum("close_wait"));
+    assert_eq!(count, N as f64);
+    let mean = sum / count;
+    assert!((HOLD - 0.5..HOLD + 0.5).contains(&mean), "mean CLOSE_WAIT {mean:.3} s, held {HOLD} s");
+    assert_eq!(m.bucket("close_wait", "2.5"), 0.0, "no CLOSE_WAIT shorter than 2.5 s");
+    assert_eq!(m.bucket("close_wait", "5"), N as f64, "every CLOSE_WAIT within 5 s");
+    // The orphaned FIN_WAIT2 lasted as long as the CLOSE_WAIT on the other side.
+    let fw2 = m.duration_sum("fin_wait2") / m.duration_count("fin_wait2");
+    assert!((HOLD - 0.5..HOLD + 0.5).contains(&fw2), "mean FIN_WAIT2 {fw2:.3} s");
+}
+
+/// 5. The final ACK is lost (nftables drops it): the passive closer retransmits its FIN from
+/// LAST_ACK, and the active closer's TIME_WAIT timer is re-armed by each retransmission.
+#[test]
+fn lost_final_ack() {
+    let ns = Netns::new("lostack");
+    let agent = Agent::start_with(&ns, &["--timewait.sweep-interval", "200ms"]);
+    let mut pairs = connect(&ns, 1, false);
+    let (c, s) = pairs.pop().unwrap();
+    let cport = c.local_addr().unwrap().port();
+    ns.exec(&["nft", "add", "table", "inet", "twmon_test"]);
+    ns.exec(&["nft", "add chain inet twmon_test out { type filter hook output priority 0; }"]);
+    // Count every FIN the server sends, and drop the client's bare ACKs (the final ACK).
+    ns.exec(&["nft", &format!("add rule inet twmon_test out tcp dport {cport} tcp flags & fin == fin counter")]);
+    ns.exec(&["nft", &format!("add rule inet twmon_test out tcp sport {cport} tcp flags == ack drop")]);
+    close_pair(c, s);
+    // The server's FIN is retransmitted at about 0.2, 0.6, 1.4 and 3 s.
+    std::thread::sleep(Duration::from_millis(3500));
+    let fins: u64 = {
+        let rules = ns.exec(&["nft", "list", "table", "inet", "twmon_test"]);
+        let line = rules.lines().find(|l| l.contains("counter packets")).expect("counter rule");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        w[w.iter().position(|x| *x == "packets").unwrap() + 1].parse().unwrap()
+    };
+    ns.exec(&["nft", "delete", "table", "inet", "twmon_test"]);
+    assert!(fins >= 3, "the server sent {fins} FINs: the final ACK was not lost?");
+    let m = agent.wait_for(SETTLE, |m| m.transitions("last_ack", "close") == 1.0);
+    assert_eq!(m.transitions("last_ack", "close"), 1.0, "LAST_ACK ends once the ACK gets through");
+    let retrans = m.get("twmon_retransmits_total", &[("state", "last_ack")]);
+    // The FIN sent after the rule was removed may still be on its way: allow it.
+    assert!(
+        retrans == (fins - 1) as f64 || retrans == fins as f64,
+        "FIN retransmits from LAST_ACK: agent {retrans}, nftables saw {fins} FINs"
+    );
+    let rearms = m.get("twmon_timewait_rearms_total", &[]);
+    assert!(rearms >= 1.0 && rearms <= retrans, "TIME_WAIT re-arms {rearms}, FINs retransmitted {retrans}");
+    assert_eq!(m.sockets("time_wait"), 1.0);
+    assert_eq!(ns.ss("TIME-WAIT").len(), 1);
+}
+
+/// 7. TIME_WAIT expiry: timewait sockets end as `expired` after 2MSL (60 s on Linux, +- the
+/// timer wheel's slack) and the time_wait histogram records it.
+#[test]
+fn time_wait_expires_after_2msl() {
+    const M: usize = 10;
+    let ns = Netns::new("expiry");
+    let agent = Agent::start(&ns);
+    for (c, s) in connect(&ns, M, false) {
+        close_pair(c, s);
+    }
+    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == M as f64);
+    assert_eq!(m.sockets("time_wait"), M as f64);
+    std::thread::sleep(Duration::from_secs(58));
+    let m = agent.metrics();
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), 0.0, "ended before 2MSL");
+    let m = agent.wait_for(Duration::from_secs(15), |m| {
+        m.get("twmon_timewait_ends_total", &[("reason", "expired")]) == M as f64
+    });
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), M as f64, "{}", m.text);
+    assert_eq!(m.transitions("time_wait", "close"), M as f64);
+    assert_eq!(m.sockets("time_wait"), 0.0);
+    assert_eq!(ns.ss("TIME-WAIT").len(), 0);
+    assert_eq!(ns.sockstat_tw(), 0);
+    assert_eq!(m.duration_count("time_wait"), M as f64);
+    assert_eq!(m.bucket("time_wait", "59"), 0.0, "TIME_WAIT shorter than 59 s");
+    assert_eq!(m.bucket("time_wait", "66"), M as f64, "TIME_WAIT longer than 66 s");
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "killed")]), 0.0);
+}
+
+/// TIME_WAIT ended early by tcp_tw_reuse: a connect() from the same port to the same peer
+/// takes over the 4-tuple, and the end is told apart from expiry.
+#[test]
+fn time_wait_reused_by_connect() {
+    let ns = Netns::new("reuse");
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let agent = Agent::start(&ns);
+    let (server, port) = ns.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        (l, p)
+    });
+    let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let bound_client = move |local: Option<SocketAddr>| {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        if let Some(a) = local {
+            s.bind(&a.into()).unwrap();
+        }
+        s.connect(&dst.into()).unwrap();
+        TcpStream::from(s)
+    };
+    let first = ns.run(move || bound_client(None));
+    let local = first.local_addr().unwrap();
+    let (s1, _) = server.accept().unwrap();
+    close_pair(first, s1);
+    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == 1.0);
+    assert_eq!(m.sockets("time_wait"), 1.0);
+    // tcp_tw_reuse wants the timewait socket's last timestamp to be over a second old.
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = ns.run(move || bound_client(Some(local)));
+    assert_eq!(second.local_addr().unwrap(), local, "the 4-tuple was reused");
+    let m = agent.wait_for(SETTLE, |m| m.get("twmon_timewait_ends_total", &[("reason", "reuse")]) == 1.0);
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "reuse")]), 1.0, "{}", m.text);
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), 0.0);
+    assert_eq!(m.transitions("time_wait", "close"), 1.0);
+    assert_eq!(m.sockets("time_wait"), 0.0);
+    assert_eq!(ns.ss("TIME-WAIT").len(), 0);
+    drop(second);
+}
