@@ -22,6 +22,11 @@ pub enum LayoutError {
          the sock, tcp and timer trace events (Linux 5.15 or newer)"
     )]
     Tracepoint(String, String),
+    #[error(
+        "permission denied reading {0}: twmon needs root (or CAP_BPF, CAP_PERFMON and \
+         CAP_SYS_ADMIN); run it with sudo"
+    )]
+    Permission(String),
     #[error("tracepoint {0} has no field `{1}` on this kernel; please report the kernel version")]
     Field(String, String),
     #[error(
@@ -54,7 +59,11 @@ pub fn tracefs() -> Result<PathBuf, LayoutError> {
         libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
-        return Err(LayoutError::Tracefs(std::io::Error::last_os_error().to_string()));
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(LayoutError::Permission("tracefs (mount)".into()));
+        }
+        return Err(LayoutError::Tracefs(err.to_string()));
     }
     tracing::info!(path = dir, "mounted tracefs");
     Ok(PathBuf::from(dir))
@@ -71,8 +80,10 @@ impl Format {
     pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self, LayoutError> {
         let full = format!("{category}:{name}");
         let path = tracefs.join("events").join(category).join(name).join("format");
-        let text = fs::read_to_string(&path)
-            .map_err(|e| LayoutError::Tracepoint(full.clone(), e.to_string()))?;
+        let text = fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => LayoutError::Permission(path.display().to_string()),
+            _ => LayoutError::Tracepoint(full.clone(), e.to_string()),
+        })?;
         Ok(Self::parse(&full, &text))
     }
 

@@ -68,7 +68,7 @@ impl Agent {
             self.metrics.refresh(&kernel.read(), kernel.attached, &kernel.program_stats());
         }
         self.tracker.lock().unwrap_or_else(|e| e.into_inner()).settle(monotonic_ns());
-        self.metrics.scrape_ns.set(start.elapsed().as_nanos() as i64);
+        self.metrics.scrape_seconds.set(start.elapsed().as_secs_f64());
         let mut out = String::new();
         prometheus::TextEncoder::new().encode_utf8(&self.metrics.registry.gather(), &mut out)?;
         Ok(out)

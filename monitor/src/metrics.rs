@@ -1,7 +1,7 @@
 //! The metrics registry: kernel-side numbers (gauges, retransmits, resets, self-metrics) copied
 //! in at scrape time, next to the tracker's event-driven counters and histograms.
 use monitor_common::{counter, tcp};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector};
+use prometheus::{CounterVec, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector};
 
 use crate::{
     kernel::{ProgramStats, Readout},
@@ -23,8 +23,8 @@ pub struct Metrics {
     handoff_missed: IntCounter,
     programs_attached: IntGauge,
     program_runs: IntCounterVec,
-    program_run_ns: IntCounterVec,
-    pub scrape_ns: IntGauge,
+    program_run_seconds: CounterVec,
+    pub scrape_seconds: Gauge,
 }
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
@@ -123,20 +123,20 @@ impl Metrics {
                     &["program"],
                 )?,
             )?,
-            program_run_ns: reg(
+            program_run_seconds: reg(
                 &r,
-                IntCounterVec::new(
+                CounterVec::new(
                     Opts::new(
-                        "twmon_bpf_program_run_nanoseconds_total",
+                        "twmon_bpf_program_run_seconds_total",
                         "Time spent in each kernel program (needs sysctl kernel.bpf_stats_enabled=1).",
                     ),
                     &["program"],
                 )?,
             )?,
-            scrape_ns: reg(
+            scrape_seconds: reg(
                 &r,
-                IntGauge::new(
-                    "twmon_scrape_collect_nanoseconds",
+                Gauge::new(
+                    "twmon_scrape_collect_seconds",
                     "Time the previous scrape took to read the kernel's maps and settle events.",
                 )?,
             )?,
@@ -175,7 +175,8 @@ impl Metrics {
         self.programs_attached.set(attached as i64);
         for p in programs {
             sync(&self.program_runs.with_label_values(&[&p.name]), p.run_count);
-            sync(&self.program_run_ns.with_label_values(&[&p.name]), p.run_time.as_nanos() as u64);
+            let c = self.program_run_seconds.with_label_values(&[&p.name]);
+            c.inc_by((p.run_time.as_secs_f64() - c.get()).max(0.0));
         }
     }
 }

@@ -1,0 +1,100 @@
+//! The HTTP endpoints of a real agent, a real `promtool check metrics` on its scrape, and the
+//! messages a user gets for bad input.
+mod common;
+
+use std::{net::TcpListener, process::Command};
+
+use common::{Agent, Netns};
+
+#[test]
+fn metrics_healthz_and_index() {
+    let ns = Netns::new("http");
+    let agent = Agent::start(&ns);
+    let (status, body) = agent.get("/healthz").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = agent.get("/").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("href=\"metrics\"") && body.contains("href=\"healthz\""), "{body}");
+    let (status, body) = agent.get("/nope").unwrap();
+    assert_eq!(status, 404, "{body}");
+
+    let m = agent.metrics();
+    for line in m.text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.starts_with("twmon_"), "metric outside the twmon_ namespace: {line}");
+    }
+    assert_eq!(m.get("twmon_bpf_programs_attached", &[]), 6.0);
+    for state in ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"] {
+        assert!(m.text.contains(&format!("twmon_sockets{{state=\"{state}\"}} 0")), "{state} gauge missing");
+    }
+    assert!(m.text.contains("twmon_build_info{"), "build info missing");
+
+    // Debian's promtool lints the exposition exactly as Prometheus will parse it.
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with(&m.text);
+    assert!(child.0.success(), "promtool check metrics failed:\n{}", child.1);
+    child.1.clear();
+
+    // SIGTERM detaches and exits 0.
+    let status = agent.stop();
+    assert!(status.success(), "twmon exited with {status} on SIGTERM");
+}
+
+trait OutputWith {
+    fn output_with(&mut self, stdin: &str) -> (std::process::ExitStatus, String);
+}
+
+impl OutputWith for Command {
+    fn output_with(&mut self, stdin: &str) -> (std::process::ExitStatus, String) {
+        use std::io::Write;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status, text)
+    }
+}
+
+fn twmon(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twmon")).args(args).output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_flag_says_what_is_wrong() {
+    let (status, err) = twmon(&["--web.listen-adress", ":9"]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--web.listen-address"), "clap suggests the right flag: {err}");
+    let (status, err) = twmon(&["--timewait.sweep-interval", "soon"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(err.contains("500ms or 2s"), "{err}");
+}
+
+#[test]
+fn port_in_use_fails_before_attaching() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let (status, err) = twmon(&["--web.listen-address", &addr]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")) && err.contains("--web.listen-address"), "{err}");
+    assert!(!err.contains("kernel programs attached"), "attached before failing: {err}");
+}
+
+#[test]
+fn unprivileged_user_is_told_to_use_root() {
+    // nobody, with every capability dropped.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(env!("CARGO_BIN_EXE_twmon"))
+        .args(["--web.listen-address", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("sudo") || err.contains("root"), "no hint to run as root: {err}");
+}
