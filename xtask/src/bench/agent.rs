@@ -1,0 +1,242 @@
+//! The agent under test as a child process: start, scrape, read its CPU and memory, stop.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{bpf, interrupted};
+
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+/// One HTTP GET over a fresh connection; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    // The agent answers with a plain or a chunked body; /metrics is small enough to de-chunk here.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+impl Agent {
+    /// Starts `twmon` on a free loopback port and waits until /healthz says it is attached.
+    pub fn start(bin: &Path, extra: &[&str], log_dir: &Path) -> Result<Self> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let log = log_dir.join(format!("twmon-{}.log", addr.port()));
+        let child = Command::new(bin)
+            .args(["--web.listen-address", &addr.to_string(), "--log.level", "warn"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut agent = Agent { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "twmon exited during start-up ({status}):\n{}",
+                    fs::read_to_string(&agent.log).unwrap_or_default()
+                );
+            }
+            if let Ok((200, _)) = http_get(addr, "/healthz") {
+                return Ok(agent);
+            }
+            if Instant::now() > deadline || interrupted() {
+                bail!("twmon did not become healthy within 60 s; its log: {}", agent.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Scrapes /metrics once.
+    pub fn scrape(&self) -> Result<Scrape> {
+        let (status, body) = http_get(self.addr, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}: {body}");
+        }
+        Ok(Scrape::parse(&body))
+    }
+
+    /// utime + stime in clock ticks (/proc/PID/stat fields 14 and 15), all threads, living or not.
+    pub fn cpu_ticks(&self) -> Result<u64> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        let after = stat.rsplit_once(')').context("malformed stat")?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // after ")" the fields start at 3 (state): utime is field 14, stime 15.
+        Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+    }
+
+    /// Memory of the process from /proc/PID/status, in KiB.
+    pub fn memory(&self) -> Result<Memory> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kib = |key: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(Memory {
+            rss: kib("VmRSS:"),
+            hwm: kib("VmHWM:"),
+            anon: kib("RssAnon:"),
+            file: kib("RssFile:"),
+            shmem: kib("RssShmem:"),
+        })
+    }
+
+    pub fn maps(&self) -> Vec<bpf::MapMemory> {
+        bpf::process_maps(self.pid())
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    pub fn stop(mut self) -> Result<()> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("twmon did not exit within 10 s of SIGTERM; killed");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(e) = self.terminate() {
+            eprintln!("bench: stopping twmon: {e:#}");
+        }
+    }
+}
+
+/// Memory figures in KiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    pub rss: u64,
+    pub hwm: u64,
+    pub anon: u64,
+    pub file: u64,
+    pub shmem: u64,
+}
+
+/// A parsed Prometheus text exposition: (name, labels, value) per sample.
+#[derive(Clone, Debug, Default)]
+pub struct Scrape {
+    samples: Vec<(String, String, f64)>,
+    pub bytes: usize,
+}
+
+impl Scrape {
+    pub fn parse(body: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in body.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(v) = value.parse::<f64>() else { continue };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n.to_string(), l.trim_end_matches('}').to_string()),
+                None => (series.to_string(), String::new()),
+            };
+            samples.push((name, labels, v));
+        }
+        Scrape { samples, bytes: body.len() }
+    }
+
+    /// Sum of the samples of `name` whose labels include every `key="value"` given.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .map(|(_, _, v)| *v)
+            .sum()
+    }
+
+    pub fn series(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether any sample of `name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, _, _)| n == name)
+    }
+
+    /// A program's (run_time_ns, run_cnt) as the agent reports them (run time in seconds, or
+    /// in nanoseconds as early versions of the agent did).
+    pub fn program(&self, name: &str) -> bpf::RunStats {
+        let labels = [("program", name)];
+        let ns = if self.has("twmon_bpf_program_run_seconds_total") {
+            self.get("twmon_bpf_program_run_seconds_total", &labels) * 1e9
+        } else {
+            self.get("twmon_bpf_program_run_nanoseconds_total", &labels)
+        };
+        bpf::RunStats { run_time_ns: ns.round() as u64, run_cnt: self.get("twmon_bpf_program_runs_total", &labels) as u64 }
+    }
+
+    /// The agent's own time for collecting the previous scrape, in milliseconds.
+    pub fn collect_ms(&self) -> f64 {
+        if self.has("twmon_scrape_collect_seconds") {
+            self.get("twmon_scrape_collect_seconds", &[]) * 1e3
+        } else {
+            self.get("twmon_scrape_collect_nanoseconds", &[]) / 1e6
+        }
+    }
+
+    /// Timewait sockets the agent follows now (its TIME_WAIT and FIN_WAIT2 gauges include them).
+    pub fn timewait(&self) -> f64 {
+        self.get("twmon_sockets", &[("state", "time_wait")]) + self.get("twmon_sockets", &[("state", "fin_wait2")])
+    }
+}
