@@ -9,6 +9,8 @@ pub mod http;
 pub mod kernel;
 pub mod layout;
 pub mod metrics;
+pub mod netns;
+pub mod procfs;
 pub mod tracker;
 
 use std::{
