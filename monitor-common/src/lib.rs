@@ -42,6 +42,10 @@ pub mod kind {
     /// reached it). `flags` has [`super::flags::SILENT`] when the kernel re-armed the timer
     /// without a trace event and the sweep or the socket's end found it.
     pub const REARM: u8 = 3;
+    /// The timer of a timewait socket the kernel programs do not follow (it existed before the
+    /// agent started) was cancelled: it ended, or is being re-armed (then it is followed from
+    /// now on). Sent only while the agent holds sockets seeded from sock_diag.
+    pub const UNTRACKED_END: u8 = 4;
 }
 
 /// Why a timewait socket ended.
@@ -54,6 +58,8 @@ pub mod reason {
     /// Ended by the kernel before its timer: an RST (RFC 1337 assassination), a new SYN that
     /// reopened the 4-tuple, or the network namespace being destroyed.
     pub const KILLED: u8 = 3;
+    /// An orphaned FIN_WAIT2 kept as a timewait socket got no FIN within tcp_fin_timeout.
+    pub const FIN_TIMEOUT: u8 = 4;
 }
 
 /// Bits of [`Event::flags`].
@@ -203,6 +209,9 @@ pub struct Settings {
     pub ns_per_jiffy: u64,
     /// TCP_TIMEWAIT_LEN in jiffies (60 * HZ).
     pub timewait_len_jiffies: u64,
+    /// Non-zero while the agent holds timewait sockets seeded from sock_diag, which need
+    /// [`kind::UNTRACKED_END`] events.
+    pub seeded: u64,
 }
 
 #[cfg(feature = "user")]

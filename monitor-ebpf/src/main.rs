@@ -449,7 +449,7 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     let tw = timer - layout!(tw_timer) as u64;
     let mut entry = match unsafe { TIMEWAIT.get(tw) } {
         Some(e) => *e,
-        None => return Ok(()),
+        None => return untracked_end(tw),
     };
     let _ = TIMEWAIT.remove(tw);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -468,7 +468,7 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     // Timers never run early, so a due timer being detached is the expiry itself.
     if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
         ev.kind = kind::TRANSITION;
-        ev.reason = reason::EXPIRED;
+        ev.reason = if entry.state == tcp::FIN_WAIT2 { reason::FIN_TIMEOUT } else { reason::EXPIRED };
         emit(&ev);
         return Ok(());
     }
@@ -477,6 +477,25 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
         unsafe { *slot = Cancelled { tw, entry } };
     }
+    emit(&ev);
+    Ok(())
+}
+
+/// A timewait socket we do not follow ends or is re-armed: tell the agent while it holds
+/// sockets it seeded from sock_diag, so it can let go of this one.
+#[inline(always)]
+fn untracked_end(tw: u64) -> Result<(), i64> {
+    if settings().seeded == 0 {
+        return Ok(());
+    }
+    let netns = netns_of(tw)?;
+    if !wanted(netns) {
+        return Ok(());
+    }
+    let mut ev = tw_event(tw, netns, unsafe { bpf_ktime_get_ns() });
+    ev.kind = kind::UNTRACKED_END;
+    ev.from = kread(tw + layout!(tw_substate) as u64)?;
+    ev.to = tcp::CLOSE;
     emit(&ev);
     Ok(())
 }

@@ -16,6 +16,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/api/v1/snapshot", get(snapshot))
         .with_state(agent)
 }
 
@@ -25,7 +26,8 @@ async fn index() -> Html<&'static str> {
         "<h1>twmon ",
         env!("CARGO_PKG_VERSION"),
         "</h1><p>How TCP connections end: teardown states, TIME_WAIT, retransmitted FINs.</p>",
-        "<ul><li><a href=\"metrics\">metrics</a></li><li><a href=\"healthz\">healthz</a></li></ul>",
+        "<ul><li><a href=\"metrics\">metrics</a></li><li><a href=\"healthz\">healthz</a></li>",
+        "<li><a href=\"api/v1/snapshot\">api/v1/snapshot</a></li></ul>",
         "</body></html>"
     ))
 }
@@ -35,6 +37,14 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("collecting metrics: {e}\n")).into_response(),
+    }
+}
+
+/// Current per-state counts, top ports and destinations, namespaces and leaks, as JSON.
+async fn snapshot(State(agent): State<Arc<Agent>>) -> Response {
+    match tokio::task::spawn_blocking(move || agent.snapshot()).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot: {e}\n")).into_response(),
     }
 }
 

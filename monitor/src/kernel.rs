@@ -59,6 +59,8 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     gauges: PerCpuArray<MapData, i64>,
     sweep: ProgramFd,
+    settings_map: Array<MapData, Settings>,
+    settings: Settings,
     pub hz: u32,
     pub attached: usize,
 }
@@ -137,6 +139,7 @@ impl Kernel {
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| KernelError::Load(e.into()))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(|e| KernelError::Load(e.into()))?;
         let gauges = PerCpuArray::try_from(take(&mut ebpf, "GAUGES")?).map_err(|e| KernelError::Load(e.into()))?;
+        let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
 
         let sweep: &mut RawTracePoint = ebpf
             .program_mut(SWEEP)
@@ -149,7 +152,8 @@ impl Kernel {
             .and_then(|fd| fd.try_clone().map_err(Into::into))
             .map_err(|e| KernelError::Load(e.into()))?;
 
-        let mut kernel = Kernel { ebpf, counters, gauges, sweep, hz: 0, attached: 0 };
+        let mut kernel =
+            Kernel { ebpf, counters, gauges, sweep, settings_map, settings: Settings::default(), hz: 0, attached: 0 };
         kernel.calibrate()?;
         for (name, category, tp) in TRACEPOINTS {
             let prog: &mut TracePoint = kernel
@@ -184,13 +188,27 @@ impl Kernel {
         let settings = Settings {
             ns_per_jiffy: 1_000_000_000 / hz as u64,
             timewait_len_jiffies: 60 * hz as u64,
+            seeded: 0,
         };
-        let mut map: Array<&mut MapData, Settings> =
-            Array::try_from(self.ebpf.map_mut("SETTINGS").expect("SETTINGS map"))
-                .map_err(|e| KernelError::Load(e.into()))?;
-        map.set(0, settings, 0).map_err(|e| KernelError::Load(e.into()))?;
+        self.settings = settings;
+        self.write_settings().map_err(|e| KernelError::Load(e.into()))?;
         tracing::info!(hz, "kernel timer frequency measured");
         Ok(())
+    }
+
+    fn write_settings(&mut self) -> Result<(), aya::maps::MapError> {
+        self.settings_map.set(0, self.settings, 0)
+    }
+
+    /// Asks the programs to report the end of timewait sockets they do not follow, while the
+    /// agent holds seeded ones.
+    pub fn set_seeded(&mut self, on: bool) {
+        if self.settings.seeded != on as u64 {
+            self.settings.seeded = on as u64;
+            if let Err(e) = self.write_settings() {
+                tracing::warn!("updating kernel settings: {e}");
+            }
+        }
     }
 
     /// Runs the sweep program once (BPF_PROG_TEST_RUN): brings timewait entries up to date.

@@ -4,7 +4,10 @@
 //! and attaches the programs and reads their maps, [`event`] decodes ring-buffer records,
 //! [`tracker`] turns events into counters and histograms (no BPF in it), [`metrics`] holds the
 //! registry, [`http`] serves it.
+pub mod config;
+pub mod diag;
 pub mod event;
+pub mod ground;
 pub mod http;
 pub mod kernel;
 pub mod layout;
@@ -14,7 +17,9 @@ pub mod procfs;
 pub mod tracker;
 
 use std::{
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -26,7 +31,13 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use crate::{kernel::Kernel, metrics::Metrics, tracker::Tracker};
+use crate::{
+    ground::NsView,
+    kernel::Kernel,
+    metrics::{GAUGE_STATES, Leak, Metrics},
+    netns::Namespace,
+    tracker::{Tracker, Tuple, state_name},
+};
 
 /// Everything the agent runs with; the CLI fills it in.
 #[derive(Clone, Debug)]
@@ -36,6 +47,44 @@ pub struct Config {
     pub netns: u32,
     pub limits: kernel::Limits,
     pub sweep_interval: Duration,
+    /// The namespace file given with --netns, if any.
+    pub netns_path: Option<PathBuf>,
+    pub settings: config::Config,
+}
+
+/// What `/api/v1/snapshot` returns besides the live socket counts: the last reconcile.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub reconciled_unix_seconds: f64,
+    pub drift: BTreeMap<&'static str, i64>,
+    pub ports: Vec<PortJson>,
+    pub pressure: Vec<PressureJson>,
+    pub namespaces: Vec<NamespaceJson>,
+    pub leaks: Vec<Leak>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PortJson {
+    pub side: &'static str,
+    pub port: String,
+    pub role: &'static str,
+    pub state: &'static str,
+    pub sockets: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PressureJson {
+    pub netns: String,
+    pub destination: String,
+    pub sockets: u64,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NamespaceJson {
+    pub netns: String,
+    pub state: &'static str,
+    pub sockets: u64,
 }
 
 /// The running agent, shared by the event loop, the timers and the HTTP handlers.
@@ -44,6 +93,14 @@ pub struct Agent {
     tracker: Mutex<Tracker>,
     metrics: Metrics,
     consuming: AtomicBool,
+    config: Config,
+    report: Mutex<Report>,
+    /// Leaked CLOSE_WAIT sockets already logged.
+    logged: Mutex<HashSet<Tuple>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
@@ -67,7 +124,8 @@ impl Agent {
             if let Err(e) = kernel.run_sweep() {
                 tracing::warn!("timewait sweep failed: {e}");
             }
-            self.metrics.refresh(&kernel.read(), kernel.attached, &kernel.program_stats());
+            let seeded = lock(&self.tracker).seeded();
+            self.metrics.refresh(&kernel.read(), &seeded, kernel.attached, &kernel.program_stats());
         }
         self.tracker.lock().unwrap_or_else(|e| e.into_inner()).settle(monotonic_ns());
         self.metrics.scrape_seconds.set(start.elapsed().as_secs_f64());
@@ -85,6 +143,174 @@ impl Agent {
             return Err("the event loop has stopped".into());
         }
         Ok(())
+    }
+
+    /// The network namespaces the kernel programs watch: the --netns one, or all reachable.
+    pub fn namespaces(&self) -> Vec<Namespace> {
+        let all = netns::discover();
+        match &self.config.netns_path {
+            None => all,
+            Some(path) => {
+                let mut found: Vec<Namespace> = all.into_iter().filter(|n| n.inode == self.config.netns).collect();
+                if found.is_empty() {
+                    found.push(Namespace {
+                        inode: self.config.netns,
+                        path: path.clone(),
+                        name: format!("inode/{}", self.config.netns),
+                        pid: None,
+                    });
+                }
+                found.truncate(1);
+                found
+            }
+        }
+    }
+
+    /// Seeds the agent with the sockets already in teardown states, from the kernel's own view.
+    /// Called once, right after the programs are attached.
+    fn seed(&self, ring: &mut RingBuf<MapData>) -> usize {
+        lock(&self.tracker).begin_seed();
+        let views = ground::read(&self.namespaces());
+        // Events since the programs were attached: those connections are followed already.
+        self.consume(ring);
+        let mut tracker = lock(&self.tracker);
+        let n = tracker.seed(ground::teardown(&views), monotonic_ns());
+        lock(&self.kernel).set_seeded(tracker.seeded_timewait());
+        n
+    }
+
+    /// Compares with the kernel's own view and refreshes what comes from it.
+    pub fn reconcile(&self) {
+        let start = Instant::now();
+        let views = ground::read(&self.namespaces());
+        let teardown = ground::teardown(&views);
+        let totals = ground::totals(&views);
+        let (readout, seeded) = {
+            let mut tracker = lock(&self.tracker);
+            tracker.reconcile_seed(&teardown);
+            let mut kernel = lock(&self.kernel);
+            kernel.set_seeded(tracker.seeded_timewait());
+            // The sweep first, so orphaned FIN_WAIT2 sockets that got their FIN count as TIME_WAIT.
+            let _ = kernel.run_sweep();
+            (kernel.read(), tracker.seeded())
+        };
+        let mut drift = [0i64; monitor_common::tcp::MAX_STATES as usize];
+        for s in GAUGE_STATES {
+            let s = s as usize;
+            drift[s] = readout.sockets[s] + seeded[s] - totals[s];
+        }
+        let watched: Vec<NsView> =
+            views.into_iter().filter(|v| self.config.settings.watches(v.inode, &v.name)).collect();
+        let b = ground::breakdown(&watched, &self.config.settings);
+        let leaks = self.leaks(&watched);
+        let kernel: Vec<_> = watched.iter().map(|v| (v.name.clone(), v.tcpext.clone(), v.sysctls.clone())).collect();
+        self.metrics.refresh_ground(&drift, &b, &kernel, &leaks, start.elapsed());
+        let mut report = lock(&self.report);
+        *report = Report {
+            reconciled_unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            drift: GAUGE_STATES.iter().map(|s| (state_name(*s), drift[*s as usize])).collect(),
+            ports: b
+                .ports
+                .iter()
+                .map(|r| PortJson {
+                    side: r.side.label(),
+                    port: r.port.clone(),
+                    role: ground::role(r.state),
+                    state: state_name(r.state),
+                    sockets: r.sockets,
+                })
+                .collect(),
+            pressure: b
+                .pressure
+                .iter()
+                .map(|p| PressureJson {
+                    netns: p.netns.clone(),
+                    destination: p.destination.to_string(),
+                    sockets: p.sockets,
+                    ratio: p.ratio,
+                })
+                .collect(),
+            namespaces: b
+                .namespaces
+                .iter()
+                .map(|(n, s, c)| NamespaceJson { netns: n.clone(), state: state_name(*s), sockets: *c })
+                .collect(),
+            leaks,
+        };
+    }
+
+    /// CLOSE_WAIT sockets older than the threshold, attributed to the processes that hold them.
+    fn leaks(&self, views: &[NsView]) -> Vec<Leak> {
+        let cfg = &self.config.settings.close_wait;
+        let now = monotonic_ns();
+        let old = lock(&self.tracker).close_wait_older_than(now.saturating_sub(cfg.leak_threshold.as_nanos() as u64));
+        if old.is_empty() {
+            lock(&self.logged).clear();
+            return Vec::new();
+        }
+        let mut sockets: HashMap<Tuple, (u64, &str)> = HashMap::new();
+        for v in views {
+            for s in v.sockets.iter().filter(|s| s.state == monitor_common::tcp::CLOSE_WAIT && s.inode != 0) {
+                sockets.insert(Tuple::new(v.inode, s.local, s.remote), (s.inode as u64, v.name.as_str()));
+            }
+        }
+        let inodes: HashSet<u64> = old.iter().filter_map(|(t, _)| sockets.get(t).map(|(i, _)| *i)).collect();
+        let owners = procfs::socket_owners(&inodes);
+        let mut by_process: BTreeMap<(String, i32, String), Leak> = BTreeMap::new();
+        let mut logged = lock(&self.logged);
+        let mut still = HashSet::new();
+        for (t, since) in old {
+            let Some((inode, ns)) = sockets.get(&t) else { continue };
+            let age = now.saturating_sub(since) as f64 / 1e9;
+            for (pid, comm) in owners.get(inode).into_iter().flatten() {
+                let leak = by_process.entry((ns.to_string(), *pid, comm.clone())).or_insert_with(|| Leak {
+                    netns: ns.to_string(),
+                    pid: *pid,
+                    comm: comm.clone(),
+                    sockets: 0,
+                    oldest_seconds: 0.0,
+                    examples: Vec::new(),
+                });
+                leak.sockets += 1;
+                leak.oldest_seconds = leak.oldest_seconds.max(age);
+                if leak.examples.len() < 3 {
+                    leak.examples.push(format!("{} <- {}", t.local_addr(), t.remote_addr()));
+                }
+                if !logged.contains(&t) {
+                    self.metrics.leaks_total.inc();
+                    tracing::warn!(
+                        pid, comm = %comm, netns = %ns, local = %t.local_addr(), remote = %t.remote_addr(),
+                        seconds = age.round(),
+                        "CLOSE_WAIT leak: the peer closed, this process has not called close()"
+                    );
+                }
+            }
+            still.insert(t);
+        }
+        *logged = still;
+        let mut leaks: Vec<Leak> = by_process.into_values().collect();
+        leaks.sort_by(|a, b| b.sockets.cmp(&a.sockets).then(a.pid.cmp(&b.pid)));
+        leaks.truncate(cfg.top_k);
+        leaks
+    }
+
+    /// JSON for `/api/v1/snapshot`: live socket counts and the last reconcile.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let seeded = lock(&self.tracker).seeded();
+        let readout = {
+            let kernel = lock(&self.kernel);
+            let _ = kernel.run_sweep();
+            kernel.read()
+        };
+        let sockets: BTreeMap<&str, i64> = GAUGE_STATES
+            .iter()
+            .map(|s| (state_name(*s), readout.sockets[*s as usize] + seeded[*s as usize]))
+            .collect();
+        let report = lock(&self.report).clone();
+        serde_json::json!({ "sockets": sockets, "reconcile": report })
     }
 
     fn consume(&self, ring: &mut RingBuf<MapData>) {
@@ -111,7 +337,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
+    let (kernel, mut ring, logger) = Kernel::load(config.netns, &config.limits)?;
     let metrics = Metrics::new(&kernel_release(), kernel.hz)?;
     let tracker = Tracker::new(&metrics.registry)?;
     tracing::info!(
@@ -125,7 +351,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracker: Mutex::new(tracker),
         metrics,
         consuming: AtomicBool::new(true),
+        config: config.clone(),
+        report: Mutex::new(Report::default()),
+        logged: Mutex::new(HashSet::new()),
     });
+    let seeded = agent.seed(&mut ring);
+    tracing::info!(sockets = seeded, "seeded sockets already in teardown states from sock_diag");
+    agent.reconcile();
 
     let mut tasks = tokio::task::JoinSet::new();
     let a = agent.clone();
@@ -172,6 +404,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if let Err(e) = a.kernel.lock().unwrap_or_else(|e| e.into_inner()).run_sweep() {
                     tracing::warn!("timewait sweep failed: {e}");
                 }
+            }
+        }
+    });
+
+    let a = agent.clone();
+    let every = config.settings.reconcile.interval;
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let a = a.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || a.reconcile()).await {
+                tracing::warn!("reconcile failed: {e}");
             }
         }
     });

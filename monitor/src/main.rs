@@ -15,6 +15,13 @@ struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log.level", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
+    /// Configuration file (TOML) for breakdowns, leak threshold, namespaces and reconcile
+    /// interval; see README. Without it every key has its default.
+    #[arg(long = "config.file", value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// Print an example configuration file with every key and its default, and exit.
+    #[arg(long = "config.example")]
+    config_example: bool,
     /// Watch only the network namespace at this path (/run/netns/NAME, /proc/PID/ns/net).
     #[arg(long = "netns", value_name = "PATH")]
     netns: Option<PathBuf>,
@@ -78,6 +85,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.config_example {
+        print!("{}", twmon::config::EXAMPLE);
+        return Ok(());
+    }
+    let settings = match &args.config_file {
+        Some(p) => twmon::config::Config::load(p)?,
+        None => twmon::config::Config::default(),
+    };
     let netns = match &args.netns {
         None => 0,
         Some(p) => std::fs::metadata(p)
@@ -93,6 +108,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             ring_buffer_bytes: args.ring_buffer_bytes,
         },
         sweep_interval: args.sweep_interval,
+        netns_path: args.netns.clone(),
+        settings,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(twmon::run(config))

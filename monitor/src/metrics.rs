@@ -4,9 +4,23 @@ use monitor_common::{counter, tcp};
 use prometheus::{CounterVec, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector};
 
 use crate::{
+    ground::{Breakdowns, role},
     kernel::{ProgramStats, Readout},
+    procfs::{Sysctls, TcpExt},
     tracker::state_name,
 };
+
+/// A process holding CLOSE_WAIT sockets past the leak threshold.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Leak {
+    pub netns: String,
+    pub pid: i32,
+    pub comm: String,
+    pub sockets: u64,
+    pub oldest_seconds: f64,
+    /// A few of its leaked connections, `local <- remote`.
+    pub examples: Vec<String>,
+}
 
 /// The states whose current socket count `twmon_sockets` reports.
 pub const GAUGE_STATES: [u8; 6] =
@@ -25,6 +39,21 @@ pub struct Metrics {
     program_runs: IntCounterVec,
     program_run_seconds: CounterVec,
     pub scrape_seconds: Gauge,
+    seeded: IntGaugeVec,
+    drift: IntGaugeVec,
+    reconcile_seconds: Gauge,
+    port_sockets: IntGaugeVec,
+    pressure_ratio: prometheus::GaugeVec,
+    pressure_sockets: IntGaugeVec,
+    netns_sockets: IntGaugeVec,
+    tcpext: IntCounterVec,
+    sysctl: IntGaugeVec,
+    leaked: IntGaugeVec,
+    pub leaks_total: IntCounter,
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    reg(r, IntGaugeVec::new(Opts::new(name, help), labels)?)
 }
 
 fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
@@ -140,6 +169,90 @@ impl Metrics {
                     "Time the previous scrape took to read the kernel's maps and settle events.",
                 )?,
             )?,
+            seeded: gauge_vec(
+                &r,
+                "twmon_seeded_sockets",
+                "Sockets that were in a teardown state when the agent started, counted from \
+                 sock_diag until they leave it (included in twmon_sockets).",
+                &["state"],
+            )?,
+            drift: gauge_vec(
+                &r,
+                "twmon_reconcile_drift",
+                "twmon_sockets minus the kernel's own count (sock_diag, as ss) at the last \
+                 reconcile; 0 at rest.",
+                &["state"],
+            )?,
+            reconcile_seconds: reg(
+                &r,
+                Gauge::new("twmon_reconcile_duration_seconds", "Time the last reconcile took.")?,
+            )?,
+            port_sockets: gauge_vec(
+                &r,
+                "twmon_port_sockets",
+                "Sockets in teardown states by service port: side=local for this host's servers, \
+                 side=remote for its clients; top-K ports per side, the rest as port=\"other\", \
+                 port=\"ephemeral\" when both ends are ephemeral.",
+                &["side", "port", "role", "state"],
+            )?,
+            pressure_ratio: reg(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "twmon_port_pressure_ratio",
+                        "Sockets holding a local ephemeral port towards a destination (TIME_WAIT \
+                         included) over the namespace's ephemeral ports; busiest destinations only.",
+                    ),
+                    &["netns", "destination"],
+                )?,
+            )?,
+            pressure_sockets: gauge_vec(
+                &r,
+                "twmon_port_pressure_sockets",
+                "Sockets holding a local ephemeral port towards a destination; busiest destinations only.",
+                &["netns", "destination"],
+            )?,
+            netns_sockets: gauge_vec(
+                &r,
+                "twmon_netns_sockets",
+                "Sockets in teardown states per network namespace (named by container or pod when \
+                 it can be told), from the last reconcile.",
+                &["netns", "state"],
+            )?,
+            tcpext: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_kernel_tcpext_total",
+                        "The kernel's own teardown counters from /proc/net/netstat per namespace: \
+                         TW (timewait sockets ended by their timer), TWRecycled, TWKilled, \
+                         TCPTimeWaitOverflow (tcp_max_tw_buckets hit), TCPAbortOn*.",
+                    ),
+                    &["netns", "counter"],
+                )?,
+            )?,
+            sysctl: gauge_vec(
+                &r,
+                "twmon_sysctl",
+                "Limits the teardown is measured against, per namespace: tcp_max_tw_buckets, \
+                 ephemeral_ports (size of ip_local_port_range less reserved ports), \
+                 tcp_fin_timeout (seconds), tcp_tw_reuse.",
+                &["netns", "name"],
+            )?,
+            leaked: gauge_vec(
+                &r,
+                "twmon_close_wait_leaked_sockets",
+                "Sockets in CLOSE_WAIT longer than the leak threshold, by the process holding \
+                 them (it has not called close()); top-K processes.",
+                &["netns", "pid", "comm"],
+            )?,
+            leaks_total: reg(
+                &r,
+                IntCounter::new(
+                    "twmon_close_wait_leaks_total",
+                    "Sockets found in CLOSE_WAIT past the leak threshold (each counted and logged once).",
+                )?,
+            )?,
             registry: r,
         };
         for s in GAUGE_STATES {
@@ -151,9 +264,10 @@ impl Metrics {
         Ok(m)
     }
 
-    pub fn refresh(&self, k: &Readout, attached: usize, programs: &[ProgramStats]) {
+    pub fn refresh(&self, k: &Readout, seeded: &[i64], attached: usize, programs: &[ProgramStats]) {
         for s in GAUGE_STATES {
-            self.sockets.with_label_values(&[state_name(s)]).set(k.sockets[s as usize]);
+            self.sockets.with_label_values(&[state_name(s)]).set(k.sockets[s as usize] + seeded[s as usize]);
+            self.seeded.with_label_values(&[state_name(s)]).set(seeded[s as usize]);
         }
         for s in 1..tcp::MAX_STATES as u8 {
             let name = state_name(s);
@@ -177,6 +291,74 @@ impl Metrics {
             sync(&self.program_runs.with_label_values(&[&p.name]), p.run_count);
             let c = self.program_run_seconds.with_label_values(&[&p.name]);
             c.inc_by((p.run_time.as_secs_f64() - c.get()).max(0.0));
+        }
+    }
+
+    /// Publishes one reconcile: drift per state, breakdowns, kernel counters and limits, leaks.
+    pub fn refresh_ground(
+        &self,
+        drift: &[i64],
+        b: &Breakdowns,
+        kernel: &[(String, Option<TcpExt>, Option<Sysctls>)],
+        leaks: &[Leak],
+        took: std::time::Duration,
+    ) {
+        for s in GAUGE_STATES {
+            self.drift.with_label_values(&[state_name(s)]).set(drift[s as usize]);
+        }
+        self.reconcile_seconds.set(took.as_secs_f64());
+        self.port_sockets.reset();
+        for r in &b.ports {
+            self.port_sockets
+                .with_label_values(&[r.side.label(), &r.port, role(r.state), state_name(r.state)])
+                .set(r.sockets as i64);
+        }
+        self.pressure_ratio.reset();
+        self.pressure_sockets.reset();
+        for p in &b.pressure {
+            let dst = p.destination.to_string();
+            self.pressure_ratio.with_label_values(&[&p.netns, &dst]).set(p.ratio);
+            self.pressure_sockets.with_label_values(&[&p.netns, &dst]).set(p.sockets as i64);
+        }
+        self.netns_sockets.reset();
+        for (ns, state, n) in &b.namespaces {
+            self.netns_sockets.with_label_values(&[ns, state_name(*state)]).set(*n as i64);
+        }
+        self.sysctl.reset();
+        for (ns, tcpext, sysctls) in kernel {
+            if let Some(t) = tcpext {
+                for (name, v) in [
+                    ("TW", t.tw),
+                    ("TWRecycled", t.tw_recycled),
+                    ("TWKilled", t.tw_killed),
+                    ("TCPTimeWaitOverflow", t.timewait_overflow),
+                    ("TCPAbortOnClose", t.tcp_abort_on_close),
+                    ("TCPAbortOnData", t.tcp_abort_on_data),
+                    ("TCPAbortOnLinger", t.tcp_abort_on_linger),
+                    ("TCPAbortOnTimeout", t.tcp_abort_on_timeout),
+                ] {
+                    let c = self.tcpext.with_label_values(&[ns, name]);
+                    if v < c.get() {
+                        // A new namespace under an old name: start its counter again.
+                        let _ = self.tcpext.remove_label_values(&[ns, name]);
+                    }
+                    sync(&self.tcpext.with_label_values(&[ns, name]), v);
+                }
+            }
+            if let Some(s) = sysctls {
+                for (name, v) in [
+                    ("tcp_max_tw_buckets", s.tcp_max_tw_buckets as i64),
+                    ("ephemeral_ports", s.ephemeral_ports() as i64),
+                    ("tcp_fin_timeout", s.tcp_fin_timeout as i64),
+                    ("tcp_tw_reuse", s.tcp_tw_reuse as i64),
+                ] {
+                    self.sysctl.with_label_values(&[ns, name]).set(v);
+                }
+            }
+        }
+        self.leaked.reset();
+        for l in leaks {
+            self.leaked.with_label_values(&[&l.netns, &l.pid.to_string(), &l.comm]).set(l.sockets as i64);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Turns lifecycle events into counters and histograms. Plain Rust: no BPF in here, so every
 //! sequence the kernel can produce is unit-tested from hand-written events.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use monitor_common::{Event, flags, kind, reason, tcp};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
@@ -40,9 +40,61 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::EXPIRED => "expired",
         reason::REUSE => "reuse",
         reason::KILLED => "killed",
+        reason::FIN_TIMEOUT => "fin_timeout",
         _ => "unknown",
     }
 }
+
+/// A connection's identity: namespace and both endpoints. IPv4 addresses sit in the first 4
+/// bytes, as in [`Event`].
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tuple {
+    pub netns: u32,
+    pub local: [u8; 16],
+    pub lport: u16,
+    pub remote: [u8; 16],
+    pub rport: u16,
+}
+
+impl Tuple {
+    pub fn of(ev: &Event) -> Self {
+        Self { netns: ev.netns, local: ev.saddr, lport: ev.sport, remote: ev.daddr, rport: ev.dport }
+    }
+
+    pub fn new(netns: u32, local: (std::net::IpAddr, u16), remote: (std::net::IpAddr, u16)) -> Self {
+        Self { netns, local: octets(local.0), lport: local.1, remote: octets(remote.0), rport: remote.1 }
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        (addr(&self.local), self.lport).into()
+    }
+
+    pub fn remote_addr(&self) -> std::net::SocketAddr {
+        (addr(&self.remote), self.rport).into()
+    }
+}
+
+fn octets(a: std::net::IpAddr) -> [u8; 16] {
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&v4.octets());
+            o
+        }
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn addr(o: &[u8; 16]) -> std::net::IpAddr {
+    if o[4..].iter().all(|b| *b == 0) {
+        std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(*o).into()
+    }
+}
+
+/// Most CLOSE_WAIT sockets whose age the tracker keeps; past it they are counted, not aged.
+pub const MAX_CLOSE_WAIT_AGES: usize = 262_144;
 
 pub struct Tracker {
     transitions: IntCounterVec,
@@ -52,6 +104,14 @@ pub struct Tracker {
     /// Timewait sockets whose timer was cancelled before it was due, by address.
     pending: HashMap<u64, Event>,
     events: IntCounter,
+    /// Sockets that were in a teardown state before the agent started, which the kernel
+    /// programs do not follow: their state, until an event or a reconcile says they left it.
+    seed: HashMap<Tuple, u8>,
+    /// While seeding: connections events have spoken of since the programs were attached.
+    window: Option<HashSet<Tuple>>,
+    /// When each CLOSE_WAIT socket entered the state (CLOCK_MONOTONIC ns).
+    close_wait_since: HashMap<Tuple, u64>,
+    close_wait_unaged: u64,
 }
 
 impl Tracker {
@@ -74,8 +134,9 @@ impl Tracker {
         let timewait_ends = IntCounterVec::new(
             Opts::new(
                 "twmon_timewait_ends_total",
-                "Timewait sockets that ended, by why: expired (2MSL ran out), reuse (a connect() \
-                 took the 4-tuple), killed (RST, a reopening SYN, or namespace teardown).",
+                "Timewait sockets that ended, by why: expired (2MSL ran out), fin_timeout (an \
+                 orphaned FIN_WAIT2 got no FIN within tcp_fin_timeout), reuse (a connect() took \
+                 the 4-tuple), killed (RST, a reopening SYN, or namespace teardown).",
             ),
             &["reason"],
         )?;
@@ -90,14 +151,31 @@ impl Tracker {
         registry.register(Box::new(timewait_ends.clone()))?;
         registry.register(Box::new(rearms.clone()))?;
         registry.register(Box::new(events.clone()))?;
-        for r in [reason::EXPIRED, reason::REUSE, reason::KILLED] {
+        for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
             timewait_ends.with_label_values(&[reason_name(r)]);
         }
-        Ok(Self { transitions, durations, timewait_ends, rearms, pending: HashMap::new(), events })
+        Ok(Self {
+            transitions,
+            durations,
+            timewait_ends,
+            rearms,
+            pending: HashMap::new(),
+            events,
+            seed: HashMap::new(),
+            window: None,
+            close_wait_since: HashMap::new(),
+            close_wait_unaged: 0,
+        })
     }
 
     pub fn apply(&mut self, ev: &Event) {
         self.events.inc();
+        if !self.seed.is_empty() || self.window.is_some() || ev.to == tcp::CLOSE_WAIT || ev.from == tcp::CLOSE_WAIT {
+            self.connection_event(ev);
+        }
+        if ev.kind == kind::UNTRACKED_END {
+            return;
+        }
         if ev.kind == kind::TW_CANCEL {
             self.pending.insert(ev.obj, *ev);
             return;
@@ -144,6 +222,88 @@ impl Tracker {
 
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// What an event says about a connection: it is no longer a seeded socket (the kernel
+    /// follows it from here, or it is gone), and when it entered or left CLOSE_WAIT.
+    fn connection_event(&mut self, ev: &Event) {
+        let t = Tuple::of(ev);
+        if let Some(w) = self.window.as_mut() {
+            w.insert(t);
+        }
+        self.seed.remove(&t);
+        if ev.kind != kind::TRANSITION {
+            return;
+        }
+        if ev.to == tcp::CLOSE_WAIT {
+            if self.close_wait_since.len() < MAX_CLOSE_WAIT_AGES {
+                self.close_wait_since.insert(t, ev.ts_ns);
+            } else {
+                self.close_wait_unaged += 1;
+            }
+        } else if ev.from == tcp::CLOSE_WAIT {
+            self.close_wait_since.remove(&t);
+        }
+    }
+
+    /// Starts remembering which connections events speak of, so that seeding can leave out
+    /// the sockets the kernel programs already follow.
+    pub fn begin_seed(&mut self) {
+        self.window = Some(HashSet::new());
+    }
+
+    /// Takes the kernel's view of sockets in teardown states at start-up (`at` is when it was
+    /// read). Sockets that events have spoken of since [`Self::begin_seed`] are left out: the
+    /// kernel programs follow them. Returns how many were seeded.
+    pub fn seed(&mut self, sockets: impl IntoIterator<Item = (Tuple, u8)>, at: u64) -> usize {
+        let seen = self.window.take().unwrap_or_default();
+        let before = self.seed.len();
+        for (t, state) in sockets {
+            if seen.contains(&t) || !tcp::is_teardown(state) {
+                continue;
+            }
+            self.seed.insert(t, state);
+            if state == tcp::CLOSE_WAIT {
+                // Its age is at least this; when it entered CLOSE_WAIT is not known.
+                self.close_wait_since.entry(t).or_insert(at);
+            }
+        }
+        self.seed.len() - before
+    }
+
+    /// Brings seeded sockets in line with the kernel's current view of them: gone ones are
+    /// dropped, changed ones (an orphaned FIN_WAIT2 that got its FIN) take their new state.
+    pub fn reconcile_seed(&mut self, now: &HashMap<Tuple, u8>) {
+        self.seed.retain(|t, state| match now.get(t) {
+            Some(s) if tcp::is_teardown(*s) => {
+                *state = *s;
+                true
+            }
+            _ => false,
+        });
+        self.close_wait_since.retain(|t, _| now.get(t) == Some(&tcp::CLOSE_WAIT));
+    }
+
+    /// Seeded sockets per state.
+    pub fn seeded(&self) -> [i64; tcp::MAX_STATES as usize] {
+        let mut out = [0i64; tcp::MAX_STATES as usize];
+        for s in self.seed.values() {
+            out[*s as usize] += 1;
+        }
+        out
+    }
+
+    /// Whether seeded timewait sockets remain (the kernel programs then report their end).
+    pub fn seeded_timewait(&self) -> bool {
+        self.seed.values().any(|s| *s == tcp::TIME_WAIT || *s == tcp::FIN_WAIT2)
+    }
+
+    /// CLOSE_WAIT sockets that entered the state at or before `before` (ns), oldest first.
+    pub fn close_wait_older_than(&self, before: u64) -> Vec<(Tuple, u64)> {
+        let mut v: Vec<(Tuple, u64)> =
+            self.close_wait_since.iter().filter(|(_, t)| **t <= before).map(|(k, t)| (*k, *t)).collect();
+        v.sort_by_key(|(_, t)| *t);
+        v
     }
 }
 
@@ -295,6 +455,77 @@ mod tests {
         assert_eq!(t.hist("close_wait"), (1, 0.03));
         assert_eq!(t.hist("last_ack"), (1, 0.001));
         assert_eq!(t.ends("expired") + t.ends("killed") + t.ends("reuse"), 0.0);
+    }
+
+    fn tuple(port: u16) -> Tuple {
+        Tuple::new(7, ("127.0.0.1".parse().unwrap(), port), ("127.0.0.1".parse().unwrap(), 80))
+    }
+
+    fn conn(mut e: Event, port: u16) -> Event {
+        let t = tuple(port);
+        e.netns = t.netns;
+        e.saddr = t.local;
+        e.sport = t.lport;
+        e.daddr = t.remote;
+        e.dport = t.rport;
+        e
+    }
+
+    /// Seeding leaves out what events already spoke of; seeded sockets leave on their first
+    /// event or when the kernel no longer shows them.
+    #[test]
+    fn seeding_and_its_end() {
+        let mut t = T::new();
+        t.t.begin_seed();
+        // This one moved after the programs were attached: the kernel follows it.
+        t.t.apply(&conn(ev(kind::TRANSITION, tcp::CLOSE_WAIT, tcp::LAST_ACK, 1, 5), 1001));
+        let n = t.t.seed(
+            [
+                (tuple(1001), tcp::CLOSE_WAIT),
+                (tuple(1002), tcp::TIME_WAIT),
+                (tuple(1003), tcp::FIN_WAIT2),
+                (tuple(1004), tcp::CLOSE_WAIT),
+                (tuple(1005), tcp::ESTABLISHED),
+            ],
+            100,
+        );
+        assert_eq!(n, 3);
+        let s = t.t.seeded();
+        assert_eq!((s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize], s[tcp::CLOSE_WAIT as usize]), (1, 1, 1));
+        assert!(t.t.seeded_timewait());
+        // The seeded TIME_WAIT socket's timer ran out.
+        t.t.apply(&conn(tw(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 60_000)), 1002));
+        assert_eq!(t.t.seeded()[tcp::TIME_WAIT as usize], 0);
+        assert_eq!(t.trans("time_wait", "close"), 0.0, "an untracked end is not a transition");
+        // The orphaned FIN_WAIT2 got its FIN (no event: the kernel does not follow it).
+        let now: HashMap<Tuple, u8> = [(tuple(1003), tcp::TIME_WAIT), (tuple(1004), tcp::CLOSE_WAIT)].into();
+        t.t.reconcile_seed(&now);
+        let s = t.t.seeded();
+        assert_eq!((s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize]), (1, 0));
+        // The seeded CLOSE_WAIT is aged from the seeding.
+        assert_eq!(t.t.close_wait_older_than(100), vec![(tuple(1004), 100)]);
+        t.t.reconcile_seed(&HashMap::new());
+        assert_eq!(t.t.seeded().iter().sum::<i64>(), 0);
+        assert!(!t.t.seeded_timewait());
+    }
+
+    #[test]
+    fn close_wait_ages() {
+        let mut t = T::new();
+        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 1, 10), 2001));
+        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 2, 20), 2002));
+        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 3, 30), 2003));
+        t.t.apply(&conn(ev(kind::TRANSITION, tcp::CLOSE_WAIT, tcp::LAST_ACK, 2, 40), 2002));
+        let old = t.t.close_wait_older_than(25_000_000);
+        assert_eq!(old, vec![(tuple(2001), 10_000_000)]);
+        assert_eq!(t.t.close_wait_older_than(u64::MAX).len(), 2);
+    }
+
+    #[test]
+    fn tuple_addresses_round_trip() {
+        let t = Tuple::new(1, ("10.1.2.3".parse().unwrap(), 5), ("::1".parse().unwrap(), 6));
+        assert_eq!(t.local_addr().to_string(), "10.1.2.3:5");
+        assert_eq!(t.remote_addr().to_string(), "[::1]:6");
     }
 
     #[test]

@@ -111,11 +111,31 @@ impl Agent {
     }
 
     pub fn start_with(ns: &Netns, extra: &[&str]) -> Self {
+        let mut args = vec!["--netns".to_string(), ns.path()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(&ns.name, &args)
+    }
+
+    /// An agent watching every namespace, with a configuration file of `config` (TOML).
+    pub fn start_all(tag: &str, config: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("twmon-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&path, config).unwrap();
+        Self::spawn(tag, &["--config.file".to_string(), path.display().to_string()])
+    }
+
+    /// Writes a configuration file for `--config.file` and returns its path.
+    pub fn config_file(tag: &str, config: &str) -> String {
+        let path = std::env::temp_dir().join(format!("twmon-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&path, config).unwrap();
+        path.display().to_string()
+    }
+
+    fn spawn(tag: &str, args: &[String]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = std::env::temp_dir().join(format!("{}.log", ns.name));
+        let log = std::env::temp_dir().join(format!("twmon-{tag}-{}.log", std::process::id()));
         let child = Command::new(env!("CARGO_BIN_EXE_twmon"))
-            .args(["--web.listen-address", &addr.to_string(), "--netns", &ns.path(), "--log.level", "debug"])
-            .args(extra)
+            .args(["--web.listen-address", &addr.to_string(), "--log.level", "debug"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()
@@ -222,6 +242,19 @@ impl Metrics {
         let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         pairs.sort();
         self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied().unwrap_or(0.0)
+    }
+
+    /// Every series of a metric: (labels as `k="v"` sorted and comma-joined, value).
+    pub fn series(&self, name: &str) -> Vec<(String, f64)> {
+        let prefix = format!("{name}{{");
+        let mut v: Vec<(String, f64)> = self
+            .samples
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k[prefix.len()..k.len() - 1].to_string(), *v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     pub fn sockets(&self, state: &str) -> f64 {
