@@ -307,3 +307,57 @@ fn time_wait_reused_by_connect() {
     assert_eq!(ns.ss("TIME-WAIT").len(), 0);
     drop(second);
 }
+
+/// tcp_max_tw_buckets reached: the kernel closes the connections it cannot keep in TIME_WAIT.
+/// The agent counts each one, equal to the kernel's own TCPTimeWaitOverflow.
+#[test]
+fn timewait_overflow_counted() {
+    const LIMIT: usize = 5;
+    let ns = Netns::new("overflow");
+    ns.exec(&["sysctl", "-qw", &format!("net.ipv4.tcp_max_tw_buckets={LIMIT}")]);
+    let agent = Agent::start(&ns);
+    for (c, s) in connect(&ns, N, false) {
+        close_pair(c, s);
+    }
+    let overflow = || -> f64 {
+        let text = ns.exec(&["cat", "/proc/net/netstat"]);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+        let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
+        names.zip(values).find(|(n, _)| *n == "TCPTimeWaitOverflow").unwrap().1.parse().unwrap()
+    };
+    let want = (N - LIMIT) as f64;
+    let m = agent.wait_for(SETTLE, |m| m.get("twmon_timewait_handoff_missed_total", &[]) == want);
+    assert_eq!(overflow(), want, "the kernel's TCPTimeWaitOverflow");
+    assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), want, "{}", m.text);
+    assert_eq!(m.sockets("time_wait"), LIMIT as f64);
+    assert_eq!(ns.ss("TIME-WAIT").len(), LIMIT);
+    assert_eq!(m.transitions("fin_wait2", "time_wait"), LIMIT as f64);
+    assert_eq!(m.transitions("fin_wait2", "close"), want);
+}
+
+/// An orphaned FIN_WAIT2 whose peer never sends its FIN ends at tcp_fin_timeout, told apart
+/// from one that got its FIN and went on to TIME_WAIT.
+#[test]
+fn orphaned_fin_wait2_ends_at_fin_timeout() {
+    let ns = Netns::new("fintimeout");
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=3"]);
+    let agent = Agent::start(&ns);
+    let mut pairs = connect(&ns, 2, false);
+    let (c1, s1) = pairs.pop().unwrap();
+    let (c2, mut s2) = pairs.pop().unwrap();
+    close_pair(c1, s1);
+    drop(c2);
+    assert_eq!(s2.read(&mut [0u8; 1]).unwrap(), 0);
+    let m = agent.wait_for(Duration::from_secs(15), |m| {
+        m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]) == 1.0
+    });
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]), 1.0, "{}", m.text);
+    assert_eq!(m.transitions("fin_wait2", "close"), 1.0, "the orphan's end");
+    assert_eq!(m.transitions("fin_wait2", "time_wait"), 1.0, "the one that got its FIN");
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), 0.0);
+    // It lasted tcp_fin_timeout (3 s): between 2.5 and 5 s.
+    assert_eq!(m.bucket("fin_wait2", "2.5"), 1.0, "only the FIN_WAIT2 that got its FIN is short");
+    assert_eq!(m.bucket("fin_wait2", "5"), 2.0);
+    assert_eq!(ns.ss("FIN-WAIT-2").len(), 0);
+    drop(s2);
+}
