@@ -17,6 +17,7 @@ const APT: &[&str] = &[
     "prometheus",
     "curl",
     "python3-pip",
+    "procps",
 ];
 const BPF_LINKER: &str = "0.13.0";
 
