@@ -55,6 +55,18 @@ fn series(expected: &[(&str, &str, usize)]) -> Vec<(String, f64)> {
     v
 }
 
+/// What `n` complete four-way closes are made of, both sides on this host.
+fn full_close(n: usize) -> [(&'static str, &'static str, usize); 6] {
+    [
+        ("established", "fin_wait1", n),
+        ("fin_wait1", "fin_wait2", n),
+        ("fin_wait2", "time_wait", n),
+        ("established", "close_wait", n),
+        ("close_wait", "last_ack", n),
+        ("last_ack", "close", n),
+    ]
+}
+
 /// Waits until the transitions are exactly `expected` (no more, no fewer, nothing else).
 fn expect_transitions(agent: &Agent, expected: &[(&str, &str, usize)]) -> Metrics {
     let want = series(expected);
@@ -74,14 +86,7 @@ fn four_way(v6: bool, client_first: bool) {
     }
     let m = expect_transitions(
         &agent,
-        &[
-            ("established", "fin_wait1", N),
-            ("fin_wait1", "fin_wait2", N),
-            ("fin_wait2", "time_wait", N),
-            ("established", "close_wait", N),
-            ("close_wait", "last_ack", N),
-            ("last_ack", "close", N),
-        ],
+        &full_close(N),
     );
     // Only the active closer holds TIME_WAIT, and the kernel agrees on how many.
     let tw = ns.ss("TIME-WAIT");
@@ -174,14 +179,7 @@ fn close_wait_held_then_released() {
     servers.clear();
     let m = expect_transitions(
         &agent,
-        &[
-            ("established", "fin_wait1", N),
-            ("fin_wait1", "fin_wait2", N),
-            ("fin_wait2", "time_wait", N),
-            ("established", "close_wait", N),
-            ("close_wait", "last_ack", N),
-            ("last_ack", "close", N),
-        ],
+        &full_close(N),
     );
     assert_eq!(m.sockets("close_wait"), 0.0, "close_wait gauge after release");
     assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
