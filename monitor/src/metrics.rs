@@ -124,8 +124,9 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "twmon_map_full_total",
-                        "Sockets not followed because a kernel map was full; raise --bpf.max-sockets \
-                         or --bpf.max-timewait.",
+                        "State entries the kernel programs could not keep because a map was full \
+                         (that socket's time in the state is not measured and it is missing from \
+                         twmon_sockets); raise --bpf.max-sockets or --bpf.max-timewait.",
                     ),
                     &["map"],
                 )?,

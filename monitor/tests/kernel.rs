@@ -359,3 +359,55 @@ fn orphaned_fin_wait2_ends_at_fin_timeout() {
     assert_eq!(ns.ss("FIN-WAIT-2").len(), 0);
     drop(s2);
 }
+
+/// Full kernel maps are counted, never silent: with room for 1024 entries, 1500 TIME_WAIT and
+/// then 1500 CLOSE_WAIT sockets overflow the maps; every entry that did not fit is counted, the
+/// kernel programs log it, and the reconcile shows the shortfall against ss exactly.
+#[test]
+fn full_maps_are_counted() {
+    const M: usize = 1500;
+    const ROOM: usize = 1024;
+    // SAFETY: raising our own file limit for the sockets below.
+    unsafe {
+        let lim = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let ns = Netns::new("full");
+    let config = Agent::config_file("full", "[reconcile]\ninterval = \"1s\"\n");
+    let agent = Agent::start_with(
+        &ns,
+        &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config],
+    );
+    let over = (M - ROOM) as f64;
+    let full = |m: &Metrics, map: &str| m.get("twmon_map_full_total", &[("map", map)]);
+    let drift = |m: &Metrics, state: &str| m.get("twmon_reconcile_drift", &[("state", state)]);
+
+    for (c, s) in connect(&ns, M, false) {
+        close_pair(c, s);
+    }
+    let ss_tw = ns.ss("TIME-WAIT").len() as f64;
+    assert_eq!(ss_tw, M as f64);
+    let m = agent.wait_for(SETTLE, |m| drift(m, "time_wait") == m.sockets("time_wait") - ss_tw && full(m, "timewait") >= over);
+    let tw = m.sockets("time_wait");
+    assert!(full(&m, "timewait") >= over, "timewait map overflow {} < {over}", full(&m, "timewait"));
+    assert!(tw <= ROOM as f64, "time_wait gauge {tw} beyond the map's room");
+    assert_eq!(drift(&m, "time_wait"), tw - ss_tw, "drift shows the sockets not followed");
+
+    let held: Vec<TcpStream> = connect(&ns, M, false)
+        .into_iter()
+        .map(|(c, mut s)| {
+            drop(c);
+            assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
+            s
+        })
+        .collect();
+    let ss_cw = ns.ss("CLOSE-WAIT").len() as f64;
+    assert_eq!(ss_cw, M as f64);
+    let m = agent.wait_for(SETTLE, |m| drift(m, "close_wait") == m.sockets("close_wait") - ss_cw && full(m, "sockets") >= over);
+    let cw = m.sockets("close_wait");
+    assert!(full(&m, "sockets") >= over, "socket map overflow {} < {over}", full(&m, "sockets"));
+    assert!(cw <= ROOM as f64, "close_wait gauge {cw} beyond the map's room");
+    assert_eq!(drift(&m, "close_wait"), cw - ss_cw, "drift shows the sockets not followed");
+    assert!(agent.log().contains("map full"), "the kernel programs' warning reached the log");
+    drop(held);
+}
