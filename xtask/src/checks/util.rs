@@ -1,0 +1,162 @@
+//! Small helpers for the checks: processes that are stopped on every path, free ports, a
+//! minimal HTTP client, and running commands with their output kept for the report.
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// A process the checks started. Dropping it stops it (SIGTERM, then SIGKILL after 10 s), so
+/// an error or a panic anywhere leaves nothing running.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Self { name: name.to_string(), child, log: log.to_path_buf() })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with the end of the log if the process has exited.
+    pub fn alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status}); its log ends with:\n{}", self.name, self.log_tail(20));
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Stops the process and returns how it ended.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: kill(2) on the pid of a child that has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("  {} did not stop on SIGTERM within 10 s; killing it", self.name);
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("  stopping {}: {e}", self.name);
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// GET http://addr/path with HTTP/1.0; returns the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("HTTP response without a header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP status line: {}", head.lines().next().unwrap_or("")))?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query-string value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Polls `ready` every 100 ms until it returns true; fails after `timeout` with `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    while Instant::now() < deadline {
+        match ready() {
+            Ok(true) => return Ok(()),
+            Ok(false) => last_err = None,
+            Err(e) => last_err = Some(e),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    match last_err {
+        Some(e) => bail!("{what}: not ready after {timeout:?}: {e:#}"),
+        None => bail!("{what}: not ready after {timeout:?}"),
+    }
+}
+
+/// Output of a finished command.
+pub struct Output {
+    pub ok: bool,
+    pub status: String,
+    pub text: String,
+}
+
+/// Runs a command to the end, stdout and stderr together.
+pub fn output(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {cmd:?}"))?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(Output { ok: out.status.success(), status: out.status.to_string(), text })
+}
+
+/// Runs a command that must succeed; returns what it printed.
+pub fn must(cmd: &mut Command) -> Result<String> {
+    let desc = format!("{cmd:?}");
+    let out = output(cmd)?;
+    if !out.ok {
+        bail!("{desc} failed ({}):\n{}", out.status, out.text.trim_end());
+    }
+    Ok(out.text)
+}
+
+/// First line of a text, for one-line reports.
+pub fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim()
+}
