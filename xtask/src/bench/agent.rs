@@ -57,11 +57,17 @@ fn free_port() -> Result<u16> {
 impl Agent {
     /// Starts `twmon` on a free loopback port and waits until /healthz says it is attached.
     pub fn start(bin: &Path, extra: &[&str], log_dir: &Path) -> Result<Self> {
+        Self::start_with_env(bin, extra, &[], log_dir)
+    }
+
+    /// As [`Agent::start`], with extra environment variables.
+    pub fn start_with_env(bin: &Path, extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Result<Self> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let log = log_dir.join(format!("twmon-{}.log", addr.port()));
         let child = Command::new(bin)
             .args(["--web.listen-address", &addr.to_string(), "--log.level", "warn"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
@@ -99,13 +105,13 @@ impl Agent {
         Ok(Scrape::parse(&body))
     }
 
-    /// utime + stime in clock ticks (/proc/PID/stat fields 14 and 15), all threads, living or not.
-    pub fn cpu_ticks(&self) -> Result<u64> {
+    /// utime and stime (/proc/PID/stat fields 14 and 15): all threads, living or not.
+    pub fn cpu_ticks(&self) -> Result<CpuTicks> {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
         let after = stat.rsplit_once(')').context("malformed stat")?.1;
         let f: Vec<&str> = after.split_whitespace().collect();
-        // after ")" the fields start at 3 (state): utime is field 14, stime 15.
-        Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+        // After ")" the fields start at 3 (state): utime is field 14, stime 15.
+        Ok(CpuTicks { user: f[11].parse()?, system: f[12].parse()? })
     }
 
     /// Memory of the process from /proc/PID/status, in KiB.
@@ -119,13 +125,41 @@ impl Agent {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
+        // Ring buffers the agent mmap()s are kernel memory, counted in its RSS as they are touched
+        // (the data pages twice: the kernel maps them back to back for wrap-around reads).
+        let smaps = fs::read_to_string(format!("/proc/{}/smaps", self.pid())).unwrap_or_default();
+        let (mut in_map, mut maps) = (false, 0);
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && !first.ends_with(':') {
+                in_map = line.ends_with("anon_inode:bpf-map");
+            } else if in_map && first == "Rss:" {
+                maps += line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
         Ok(Memory {
+            bpf_maps: maps,
             rss: kib("VmRSS:"),
             hwm: kib("VmHWM:"),
             anon: kib("RssAnon:"),
             file: kib("RssFile:"),
-            shmem: kib("RssShmem:"),
         })
+    }
+
+    /// The agent's programs with the kernel's counters, by the (15-byte) kernel name.
+    pub fn programs(&self) -> Vec<bpf::ProgInfo> {
+        bpf::process_progs(self.pid())
+    }
+
+    /// Stops the agent (SIGSTOP): it reads nothing until [`Agent::resume`].
+    pub fn pause(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGSTOP) };
+    }
+
+    pub fn resume(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGCONT) };
     }
 
     pub fn maps(&self) -> Vec<bpf::MapMemory> {
@@ -141,8 +175,11 @@ impl Agent {
         if self.child.try_wait()?.is_some() {
             return Ok(());
         }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // SAFETY: signalling our own child; a paused agent must run again to handle SIGTERM.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {
@@ -164,6 +201,49 @@ impl Drop for Agent {
     }
 }
 
+/// CPU time in clock ticks (USER_HZ).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub system: u64,
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+impl CpuTicks {
+    pub fn since(self, before: CpuTicks) -> CpuTicks {
+        CpuTicks { user: self.user.saturating_sub(before.user), system: self.system.saturating_sub(before.system) }
+    }
+
+    /// As percentages of one core over `secs` seconds.
+    pub fn percent(self, secs: f64) -> CpuPercent {
+        let p = |t: u64| t as f64 / ticks_per_second() / secs.max(1e-9) * 100.0;
+        CpuPercent { user: p(self.user), system: p(self.system) }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuPercent {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuPercent {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::fmt::Display for CpuPercent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} % of one core (user {:.2}, system {:.2})", self.total(), self.user, self.system)
+    }
+}
+
 /// Memory figures in KiB.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Memory {
@@ -171,7 +251,8 @@ pub struct Memory {
     pub hwm: u64,
     pub anon: u64,
     pub file: u64,
-    pub shmem: u64,
+    /// Part of `rss` that is mmap()ed BPF maps (the ring buffer).
+    pub bpf_maps: u64,
 }
 
 /// A parsed Prometheus text exposition: (name, labels, value) per sample.

@@ -121,9 +121,20 @@ pub fn prog_stats(prog: &OwnedFd) -> RunStats {
     RunStats { run_time_ns: num(&info, "run_time_ns"), run_cnt: num(&info, "run_cnt") }
 }
 
-/// Statistics of every BPF program another process holds, by program id.
-pub fn process_progs(pid: u32) -> Vec<(u32, RunStats)> {
-    let mut out = Vec::new();
+/// One BPF program a process holds, with the kernel's counters for it.
+#[derive(Clone, Debug, Default)]
+pub struct ProgInfo {
+    pub id: u32,
+    pub name: String,
+    pub stats: RunStats,
+    /// Runs the kernel skipped because another BPF program was already running on that CPU
+    /// (e.g. a softirq that started a timer while a program ran): events the program missed.
+    pub recursion_misses: u64,
+}
+
+/// Every BPF program another process holds (each once), named through `BPF_OBJ_GET_INFO_BY_FD`.
+pub fn process_progs(pid: u32) -> Vec<ProgInfo> {
+    let mut out: Vec<ProgInfo> = Vec::new();
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return out };
     for entry in dir.flatten() {
         let Some(info) = fdinfo(&entry.path()) else { continue };
@@ -131,11 +142,32 @@ pub fn process_progs(pid: u32) -> Vec<(u32, RunStats)> {
             continue;
         }
         let id = num(&info, "prog_id") as u32;
-        if !out.iter().any(|(i, _)| *i == id) {
-            out.push((id, RunStats { run_time_ns: num(&info, "run_time_ns"), run_cnt: num(&info, "run_cnt") }));
+        if out.iter().any(|p| p.id == id) {
+            continue;
         }
+        out.push(ProgInfo {
+            id,
+            name: prog_name(id).unwrap_or_default(),
+            stats: RunStats { run_time_ns: num(&info, "run_time_ns"), run_cnt: num(&info, "run_cnt") },
+            recursion_misses: num(&info, "recursion_misses"),
+        });
     }
     out
+}
+
+/// The (15-byte) name the kernel keeps for a program.
+fn prog_name(id: u32) -> Option<String> {
+    let prog = fd(bpf(BPF_PROG_GET_FD_BY_ID, Attr::new().u32(0, id)).ok()?);
+    // struct bpf_prog_info: name[16] at offset 64.
+    let mut info = [0u8; 96];
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64),
+    )
+    .ok()?;
+    let n = &info[64..80];
+    let end = n.iter().position(|b| *b == 0).unwrap_or(n.len());
+    Some(String::from_utf8_lossy(&n[..end]).into_owned())
 }
 
 /// One BPF map a process holds, with the kernel's account of its memory.
@@ -193,31 +225,19 @@ fn map_name(id: u32) -> Option<String> {
 /// Ids of every BPF program loaded on the machine with this name (the kernel keeps the first
 /// 15 bytes of a name), whoever loaded it.
 pub fn programs_named(name: &str) -> Vec<u32> {
-    let want = &name.as_bytes()[..name.len().min(15)];
+    let want = &name[..name.len().min(15)];
     let mut out = Vec::new();
     let mut id = 0u32;
     loop {
         let mut a = Attr::new();
         a.u32(0, id);
-        // The kernel writes next_id back into the attr; read it from there.
         if bpf(BPF_PROG_GET_NEXT_ID, &mut a).is_err() {
             break;
         }
+        // The kernel writes next_id back into the attr.
         id = u32::from_ne_bytes(a.0[4..8].try_into().expect("4 bytes"));
-        let Ok(rc) = bpf(BPF_PROG_GET_FD_BY_ID, Attr::new().u32(0, id)) else { continue };
-        let prog = fd(rc);
-        // struct bpf_prog_info: name[16] at offset 64.
-        let mut info = [0u8; 96];
-        let got = bpf(
-            BPF_OBJ_GET_INFO_BY_FD,
-            Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64),
-        );
-        if got.is_ok() {
-            let n = &info[64..80];
-            let end = n.iter().position(|b| *b == 0).unwrap_or(n.len());
-            if &n[..end] == want {
-                out.push(id);
-            }
+        if prog_name(id).as_deref() == Some(want) {
+            out.push(id);
         }
     }
     out
