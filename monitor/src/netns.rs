@@ -99,7 +99,10 @@ pub struct Namespace {
 /// that cannot be read (processes that exit meanwhile, stale /run/netns files whose namespace
 /// is gone) are skipped.
 pub fn discover() -> Vec<Namespace> {
-    let host = host_inode();
+    let host = host_inode().unwrap_or_else(|e| {
+        tracing::debug!("cannot tell the host's network namespace, none will be named \"host\": {e}");
+        0
+    });
     // inode -> pids living in it, ascending (/proc lists pids in order, but do not rely on it).
     let mut pids: HashMap<u32, Vec<i32>> = HashMap::new();
     for pid in proc_pids() {
@@ -114,18 +117,8 @@ pub fn discover() -> Vec<Namespace> {
     }
     // inode -> the first name in /run/netns that opens it.
     let mut named: HashMap<u32, String> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir(NAMED_DIR) {
-        let mut entries: Vec<(String, PathBuf)> =
-            dir.flatten().filter_map(|e| Some((e.file_name().to_str()?.to_string(), e.path()))).collect();
-        entries.sort();
-        for (name, path) in entries {
-            match inode_of(&path) {
-                Ok(inode) => {
-                    named.entry(inode).or_insert(name);
-                }
-                Err(e) => tracing::debug!("skipping {}: {e}", path.display()),
-            }
-        }
+    for (name, inode) in self::named() {
+        named.entry(inode).or_insert(name);
     }
 
     let mut inodes: Vec<u32> = pids.keys().chain(named.keys()).copied().collect();
@@ -133,28 +126,48 @@ pub fn discover() -> Vec<Namespace> {
     inodes.dedup();
     let mut out: Vec<Namespace> = inodes
         .into_iter()
-        .map(|inode| {
+        .filter_map(|inode| {
             let own = pids.get(&inode).map(Vec::as_slice).unwrap_or(&[]);
             let name = named.get(&inode).map(String::as_str);
             let path = match (name, own.first()) {
                 // The named file outlives any process, so it is the better handle.
                 (Some(n), _) => Path::new(NAMED_DIR).join(n),
                 (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-                (None, None) => unreachable!("every inode came from a pid or a name"),
+                // Every inode came from a pid or a name.
+                (None, None) => return None,
             };
-            Namespace { inode, path, name: name_from_pids(own, name, inode, host), pid: own.first().copied() }
+            let name = name_from_pids(own, name, inode, host);
+            Some(Namespace { inode, path, name, pid: own.first().copied() })
         })
         .collect();
     out.sort_by_key(|ns| (ns.inode != host, ns.inode));
     out
 }
 
-/// Inode of PID 1's network namespace, the host's; 0 if it cannot be read (not root).
-fn host_inode() -> u32 {
-    inode_of(Path::new("/proc/1/ns/net")).unwrap_or_else(|e| {
-        tracing::debug!("cannot tell the host's network namespace: {e}");
-        0
+/// Inode of the host's network namespace: PID 1's. When PID 1's cannot be read (the agent
+/// has fewer capabilities than PID 1, as under some sandboxes), that of PID 2 if it is a kernel
+/// thread (kthreadd, when /proc shows the host's pids): kernel threads always live in the
+/// initial network namespace.
+pub fn host_inode() -> io::Result<u32> {
+    inode_of(Path::new("/proc/1/ns/net")).or_else(|first| {
+        let kthread = std::fs::read_to_string("/proc/2/stat").ok().and_then(|s| stat_flags(&s));
+        match kthread {
+            Some(flags) if flags & PF_KTHREAD != 0 => {
+                inode_of(Path::new("/proc/2/ns/net")).map_err(|_| first)
+            }
+            _ => Err(first),
+        }
     })
+}
+
+/// `task->flags` bit of kernel threads.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The flags field of a /proc/PID/stat line (the 9th; the command name before it is in
+/// parentheses and may hold spaces and parentheses itself).
+fn stat_flags(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(6)?.parse().ok()
 }
 
 fn proc_pids() -> impl Iterator<Item = i32> {
@@ -263,7 +276,9 @@ fn read_in_root(root: &File, path: &str) -> io::Result<String> {
     let path = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: open_how is plain data; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    // Symlinks are followed, inside the root: the file is a link to ..data/namespace in the
+    // projected volume.
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: valid fd, NUL-terminated path, and a pointer to `how` with its size.
     let fd = unsafe {
@@ -469,14 +484,21 @@ fn check_nsfs(path: &Path, file: &File, ino: u64) -> Result<u32, NetnsError> {
     u32::try_from(ino).map_err(|_| NetnsError::NotNamespace { path: path.to_path_buf() })
 }
 
-/// The names in /run/netns, by the inode they open; helper for callers that resolve a
-/// `--netns NAME` flag.
+/// The names in /run/netns and the inode each opens, by name; entries that do not open a
+/// namespace (left behind after the namespace was unmounted) are skipped. For callers that
+/// resolve a `--netns NAME` flag, and for [`discover`].
 pub fn named() -> BTreeMap<String, u32> {
     let Ok(dir) = std::fs::read_dir(NAMED_DIR) else { return BTreeMap::new() };
     dir.flatten()
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
-            Some((name, inode_of(&e.path()).ok()?))
+            match inode_of(&e.path()) {
+                Ok(inode) => Some((name, inode)),
+                Err(err) => {
+                    tracing::debug!("skipping {}: {err}", e.path().display());
+                    None
+                }
+            }
         })
         .collect()
 }
@@ -646,6 +668,17 @@ mod tests {
         }
         // A pid that does not exist.
         assert_eq!(name_for(Some(i32::MAX), None, 10, 7), "inode/10");
+    }
+
+    #[test]
+    fn stat() {
+        let kthreadd = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 6 0 0";
+        assert_eq!(stat_flags(kthreadd), Some(2129984));
+        assert_ne!(stat_flags(kthreadd).unwrap() & PF_KTHREAD, 0);
+        let odd_name = "29897 (a) b (c) R 29893 29893 17926 0 -1 4194304 91 0 0 0";
+        assert_eq!(stat_flags(odd_name).map(|f| f & PF_KTHREAD), Some(0));
+        assert_eq!(stat_flags("29897 (cat"), None);
+        assert_eq!(stat_flags(""), None);
     }
 
     #[test]
