@@ -220,6 +220,7 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
         if o.quick { " (quick)" } else { "" }
     );
     let mut f = Findings::default();
+    let mut failed = Vec::new();
     let started = Instant::now();
 
     if ["churn", "cost", "cpu", "scrape"].iter().any(|p| o.wants(p)) {
@@ -234,13 +235,14 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
         let servers = Servers::start(&ns, 2, o.clients)?;
         eprintln!("bench: namespace {} up, servers on {:?}", ns.name, servers.addrs);
         if o.wants("churn") {
-            churn_phase(twmon, o, work, &ns, &servers.addrs, &mut f)?;
+            record("churn", churn_phase(twmon, o, work, &ns, &servers.addrs, &mut f), &mut failed)?;
         }
         if o.wants("cost") {
-            cost_phase(twmon, o, work, &ns, &servers.addrs, &mut f)?;
+            record("cost", cost_phase(twmon, o, work, &ns, &servers.addrs, &mut f), &mut failed)?;
         }
         if o.wants("cpu") || o.wants("scrape") {
-            cpu_and_scrape_phase(twmon, o, work, &ns, &servers.addrs, &mut f)?;
+            let r = cpu_and_scrape_phase(twmon, o, work, &ns, &servers.addrs, &mut f);
+            record("cpu and scrape", r, &mut failed)?;
         }
         drop(servers);
         drop(ns);
@@ -248,11 +250,27 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
     if o.wants("memory") {
         // Let the churn namespace's timewait sockets go before counting memory.
         std::thread::sleep(Duration::from_secs(2));
-        memory_phase(twmon, o, work, &mut f)?;
+        record("memory", memory_phase(twmon, o, work, &mut f), &mut failed)?;
     }
-    summary(o, &f);
+    summary(o, &f, &failed);
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        bail!("phases that failed (their numbers are missing above): {}", failed.join("; "));
+    }
     Ok(())
+}
+
+/// A phase that fails is reported and the others still run; an interrupt stops everything.
+fn record(phase: &str, result: Result<()>, failed: &mut Vec<String>) -> Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if interrupted() => Err(e),
+        Err(e) => {
+            println!("\n**The {phase} phase failed: {e:#}**");
+            failed.push(format!("{phase}: {e:#}"));
+            Ok(())
+        }
+    }
 }
 
 /// One measured churn run with the agent on: connection rate, agent numbers over the window.
@@ -334,6 +352,7 @@ fn churn_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socke
     let modes = [Mode::Off, Mode::Empty, Mode::On];
     let (mut offs, mut empties, mut ons, mut ratios, mut empty_ratios, mut cpus) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut lost_total, mut misses_total, mut events_rates) = (0u64, 0u64, vec![]);
+    let mut agent_failures: Vec<String> = Vec::new();
     for r in 0..o.rounds {
         check_interrupted()?;
         let order: Vec<Mode> = (0..3).map(|i| modes[(i + r) % 3]).collect();
@@ -358,14 +377,30 @@ fn churn_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socke
                 Mode::On => {
                     let agent = Agent::start(twmon, &[], work)?;
                     others = others.max(other_instances(Some(&agent)));
-                    let run = run_with_agent(&agent, ns, dsts, o.clients, Until::Time(o.round), None)?;
+                    let run = run_with_agent(&agent, ns, dsts, o.clients, Until::Time(o.round), None);
                     others = others.max(other_instances(Some(&agent)));
-                    agent.stop()?;
-                    on = Some(run);
+                    let stopped = agent.stop();
+                    match run.and_then(|r| stopped.map(|()| r)) {
+                        Ok(r) => on = Some(r),
+                        Err(e) => {
+                            check_interrupted()?;
+                            agent_failures.push(format!("round {}: {e:#}", r + 1));
+                        }
+                    }
                 }
             }
         }
-        let (off, empty, on) = (off.expect("ran"), empty.expect("ran"), on.expect("ran"));
+        let (off, empty) = (off.expect("ran"), empty.expect("ran"));
+        let Some(on) = on else {
+            println!(
+                "| {} | | {:.0} | {:.0} | failed: {} | | | | | | | |",
+                r + 1,
+                off.rate(),
+                empty.rate(),
+                agent_failures.last().map(String::as_str).unwrap_or("")
+            );
+            continue;
+        };
         let ratio = on.churn.rate() / off.rate();
         let empty_ratio = empty.rate() / off.rate();
         println!(
@@ -407,6 +442,12 @@ fn churn_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socke
         stats::median(&cpus),
         stats::median(&events_rates)
     );
+    if !agent_failures.is_empty() {
+        println!("**runs with the agent that failed: {}**", agent_failures.join("; "));
+    }
+    if ratios.is_empty() {
+        bail!("no run with the agent completed");
+    }
     f.off_rate = Some(stats::median(&offs));
     f.on_rate = Some(stats::median(&ons));
     f.ratios = ratios;
@@ -795,10 +836,11 @@ fn print_scrapes(ms: &[f64], collect: &[f64]) {
 /// Times `n` sequential scrapes; returns the latencies and the agent's own collect times (ms).
 fn time_scrapes(agent: &Agent, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut ms, mut collect) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for _ in 0..n {
+    for i in 0..n {
         check_interrupted()?;
         let t = Instant::now();
-        let (status, body) = agent::http_get(agent.addr, "/metrics")?;
+        let (status, body) = agent::http_get(agent.addr, "/metrics")
+            .with_context(|| format!("scrape {} of {n} got no answer (the agent stopped answering)", i + 1))?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         if status != 200 {
             bail!("/metrics answered {status}");
@@ -820,7 +862,7 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
         ("net/ipv4/tcp_tw_reuse", "0"),
         ("net/ipv4/tcp_max_tw_buckets", "262144"),
     ])?;
-    let clients = o.clients.max(4);
+    let clients = 8;
     let servers = Servers::start(&ns, 8, 1)?;
     let _stats = bpf::enable_stats()?;
     let agent = Agent::start(twmon, &[], work)?;
@@ -928,7 +970,7 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
-fn summary(o: &Options, f: &Findings) {
+fn summary(o: &Options, f: &Findings, failed: &[String]) {
     let mut s = String::new();
     let _ = writeln!(s, "\n## Targets (this machine)\n| target | measured | verdict |\n|---|---|---|");
     if !f.ratios.is_empty() {
@@ -1012,6 +1054,9 @@ fn summary(o: &Options, f: &Findings) {
             t.sweep_ms,
             verdict(t.scrape_median_ms < 10.0)
         );
+    }
+    for phase in failed {
+        let _ = writeln!(s, "| (phase failed) | {phase} | not measured |");
     }
     print!("{s}");
 }

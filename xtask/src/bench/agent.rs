@@ -21,10 +21,15 @@ pub struct Agent {
 /// One HTTP GET over a fresh connection; returns the status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
+    s.read_to_end(&mut buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            anyhow::anyhow!("GET {path}: no complete answer within 15 s")
+        }
+        _ => anyhow::anyhow!("GET {path}: {e}"),
+    })?;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
