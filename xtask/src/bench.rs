@@ -749,9 +749,8 @@ fn cpu_and_scrape_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts
             first.series(),
             first.timewait()
         );
-        let (ms, collect) = time_scrapes(&agent, o.scrapes)?;
-        print_scrapes(&ms, &collect);
-        f.scrape_fresh_ms = Some((stats::median(&ms), stats::percentile(&ms, 99.0), first.timewait()));
+        let (med, p99) = time_scrapes(&agent, o.scrapes).report()?;
+        f.scrape_fresh_ms = Some((med, p99, first.timewait()));
     }
     if o.wants("cpu") {
         // Pace at the target if the machine reaches it with the agent on, else at a rate it
@@ -815,40 +814,67 @@ fn cpu_and_scrape_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts
             first.series(),
             first.timewait()
         );
-        let (ms, collect) = time_scrapes(&agent, o.scrapes)?;
-        print_scrapes(&ms, &collect);
-        f.scrape_loaded_ms = Some((stats::median(&ms), stats::percentile(&ms, 99.0), first.timewait()));
+        let (med, p99) = time_scrapes(&agent, o.scrapes).report()?;
+        f.scrape_loaded_ms = Some((med, p99, first.timewait()));
     }
     agent.stop()
 }
 
-fn print_scrapes(ms: &[f64], collect: &[f64]) {
-    println!(
-        "latency median {:.2} ms, p99 {:.2} ms, max {:.2} ms; of which collecting (twmon_scrape_collect_seconds, \
-         includes the timewait sweep) median {:.2} ms",
-        stats::median(ms),
-        stats::percentile(ms, 99.0),
-        stats::max(ms),
-        stats::median(collect)
-    );
+/// Latencies of sequential scrapes and the agent's own collect times (ms); `failure` says why
+/// the series ended early.
+struct ScrapeTimes {
+    ms: Vec<f64>,
+    collect: Vec<f64>,
+    failure: Option<anyhow::Error>,
 }
 
-/// Times `n` sequential scrapes; returns the latencies and the agent's own collect times (ms).
-fn time_scrapes(agent: &Agent, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (mut ms, mut collect) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        check_interrupted()?;
-        let t = Instant::now();
-        let (status, body) = agent::http_get(agent.addr, "/metrics")
-            .with_context(|| format!("scrape {} of {n} got no answer (the agent stopped answering)", i + 1))?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        if status != 200 {
-            bail!("/metrics answered {status}");
+impl ScrapeTimes {
+    /// Prints the summary line; an early end becomes the error of the phase.
+    fn report(self) -> Result<(f64, f64)> {
+        let (med, p99) = (stats::median(&self.ms), stats::percentile(&self.ms, 99.0));
+        println!(
+            "latency over {} scrapes: median {med:.2} ms, p99 {p99:.2} ms, max {:.2} ms; of which collecting \
+             (twmon_scrape_collect_seconds, includes the timewait sweep) median {:.2} ms",
+            self.ms.len(),
+            stats::max(&self.ms),
+            stats::median(&self.collect)
+        );
+        match self.failure {
+            Some(e) => {
+                println!("**{e:#}**");
+                Err(e)
+            }
+            None => Ok((med, p99)),
         }
-        // Reports the previous scrape's collect time; close enough over many scrapes.
-        collect.push(Scrape::parse(&body).collect_ms());
     }
-    Ok((ms, collect))
+}
+
+/// Times `n` sequential scrapes, stopping at the first that fails.
+fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
+    let mut t = ScrapeTimes { ms: Vec::with_capacity(n), collect: Vec::with_capacity(n), failure: None };
+    for i in 0..n {
+        if interrupted() {
+            t.failure = Some(anyhow::anyhow!("interrupted"));
+            break;
+        }
+        let start = Instant::now();
+        match agent::http_get(agent.addr, "/metrics") {
+            Ok((200, body)) => {
+                t.ms.push(start.elapsed().as_secs_f64() * 1e3);
+                // Reports the previous scrape's collect time; close enough over many scrapes.
+                t.collect.push(Scrape::parse(&body).collect_ms());
+            }
+            Ok((status, _)) => {
+                t.failure = Some(anyhow::anyhow!("scrape {} of {n}: /metrics answered {status}", i + 1));
+                break;
+            }
+            Err(e) => {
+                t.failure = Some(e.context(format!("scrape {} of {n} got no answer: the agent stopped answering", i + 1)));
+                break;
+            }
+        }
+    }
+    t
 }
 
 fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Result<()> {
@@ -930,15 +956,14 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
         total.1 as f64 / (1 << 20) as f64
     );
     let sweep = m1.program("twmon_sweep").since(m0.program("twmon_sweep"));
-    let (ms, collect) = time_scrapes(&agent, 50.min(o.scrapes))?;
     println!(
-        "\ntimewait sweep (twmon_sweep, every second and on every scrape): {:.1} ms per run over the \
-         sockets followed; scrape latency now median {:.2} ms, p99 {:.2} ms (collect part median {:.2} ms)",
-        sweep.ns_per_run() / 1e6,
-        stats::median(&ms),
-        stats::percentile(&ms, 99.0),
-        stats::median(&collect)
+        "\ntimewait sweep (twmon_sweep, every second and on every scrape): {:.1} ms per run over the sockets followed",
+        sweep.ns_per_run() / 1e6
     );
+    print!("/metrics with these sockets: ");
+    let scrapes = time_scrapes(&agent, 50.min(o.scrapes));
+    let scrape_median_ms = stats::median(&scrapes.ms);
+    let scraped = scrapes.report();
     f.tw = Some(TwFindings {
         rss_mib: mib(after.rss),
         hwm_mib: mib(after.hwm),
@@ -946,8 +971,9 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
         sockets: in_ns,
         maps_mib: total.1 as f64 / (1 << 20) as f64,
         sweep_ms: sweep.ns_per_run() / 1e6,
-        scrape_median_ms: stats::median(&ms),
+        scrape_median_ms,
     });
+    scraped?;
     drop(trimmed);
     agent.stop()?;
     drop(servers);
