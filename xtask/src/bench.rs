@@ -1,13 +1,15 @@
 //! `cargo xtask bench`: overhead of the agent, measured. Method and results in BENCHMARKS.md.
 //!
 //! Phases, each printing its numbers as it ends:
-//! 1. churn: connections per second on loopback in a private namespace with the agent off and
-//!    on, alternated (off/on, on/off, ...) so drift and other load on the machine cancel out;
+//! 1. churn: connections per second on loopback in a private namespace with the agent off,
+//!    with empty programs on its tracepoints, and on, in an order that rotates every round so
+//!    drift and other load on the machine fall on every mode alike;
 //! 2. cost: mean run time per event of each kernel program (kernel run-time statistics) next to
 //!    floor programs on the same tracepoints, and events lost at the maximum rate;
-//! 3. cpu: the agent's CPU time and peak RSS at a fixed connection rate;
-//! 4. scrape: /metrics latency;
-//! 5. memory: agent RSS and kernel map memory with many timewait sockets alive.
+//! 3. scrape: /metrics latency on a fresh agent;
+//! 4. cpu: the agent's CPU time and memory at a fixed connection rate;
+//! 5. scrape: /metrics latency after that load;
+//! 6. memory: agent RSS and kernel map memory with many timewait sockets alive.
 //!
 //! Progress goes to stderr, results to stdout.
 mod agent;
@@ -149,6 +151,7 @@ struct Findings {
 }
 
 struct TwFindings {
+    rss_before_mib: f64,
     rss_mib: f64,
     hwm_mib: f64,
     trimmed_rss_mib: f64,
@@ -743,7 +746,7 @@ fn cpu_and_scrape_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts
     if o.wants("scrape") {
         let first = agent.scrape()?;
         println!(
-            "\n## 4a. /metrics scrape latency, fresh agent ({} scrapes one at a time, {} bytes, {} samples, {:.0} timewait sockets followed)",
+            "\n## 3. /metrics scrape latency, fresh agent ({} scrapes one at a time, {} bytes, {} samples, {:.0} timewait sockets followed)",
             o.scrapes,
             first.bytes,
             first.series(),
@@ -758,7 +761,7 @@ fn cpu_and_scrape_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts
         let on_max = f.on_rate.unwrap_or(f64::INFINITY);
         let pace = if on_max >= o.rate * 1.05 { o.rate } else { ((on_max * 0.8) / 500.0).floor().max(1.0) * 500.0 };
         println!(
-            "\n## 3. Agent CPU and memory at a paced {pace:.0} conn/s ({:.0} s){}",
+            "\n## 4. Agent CPU and memory at a paced {pace:.0} conn/s ({:.0} s){}",
             o.cpu.as_secs_f64(),
             if pace < o.rate {
                 format!(
@@ -808,7 +811,7 @@ fn cpu_and_scrape_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts
         check_interrupted()?;
         let first = agent.scrape()?;
         println!(
-            "\n## 4b. /metrics scrape latency after the load ({} scrapes, {} bytes, {} samples, {:.0} timewait sockets followed)",
+            "\n## 5. /metrics scrape latency after the load ({} scrapes, {} bytes, {} samples, {:.0} timewait sockets followed)",
             o.scrapes,
             first.bytes,
             first.series(),
@@ -878,7 +881,7 @@ fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
 }
 
 fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Result<()> {
-    println!("\n## 5. Memory with {} timewait sockets alive", o.timewait);
+    println!("\n## 6. Memory with {} timewait sockets alive", o.timewait);
     check_interrupted()?;
     let ns = Netns::create("tw")?;
     // No reuse: every connection leaves a timewait socket for 60 s. Eight server ports give
@@ -897,6 +900,7 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     let trimmed = Agent::start_with_env(twmon, &[], &[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")], work)?;
     std::thread::sleep(Duration::from_millis(500));
     let before = agent.memory()?;
+    let before_trimmed = trimmed.memory()?;
     let maps_before = agent.maps();
     let m0 = agent.scrape()?;
     eprintln!("bench: creating {} timewait sockets", o.timewait);
@@ -918,17 +922,20 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
         churn.rate(),
         note_errors(&churn)
     );
-    println!("| agent | RSS | anon | file | of which ring buffer | peak (VmHWM) | RSS before the sockets |");
+    println!("| agent | RSS before the sockets | RSS with them | anon | file | of which ring buffer | peak (VmHWM) |");
     println!("|---|---|---|---|---|---|---|");
-    for (label, m, b) in [("as built", after, before), ("GLIBC_TUNABLES=glibc.malloc.trim_threshold=0", after_trimmed, before)] {
+    for (label, m, b) in [
+        ("as built", after, before),
+        ("GLIBC_TUNABLES=glibc.malloc.trim_threshold=0", after_trimmed, before_trimmed),
+    ] {
         println!(
-            "| {label} | {:.1} MiB | {:.1} | {:.1} | {:.1} | {:.1} MiB | {} |",
+            "| {label} | {:.1} MiB | {:.1} MiB | {:.1} | {:.1} | {:.1} | {:.1} MiB |",
+            mib(b.rss),
             mib(m.rss),
             mib(m.anon),
             mib(m.file),
             mib(m.bpf_maps),
-            mib(m.hwm),
-            if label == "as built" { format!("{:.1} MiB", mib(b.rss)) } else { "".into() }
+            mib(m.hwm)
         );
     }
     println!("\n| map | type | max entries | kernel memory before | with the sockets |");
@@ -965,6 +972,7 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     let scrape_median_ms = stats::median(&scrapes.ms);
     let scraped = scrapes.report();
     f.tw = Some(TwFindings {
+        rss_before_mib: mib(before.rss),
         rss_mib: mib(after.rss),
         hwm_mib: mib(after.hwm),
         trimmed_rss_mib: mib(after_trimmed.rss),
@@ -1051,11 +1059,12 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
     if let Some(t) = &f.tw {
         let _ = writeln!(
             s,
-            "| agent RSS <= 32 MiB with {} timewait sockets | RSS {:.1} MiB with {} alive (peak {:.1} MiB, at start-up; \
-             {:.1} MiB when glibc returns freed heap); kernel maps {:.1} MiB | {} |",
+            "| agent RSS <= 32 MiB with {} timewait sockets | RSS {:.1} MiB with {} alive ({:.1} MiB before them, \
+             peak {:.1} MiB; {:.1} MiB when glibc returns freed heap); kernel maps {:.1} MiB | {} |",
             o.timewait,
             t.rss_mib,
             t.sockets,
+            t.rss_before_mib,
             t.hwm_mib,
             t.trimmed_rss_mib,
             t.maps_mib,
