@@ -8,8 +8,6 @@ use serde_json::Value;
 pub const MAY_BE_EMPTY: &[(&str, &str)] = &[
     // Per-namespace sysctls are exported only for namespaces whose /proc/sys the agent can read.
     ("twmon_sysctl", "exported only for namespaces whose sysctls the agent can read"),
-    // Only processes holding CLOSE_WAIT sockets past the leak threshold (60 s) are listed.
-    ("twmon_close_wait_leaked_sockets", "only while a process leaks CLOSE_WAIT sockets past 60 s"),
 ];
 
 const DATASOURCE: &str = "${datasource}";

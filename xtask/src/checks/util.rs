@@ -79,6 +79,18 @@ impl Drop for Proc {
     }
 }
 
+/// Where each thread of a process waits in the kernel, e.g. `twmon:futex_do_wait`: tells a hung
+/// process from a busy one.
+pub fn thread_waits(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return format!("pid {pid} is gone") };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default().trim().to_string();
+        out.push(format!("{}:{}", read("comm"), read("wchan")));
+    }
+    out.join(" ")
+}
+
 /// A TCP port on 127.0.0.1 that nothing listens on right now.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

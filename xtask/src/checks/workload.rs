@@ -6,6 +6,7 @@
 //! more: the kernel tears it down and kills its remaining timewait sockets, which is how the
 //! workload gets TIME_WAIT endings without waiting 2MSL.
 use std::{
+    collections::BTreeMap,
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::Command,
@@ -34,6 +35,8 @@ pub struct Summary {
     pub last_ack_retransmit: u32,
     /// Client TIME_WAIT taken over by a new connect() on the same 4-tuple (tcp_tw_reuse).
     pub reused: u32,
+    /// The namespace's own TcpExt counters at the end (TW, TWRecycled, TWKilled, ...).
+    pub kernel: BTreeMap<String, u64>,
 }
 
 impl Summary {
@@ -46,6 +49,23 @@ impl Summary {
             + self.last_ack_retransmit
             + self.reused * 2
     }
+}
+
+/// Opens `n` connections on loopback in the caller's network namespace whose client closes and
+/// whose server side stays in CLOSE_WAIT until the returned pairs are dropped.
+pub fn hold_close_wait(n: usize) -> Result<Vec<(TcpStream, TcpStream)>> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let client = TcpStream::connect(addr)?;
+        let (mut server, _) = listener.accept()?;
+        server.set_read_timeout(Some(Duration::from_secs(5)))?;
+        client.shutdown(Shutdown::Write)?;
+        Workload::eof(&mut server)?;
+        held.push((client, server));
+    }
+    Ok(held)
 }
 
 /// What to run: `rounds` rounds `pause` apart.
@@ -78,6 +98,20 @@ fn sh(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
     ensure!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
+}
+
+/// TcpExt counters of this thread's network namespace (/proc/net/netstat as seen from it).
+fn tcpext() -> Result<BTreeMap<String, u64>> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/netstat")?;
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    ensure!(lines.len() == 2, "no TcpExt lines in /proc/thread-self/net/netstat");
+    let names = lines[0].split_whitespace().skip(1);
+    let values = lines[1].split_whitespace().skip(1).map(|v| v.parse::<u64>().unwrap_or(0));
+    Ok(names
+        .zip(values)
+        .filter(|(n, _)| n.starts_with("TW") || n.starts_with("TCPAbortOn") || *n == "TCPTimeWaitOverflow")
+        .map(|(n, v)| (n.to_string(), v))
+        .collect())
 }
 
 /// nftables rules in the workload's namespace: lose chosen segments for a while. They are
@@ -318,6 +352,7 @@ impl Workload {
             drop(server);
             Self::eof(&mut client)?;
         }
+        self.summary.kernel = tcpext()?;
         Ok(self.summary)
     }
 }
