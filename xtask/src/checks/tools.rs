@@ -53,6 +53,7 @@ impl Tools {
 
     fn apt(&self) -> Result<()> {
         let mut missing: Vec<&str> = APT.iter().filter(|(bin, _)| on_path(bin).is_none()).map(|(_, p)| *p).collect();
+        missing.sort_unstable();
         missing.dedup();
         if missing.is_empty() {
             return Ok(());
