@@ -57,7 +57,7 @@ fn check_interrupted() -> Result<()> {
 
 const USAGE: &str = "\
 cargo xtask bench [-- OPTIONS]
-  --quick              about 2 minutes instead of about 5 (fewer, shorter rounds)
+  --quick              about 2 minutes instead of about 4 (fewer, shorter rounds)
   --rounds N           churn rounds of off, empty programs, on (default 6, quick 3)
   --round-secs S       seconds per churn run (default 5, quick 3)
   --clients N          parallel client threads (default 4)
