@@ -66,6 +66,8 @@ cargo xtask bench [-- OPTIONS]
   --scrapes N          /metrics scrapes to time (default 200)
   --only LIST          comma-separated phases: churn,cost,cpu,scrape,memory";
 
+const PHASES: [&str; 5] = ["churn", "cost", "cpu", "scrape", "memory"];
+
 #[derive(Debug, Clone)]
 struct Options {
     quick: bool,
@@ -93,7 +95,7 @@ impl Options {
             scrapes: 200,
             cost: Duration::from_secs(if quick { 5 } else { 10 }),
             cpu: Duration::from_secs(if quick { 10 } else { 20 }),
-            phases: ["churn", "cost", "cpu", "scrape", "memory"].map(String::from).to_vec(),
+            phases: PHASES.map(String::from).to_vec(),
         };
         let mut it = args.iter().filter(|a| *a != "--" && *a != "--quick");
         while let Some(a) = it.next() {
@@ -115,6 +117,9 @@ impl Options {
         }
         if o.rounds == 0 || o.clients == 0 || o.scrapes == 0 {
             bail!("--rounds, --clients and --scrapes must be at least 1");
+        }
+        if let Some(p) = o.phases.iter().find(|p| !PHASES.contains(&p.as_str())) {
+            bail!("unknown phase {p}: --only takes {}", PHASES.join(","));
         }
         Ok(o)
     }
@@ -294,7 +299,14 @@ fn misses(agent: &Agent) -> u64 {
     agent.programs().iter().map(|p| p.recursion_misses).sum()
 }
 
-fn run_with_agent(agent: &Agent, ns: &Netns, dsts: &[SocketAddr], clients: usize, until: Until, pace: Option<f64>) -> Result<OnRun> {
+fn run_with_agent(
+    agent: &Agent,
+    ns: &Netns,
+    dsts: &[SocketAddr],
+    clients: usize,
+    until: Until,
+    pace: Option<f64>,
+) -> Result<OnRun> {
     let m0 = agent.scrape()?;
     let x0 = misses(agent);
     let c0 = agent.cpu_ticks()?;
@@ -342,7 +354,14 @@ enum Mode {
     On,
 }
 
-fn churn_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[SocketAddr], f: &mut Findings) -> Result<()> {
+fn churn_phase(
+    twmon: &Path,
+    o: &Options,
+    work: &Path,
+    ns: &Netns,
+    dsts: &[SocketAddr],
+    f: &mut Findings,
+) -> Result<()> {
     println!(
         "\n## 1. Connection churn: agent off, empty programs on its six tracepoints, agent on \
          ({} rounds, {:.0} s per run, {} clients, order rotated every round)",
@@ -357,7 +376,8 @@ fn churn_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socke
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let modes = [Mode::Off, Mode::Empty, Mode::On];
-    let (mut offs, mut empties, mut ons, mut ratios, mut empty_ratios, mut cpus) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut offs, mut empties, mut ons, mut ratios, mut empty_ratios, mut cpus) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut lost_total, mut misses_total, mut events_rates) = (0u64, 0u64, vec![]);
     let mut agent_failures: Vec<String> = Vec::new();
     for r in 0..o.rounds {
@@ -441,8 +461,17 @@ fn churn_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socke
     let mmm = |xs: &[f64], p: usize| {
         format!("{:.*} / {:.*} / {:.*}", p, stats::min(xs), p, stats::median(xs), p, stats::max(xs))
     };
-    println!("\nconn/s min / median / max: off {}; empty programs {}; agent on {}", mmm(&offs, 0), mmm(&empties, 0), mmm(&ons, 0));
-    println!("ratio to off, min / median / max: empty programs {}; **agent on {}**", mmm(&empty_ratios, 3), mmm(&ratios, 3));
+    println!(
+        "\nconn/s min / median / max: off {}; empty programs {}; agent on {}",
+        mmm(&offs, 0),
+        mmm(&empties, 0),
+        mmm(&ons, 0)
+    );
+    println!(
+        "ratio to off, min / median / max: empty programs {}; **agent on {}**",
+        mmm(&empty_ratios, 3),
+        mmm(&ratios, 3)
+    );
     println!(
         "agent at the maximum rate: CPU median {:.1} % of a core, median {:.0} events/s, {lost_total} events lost, \
          {misses_total} program runs skipped by the kernel's recursion protection",
@@ -516,7 +545,13 @@ struct FloorWindow {
     read: Vec<u64>,
 }
 
-fn floor_window(floors: &[bpf::Floor], ns: &Netns, dsts: &[SocketAddr], clients: usize, d: Duration) -> Result<FloorWindow> {
+fn floor_window(
+    floors: &[bpf::Floor],
+    ns: &Netns,
+    dsts: &[SocketAddr],
+    clients: usize,
+    d: Duration,
+) -> Result<FloorWindow> {
     let s0: Vec<RunStats> = floors.iter().map(|x| x.stats()).collect();
     let r0: Vec<u64> = floors.iter().map(|x| x.consumed()).collect();
     let churn = load::churn(ns, dsts, clients, Until::Time(d), None)?;
@@ -736,16 +771,21 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
 }
 
 fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
 }
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn cpu_and_scrape_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[SocketAddr], f: &mut Findings) -> Result<()> {
+fn cpu_and_scrape_phase(
+    twmon: &Path,
+    o: &Options,
+    work: &Path,
+    ns: &Netns,
+    dsts: &[SocketAddr],
+    f: &mut Findings,
+) -> Result<()> {
     check_interrupted()?;
     let agent = Agent::start(twmon, &[], work)?;
     let fresh = agent.memory()?;
@@ -878,7 +918,8 @@ fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
                 break;
             }
             Err(e) => {
-                t.failure = Some(e.context(format!("scrape {} of {n} got no answer: the agent stopped answering", i + 1)));
+                t.failure =
+                    Some(e.context(format!("scrape {} of {n} got no answer: the agent stopped answering", i + 1)));
                 break;
             }
         }
@@ -930,10 +971,9 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     );
     println!("| agent | RSS before the sockets | RSS with them | anon | file | of which ring buffer | peak (VmHWM) |");
     println!("|---|---|---|---|---|---|---|");
-    for (label, m, b) in [
-        ("as built", after, before),
-        ("GLIBC_TUNABLES=glibc.malloc.trim_threshold=0", after_trimmed, before_trimmed),
-    ] {
+    for (label, m, b) in
+        [("as built", after, before), ("GLIBC_TUNABLES=glibc.malloc.trim_threshold=0", after_trimmed, before_trimmed)]
+    {
         println!(
             "| {label} | {:.1} MiB | {:.1} MiB | {:.1} | {:.1} | {:.1} | {:.1} MiB |",
             mib(b.rss),

@@ -34,11 +34,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
     // The agent answers with a plain or a chunked body; /metrics is small enough to de-chunk here.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
     Ok((status, body))
 }
 
@@ -90,7 +87,10 @@ impl Agent {
             if let Ok((200, _)) = http_get(addr, "/healthz") {
                 return Ok(agent);
             }
-            if Instant::now() > deadline || interrupted() {
+            if interrupted() {
+                bail!("interrupted while twmon was starting");
+            }
+            if Instant::now() > deadline {
                 bail!("twmon did not become healthy within 60 s; its log: {}", agent.log.display());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -309,7 +309,10 @@ impl Scrape {
         } else {
             self.get("twmon_bpf_program_run_nanoseconds_total", &labels)
         };
-        bpf::RunStats { run_time_ns: ns.round() as u64, run_cnt: self.get("twmon_bpf_program_runs_total", &labels) as u64 }
+        bpf::RunStats {
+            run_time_ns: ns.round() as u64,
+            run_cnt: self.get("twmon_bpf_program_runs_total", &labels) as u64,
+        }
     }
 
     /// The agent's own time for collecting the previous scrape, in milliseconds.

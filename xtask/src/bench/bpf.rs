@@ -7,8 +7,7 @@
 //! the `run_time_ns` / `run_cnt` that `bpftool prog show` prints, and the agent's
 //! `twmon_bpf_program_run_nanoseconds_total` / `twmon_bpf_program_runs_total`.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::Path,
     sync::{
@@ -426,11 +425,11 @@ fn program(kind: FloorKind, map_fd: Option<i32>) -> Vec<[u8; 8]> {
             let mut p: Vec<[u8; 8]> = (1..=RECORD / 8).map(|i| insn(0x7a, 10, 0, (-8 * i) as i16, 0)).collect();
             p.extend(ld_map(1)); // r1 = ring buffer
             p.extend([
-                insn(0xbf, 2, 10, 0, 0),       // r2 = r10
-                insn(0x07, 2, 0, 0, -RECORD),  // r2 -= 72
+                insn(0xbf, 2, 10, 0, 0),      // r2 = r10
+                insn(0x07, 2, 0, 0, -RECORD), // r2 -= 72
                 insn(MOV64_IMM, 3, 0, 0, RECORD),
                 insn(MOV64_IMM, 4, 0, 0, if kind == FloorKind::RingNoWakeup { 1 } else { 0 }),
-                insn(0x85, 0, 0, 0, 130),      // call bpf_ringbuf_output
+                insn(0x85, 0, 0, 0, 130), // call bpf_ringbuf_output
                 insn(MOV64_IMM, 0, 0, 0, 0),
                 insn(EXIT, 0, 0, 0, 0),
             ]);
@@ -487,7 +486,9 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
 
     let id_path = format!("/sys/kernel/tracing/events/{category}/{name}/id");
     let tp_id: u64 = fs::read_to_string(&id_path)
-        .with_context(|| format!("reading {id_path}; is tracefs mounted? (mount -t tracefs tracefs /sys/kernel/tracing)"))?
+        .with_context(|| {
+            format!("reading {id_path}; is tracefs mounted? (mount -t tracefs tracefs /sys/kernel/tracing)")
+        })?
         .trim()
         .parse()
         .with_context(|| format!("parsing {id_path}"))?;
@@ -502,7 +503,14 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
     // SAFETY: pa is a perf_event_attr of the size it declares; pid -1 / cpu 0 is how a
     // tracepoint program is attached (it then runs on every CPU).
     let rc = unsafe {
-        libc::syscall(libc::SYS_perf_event_open, pa.as_ptr(), -1 as libc::c_int, 0 as libc::c_int, -1 as libc::c_int, PERF_FLAG_FD_CLOEXEC)
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            pa.as_ptr(),
+            -1 as libc::c_int,
+            0 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
     };
     if rc < 0 {
         bail!("perf_event_open for {category}:{name} failed: {}", io::Error::last_os_error());

@@ -61,17 +61,15 @@ impl Servers {
             for _ in 0..acceptors {
                 let l = l.try_clone()?;
                 let stop = stop.clone();
-                threads.push(
-                    std::thread::Builder::new().stack_size(128 << 10).name("bench-server".into()).spawn(
-                        move || {
-                            while !stop.load(Ordering::Relaxed) {
-                                if let Ok((s, _)) = l.accept() {
-                                    serve(s);
-                                }
+                threads.push(std::thread::Builder::new().stack_size(128 << 10).name("bench-server".into()).spawn(
+                    move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((s, _)) = l.accept() {
+                                serve(s);
                             }
-                        },
-                    )?,
-                );
+                        }
+                    },
+                )?);
             }
         }
         Ok(Servers { listeners, threads, stop, addrs })
