@@ -390,8 +390,10 @@ fn panel_queries(p: &Prometheus, queries: &[Query], instance: &str) -> Result<St
         }
     }
     ensure!(failed.is_empty(), "{} of {} queries failed:\n  {}", failed.len(), queries.len(), failed.join("\n  "));
+    let allowed: Vec<&str> = dashboard::MAY_BE_EMPTY.iter().map(|(m, _)| *m).collect();
     Ok(format!(
-        "{} queries: {with_data} returned data, {planned_empty} empty, all on metrics that may be empty",
-        queries.len()
+        "{} queries: {with_data} returned data, {planned_empty} empty (allowed only on {})",
+        queries.len(),
+        allowed.join(", ")
     ))
 }
