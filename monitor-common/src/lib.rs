@@ -111,6 +111,8 @@ pub mod counter {
     pub const TIMEWAIT_FULL: u32 = 2;
     /// A full socket ended in the state of a timewait hand-off but no timewait socket matched it.
     pub const HANDOFF_MISSED: u32 = 3;
+    /// A followed timewait socket whose end the cancel program did not see; the sweep ended it.
+    pub const TIMEWAIT_MISSED: u32 = 4;
     /// `RETRANSMITS + state`: retransmitted segments by the socket's state (err == 0 only).
     pub const RETRANSMITS: u32 = 8;
     /// `RESETS_SENT + state`: RSTs sent, by the state of the socket that sent them.

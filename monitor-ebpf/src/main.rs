@@ -103,6 +103,9 @@ struct Handoff {
 struct Cancelled {
     tw: u64,
     entry: SockEntry,
+    /// The socket's identity: a freed timewait socket's memory is soon another one's, with
+    /// the same timer address, so the address alone does not say it is a re-arm.
+    identity: (u64, u32, u32),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,9 +134,13 @@ fn gauge(state: u8, delta: i64) {
     }
 }
 
+/// Records are written without waking the agent: a wake-up (an irq_work and a context switch
+/// per record) cost twice the rest of the program. The agent drains the ring on a short timer.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
 #[inline(always)]
 fn emit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err() {
+    if EVENTS.output::<Event>(ev, BPF_RB_NO_WAKEUP).is_err() {
         count(counter::EVENTS_LOST);
     }
 }
@@ -251,14 +258,24 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
         ev.daddr[..4].copy_from_slice(&d);
     }
 
-    // Leaving `old`: its entry time gives the duration.
+    // Leaving `old`: its entry time gives the duration. Teardown to teardown updates the entry
+    // in place (no delete and insert).
     let mut entered = 0u64;
-    if let Some(e) = unsafe { SOCKS.get(sk) } {
+    let mut kept = false;
+    if let Some(e) = SOCKS.get_ptr_mut(sk) {
+        let e = unsafe { &mut *e };
         if e.state == old {
             entered = e.entered_ns;
         }
         gauge(e.state, -1);
-        let _ = SOCKS.remove(sk);
+        if tcp::is_teardown(new) {
+            e.state = new;
+            e.entered_ns = now;
+            gauge(new, 1);
+            kept = true;
+        } else {
+            let _ = SOCKS.remove(sk);
+        }
     }
     (ev.duration_ns, ev.flags) = since(now, entered);
 
@@ -281,7 +298,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
         count(counter::HANDOFF_MISSED);
     }
 
-    if tcp::is_teardown(new) {
+    if tcp::is_teardown(new) && !kept {
         let entry = SockEntry { entered_ns: now, expires: 0, state: new, _pad: [0; 7] };
         if SOCKS.insert(sk, entry, 0).is_ok() {
             gauge(new, 1);
@@ -335,6 +352,8 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
         let c = unsafe { *slot };
         if c.tw == tw {
             unsafe { (*slot).tw = 0 };
+        }
+        if c.tw == tw && identity(tw).ok() == Some(c.identity) {
             let netns = netns_of(tw)?;
             let mut entry = c.entry;
             gauge(entry.state, 1);
@@ -442,8 +461,9 @@ pub fn twmon_timer_cancel(ctx: TracePointContext) -> u32 {
 fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     let timer: u64 = unsafe { ctx.read_at(layout!(tc_timer) as usize)? };
     // Every timer in the system passes here: look at the callback before touching a map.
+    // timer_shutdown() clears it, so a NULL callback may be a timewait timer being killed.
     let function: u64 = kread(timer + layout!(timer_function) as u64)?;
-    if function != layout!(tw_timer_handler) {
+    if function != layout!(tw_timer_handler) && function != 0 {
         return Ok(());
     }
     let tw = timer - layout!(tw_timer) as u64;
@@ -475,7 +495,7 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     ev.kind = kind::TW_CANCEL;
     ev.reason = if reused(tw) { reason::REUSE } else { reason::KILLED };
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
-        unsafe { *slot = Cancelled { tw, entry } };
+        unsafe { *slot = Cancelled { tw, entry, identity: identity(tw).unwrap_or_default() } };
     }
     emit(&ev);
     Ok(())
@@ -537,10 +557,27 @@ extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, value: *mut SockEntr
     let tw = unsafe { *key };
     let entry = unsafe { &mut *value };
     let timer = tw + layout!(tw_timer) as u64;
-    // A socket being freed while we look: only trust a timer that is still a timewait timer.
+    // A timer that is no longer a timewait timer belongs to a socket that ended without our
+    // cancel program seeing it: the kernel clears the callback only after the cancel trace
+    // event, so its end is past. End it here rather than count it forever.
     match kread::<u64>(timer + layout!(timer_function) as u64) {
         Ok(f) if f == layout!(tw_timer_handler) => {}
-        _ => return 0,
+        _ => {
+            let now = unsafe { bpf_ktime_get_ns() };
+            let mut ev = Event { ts_ns: now, obj: tw, flags: flags::TIMEWAIT, ..Event::default() };
+            ev.kind = kind::TRANSITION;
+            ev.from = entry.state;
+            ev.to = tcp::CLOSE;
+            ev.reason = reason::KILLED;
+            let (d, f) = since(now, entry.entered_ns);
+            ev.duration_ns = d;
+            ev.flags |= f | flags::SILENT;
+            gauge(entry.state, -1);
+            count(counter::TIMEWAIT_MISSED);
+            let _ = TIMEWAIT.remove(tw);
+            emit(&ev);
+            return 0;
+        }
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return 0 };
     if expires == entry.expires && entry.state == tcp::TIME_WAIT {

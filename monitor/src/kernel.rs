@@ -32,8 +32,8 @@ pub enum KernelError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error(
-        "loading the kernel programs failed: {0}\n  twmon needs root, or CAP_BPF, CAP_PERFMON and \
-         CAP_SYS_RESOURCE (plus CAP_SYS_ADMIN to mount tracefs); run it with sudo"
+        "loading the kernel programs failed: {0}\n  twmon needs root, or CAP_BPF, CAP_PERFMON, CAP_SYSLOG \
+         and CAP_DAC_READ_SEARCH (plus CAP_SYS_ADMIN to mount tracefs); run it with sudo"
     )]
     Permission(String),
     #[error("loading the kernel programs failed: {0:#}")]

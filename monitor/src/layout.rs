@@ -23,8 +23,8 @@ pub enum LayoutError {
     )]
     Tracepoint(String, String),
     #[error(
-        "permission denied reading {0}: twmon needs root (or CAP_BPF, CAP_PERFMON and \
-         CAP_SYS_ADMIN); run it with sudo"
+        "permission denied reading {0}: twmon needs root (or CAP_BPF, CAP_PERFMON, CAP_SYSLOG \
+         and CAP_DAC_READ_SEARCH); run it with sudo"
     )]
     Permission(String),
     #[error("tracepoint {0} has no field `{1}` on this kernel; please report the kernel version")]

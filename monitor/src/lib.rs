@@ -22,7 +22,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -89,10 +89,13 @@ pub struct NamespaceJson {
 
 /// The running agent, shared by the event loop, the timers and the HTTP handlers.
 pub struct Agent {
+    /// Lock order: `ring`, then `tracker`; `kernel` is never held with either.
+    ring: Mutex<RingBuf<MapData>>,
     kernel: Mutex<Kernel>,
     tracker: Mutex<Tracker>,
     metrics: Metrics,
-    consuming: AtomicBool,
+    /// When the ring buffer was last drained (CLOCK_MONOTONIC ns).
+    last_drain: AtomicU64,
     config: Config,
     report: Mutex<Report>,
     /// Leaked CLOSE_WAIT sockets already logged.
@@ -101,6 +104,16 @@ pub struct Agent {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How often the agent drains the ring buffer between scrapes (a scrape drains it too).
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Returns freed heap to the system: start-up (BTF parsing, the first sock_diag dump) and each
+/// reconcile allocate far more than the agent keeps.
+fn trim() {
+    // SAFETY: glibc's malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
@@ -119,15 +132,18 @@ impl Agent {
     /// Collects and encodes the metrics for one scrape.
     pub fn render(&self) -> anyhow::Result<String> {
         let start = Instant::now();
+        // Every event committed before the scrape is counted in it.
+        self.drain();
+        let seeded = lock(&self.tracker).seeded();
         {
-            let kernel = self.kernel.lock().unwrap_or_else(|e| e.into_inner());
+            let kernel = lock(&self.kernel);
+            // Sweep first, so an orphaned FIN_WAIT2 that got its FIN counts as TIME_WAIT, as ss
+            // shows it: every scrape equals the kernel's view.
             if let Err(e) = kernel.run_sweep() {
                 tracing::warn!("timewait sweep failed: {e}");
             }
-            let seeded = lock(&self.tracker).seeded();
             self.metrics.refresh(&kernel.read(), &seeded, kernel.attached, &kernel.program_stats());
         }
-        self.tracker.lock().unwrap_or_else(|e| e.into_inner()).settle(monotonic_ns());
         self.metrics.scrape_seconds.set(start.elapsed().as_secs_f64());
         let mut out = String::new();
         prometheus::TextEncoder::new().encode_utf8(&self.metrics.registry.gather(), &mut out)?;
@@ -139,8 +155,9 @@ impl Agent {
         if attached != kernel::TRACEPOINTS.len() {
             return Err(format!("{attached} of {} kernel programs attached", kernel::TRACEPOINTS.len()));
         }
-        if !self.consuming.load(Ordering::Relaxed) {
-            return Err("the event loop has stopped".into());
+        let idle = monotonic_ns().saturating_sub(self.last_drain.load(Ordering::Relaxed));
+        if idle > 5_000_000_000 {
+            return Err(format!("events not drained for {} s", idle / 1_000_000_000));
         }
         Ok(())
     }
@@ -168,14 +185,17 @@ impl Agent {
 
     /// Seeds the agent with the sockets already in teardown states, from the kernel's own view.
     /// Called once, right after the programs are attached.
-    fn seed(&self, ring: &mut RingBuf<MapData>) -> usize {
+    fn seed(&self) -> usize {
         lock(&self.tracker).begin_seed();
         let views = ground::read(&self.namespaces());
         // Events since the programs were attached: those connections are followed already.
-        self.consume(ring);
-        let mut tracker = lock(&self.tracker);
-        let n = tracker.seed(ground::teardown(&views), monotonic_ns());
-        lock(&self.kernel).set_seeded(tracker.seeded_timewait());
+        self.drain();
+        let (n, timewait) = {
+            let mut tracker = lock(&self.tracker);
+            let n = tracker.seed(ground::teardown(&views), monotonic_ns());
+            (n, tracker.seeded_timewait())
+        };
+        lock(&self.kernel).set_seeded(timewait);
         n
     }
 
@@ -185,14 +205,17 @@ impl Agent {
         let views = ground::read(&self.namespaces());
         let teardown = ground::teardown(&views);
         let totals = ground::totals(&views);
-        let (readout, seeded) = {
+        let (seeded, timewait) = {
             let mut tracker = lock(&self.tracker);
             tracker.reconcile_seed(&teardown);
+            (tracker.seeded(), tracker.seeded_timewait())
+        };
+        let readout = {
             let mut kernel = lock(&self.kernel);
-            kernel.set_seeded(tracker.seeded_timewait());
+            kernel.set_seeded(timewait);
             // The sweep first, so orphaned FIN_WAIT2 sockets that got their FIN count as TIME_WAIT.
             let _ = kernel.run_sweep();
-            (kernel.read(), tracker.seeded())
+            kernel.read()
         };
         let mut drift = [0i64; monitor_common::tcp::MAX_STATES as usize];
         for s in GAUGE_STATES {
@@ -205,6 +228,7 @@ impl Agent {
         let leaks = self.leaks(&watched);
         let kernel: Vec<_> = watched.iter().map(|v| (v.name.clone(), v.tcpext.clone(), v.sysctls.clone())).collect();
         self.metrics.refresh_ground(&drift, &b, &kernel, &leaks, start.elapsed());
+        trim();
         let mut report = lock(&self.report);
         *report = Report {
             reconciled_unix_seconds: std::time::SystemTime::now()
@@ -313,8 +337,12 @@ impl Agent {
         serde_json::json!({ "sockets": sockets, "reconcile": report })
     }
 
-    fn consume(&self, ring: &mut RingBuf<MapData>) {
-        let mut tracker = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+    /// Takes every record off the ring buffer into the tracker, then settles cancelled timewait
+    /// timers that no re-arm followed.
+    fn drain(&self) {
+        let mut ring = lock(&self.ring);
+        self.last_drain.store(monotonic_ns(), Ordering::Relaxed);
+        let mut tracker = lock(&self.tracker);
         while let Some(item) = ring.next() {
             match event::decode(&item) {
                 Ok(ev) => tracker.apply(&ev),
@@ -324,6 +352,8 @@ impl Agent {
                 }
             }
         }
+        // Safe: the re-arm that would follow a cancel is on the ring already, and was just read.
+        tracker.settle(monotonic_ns());
     }
 }
 
@@ -337,7 +367,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (kernel, mut ring, logger) = Kernel::load(config.netns, &config.limits)?;
+    let (kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
     let metrics = Metrics::new(&kernel_release(), kernel.hz)?;
     let tracker = Tracker::new(&metrics.registry)?;
     tracing::info!(
@@ -347,37 +377,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "kernel programs attached"
     );
     let agent = Arc::new(Agent {
+        ring: Mutex::new(ring),
         kernel: Mutex::new(kernel),
         tracker: Mutex::new(tracker),
         metrics,
-        consuming: AtomicBool::new(true),
+        last_drain: AtomicU64::new(monotonic_ns()),
         config: config.clone(),
         report: Mutex::new(Report::default()),
         logged: Mutex::new(HashSet::new()),
     });
-    let seeded = agent.seed(&mut ring);
+    let seeded = agent.seed();
+    trim();
     tracing::info!(sockets = seeded, "seeded sockets already in teardown states from sock_diag");
     agent.reconcile();
 
     let mut tasks = tokio::task::JoinSet::new();
     let a = agent.clone();
+    let sweep_every = config.sweep_interval;
     tasks.spawn(async move {
-        let result = async {
-            // The ring buffer owns its fd for as long as the AsyncFd lives.
-            #[allow(deprecated)]
-            let mut fd = AsyncFd::new(ring)?;
-            loop {
-                let mut guard = fd.readable_mut().await?;
-                a.consume(guard.get_inner_mut());
-                guard.clear_ready();
+        // The kernel programs write without waking us (see monitor-ebpf): drain on a timer.
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep = Instant::now();
+        loop {
+            tick.tick().await;
+            a.drain();
+            if last_sweep.elapsed() >= sweep_every {
+                last_sweep = Instant::now();
+                if let Err(e) = lock(&a.kernel).run_sweep() {
+                    tracing::warn!("timewait sweep failed: {e}");
+                }
             }
-            #[allow(unreachable_code)]
-            Ok::<(), std::io::Error>(())
-        }
-        .await;
-        a.consuming.store(false, Ordering::Relaxed);
-        if let Err(e) = result {
-            tracing::error!("event loop stopped: {e}");
         }
     });
     if let Some(logger) = logger {
@@ -390,24 +420,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let a = agent.clone();
-    let sweep_every = config.sweep_interval;
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sweep = Instant::now();
-        loop {
-            tick.tick().await;
-            a.tracker.lock().unwrap_or_else(|e| e.into_inner()).settle(monotonic_ns());
-            if last_sweep.elapsed() >= sweep_every {
-                last_sweep = Instant::now();
-                if let Err(e) = a.kernel.lock().unwrap_or_else(|e| e.into_inner()).run_sweep() {
-                    tracing::warn!("timewait sweep failed: {e}");
-                }
-            }
-        }
-    });
-
     let a = agent.clone();
     let every = config.settings.reconcile.interval;
     tasks.spawn(async move {

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub events_invalid: IntCounter,
     map_full: IntCounterVec,
     handoff_missed: IntCounter,
+    timewait_missed: IntCounter,
     programs_attached: IntGauge,
     program_runs: IntCounterVec,
     program_run_seconds: CounterVec,
@@ -137,6 +138,14 @@ impl Metrics {
                     "twmon_timewait_handoff_missed_total",
                     "Sockets that closed from fin_wait1, fin_wait2 or closing without a timewait \
                      socket taking over (tcp_max_tw_buckets reached, memory pressure, or RST).",
+                )?,
+            )?,
+            timewait_missed: reg(
+                &r,
+                IntCounter::new(
+                    "twmon_timewait_end_missed_total",
+                    "Timewait sockets whose end the kernel programs did not see as it happened; \
+                     the sweep found them gone and ended them (reason killed).",
                 )?,
             )?,
             programs_attached: reg(
@@ -287,6 +296,7 @@ impl Metrics {
         sync(&self.map_full.with_label_values(&["sockets"]), k.counter(counter::SOCKS_FULL));
         sync(&self.map_full.with_label_values(&["timewait"]), k.counter(counter::TIMEWAIT_FULL));
         sync(&self.handoff_missed, k.counter(counter::HANDOFF_MISSED));
+        sync(&self.timewait_missed, k.counter(counter::TIMEWAIT_MISSED));
         self.programs_attached.set(attached as i64);
         for p in programs {
             sync(&self.program_runs.with_label_values(&[&p.name]), p.run_count);

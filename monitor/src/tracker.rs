@@ -99,6 +99,9 @@ pub const MAX_CLOSE_WAIT_AGES: usize = 262_144;
 pub struct Tracker {
     transitions: IntCounterVec,
     durations: HistogramVec,
+    /// Children of the two above by state number, made on first use: no label lookup per event.
+    transition_of: Vec<Option<IntCounter>>,
+    duration_of: Vec<Option<prometheus::Histogram>>,
     timewait_ends: IntCounterVec,
     rearms: IntCounter,
     /// Timewait sockets whose timer was cancelled before it was due, by address.
@@ -154,9 +157,12 @@ impl Tracker {
         for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
             timewait_ends.with_label_values(&[reason_name(r)]);
         }
+        let n = tcp::MAX_STATES as usize;
         Ok(Self {
             transitions,
             durations,
+            transition_of: vec![None; n * n],
+            duration_of: vec![None; n],
             timewait_ends,
             rearms,
             pending: HashMap::new(),
@@ -196,10 +202,18 @@ impl Tracker {
         }
     }
 
-    fn transition(&self, from: u8, to: u8, ev: &Event) {
-        self.transitions.with_label_values(&[state_name(from), state_name(to)]).inc();
+    fn transition(&mut self, from: u8, to: u8, ev: &Event) {
+        let n = tcp::MAX_STATES as usize;
+        let (f, t) = ((from as usize).min(n - 1), (to as usize).min(n - 1));
+        let vec = &self.transitions;
+        self.transition_of[f * n + t]
+            .get_or_insert_with(|| vec.with_label_values(&[state_name(from), state_name(to)]))
+            .inc();
         if ev.flags & flags::DURATION != 0 {
-            self.durations.with_label_values(&[state_name(from)]).observe(ev.duration_ns as f64 / 1e9);
+            let vec = &self.durations;
+            self.duration_of[f]
+                .get_or_insert_with(|| vec.with_label_values(&[state_name(from)]))
+                .observe(ev.duration_ns as f64 / 1e9);
         }
     }
 

@@ -298,7 +298,14 @@ fn time_wait_reused_by_connect() {
     let second = ns.run(move || bound_client(Some(local)));
     assert_eq!(second.local_addr().unwrap(), local, "the 4-tuple was reused");
     let m = agent.wait_for(SETTLE, |m| m.get("twmon_timewait_ends_total", &[("reason", "reuse")]) == 1.0);
-    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "reuse")]), 1.0, "{}", m.text);
+    assert_eq!(
+        m.get("twmon_timewait_ends_total", &[("reason", "reuse")]),
+        1.0,
+        "ss: {:?}\n{:?}\n{}",
+        ns.ss("TIME-WAIT"),
+        m.text.lines().filter(|l| l.starts_with("twmon_") && !l.contains("bucket") && !l.contains("bpf_program")).collect::<Vec<_>>().join("\n"),
+        agent.log().lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), 0.0);
     assert_eq!(m.transitions("time_wait", "close"), 1.0);
     assert_eq!(m.sockets("time_wait"), 0.0);
@@ -329,7 +336,7 @@ fn timewait_overflow_counted() {
     assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), want, "{}", m.text);
     assert_eq!(m.sockets("time_wait"), LIMIT as f64);
     assert_eq!(ns.ss("TIME-WAIT").len(), LIMIT);
-    assert_eq!(m.transitions("fin_wait2", "time_wait"), LIMIT as f64);
+    assert_eq!(m.transitions("fin_wait2", "time_wait"), LIMIT as f64, "{}\n{}", m.text, agent.log());
     assert_eq!(m.transitions("fin_wait2", "close"), want);
 }
 

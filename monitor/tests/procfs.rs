@@ -421,9 +421,13 @@ fn socket_owners_finds_this_process() {
     // comm is the executable's name cut to 15 bytes.
     let exe = std::env::current_exe().unwrap();
     let comm: String = exe.file_name().unwrap().to_str().unwrap().chars().take(15).collect();
-    let me = vec![(pid, comm)];
-    assert_eq!(owners.get(&ia), Some(&me), "{owners:?}");
-    assert_eq!(owners.get(&ih), Some(&me), "{owners:?}");
+    // Besides this process, a child that another test is forking at this moment holds every
+    // fd until its exec closes the close-on-exec ones: it shows as a copy of this process.
+    for inode in [ia, ih] {
+        let found = owners.get(&inode).cloned().unwrap_or_default();
+        assert!(found.contains(&(pid, comm.clone())), "{owners:?}");
+        assert!(found.iter().all(|(_, c)| *c == comm), "an owner that is not this process: {owners:?}");
+    }
     assert_eq!(owners.get(&nobody), None, "{owners:?}");
     assert_eq!(owners.len(), 2, "{owners:?}");
 
@@ -449,9 +453,9 @@ fn socket_owners_finds_this_process() {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let mut want = vec![(pid, me[0].1.clone()), (child_pid, "sleep".to_string())];
-    want.sort();
-    assert_eq!(owners.get(&ih), Some(&want), "{owners:?}");
+    let found = owners.get(&ih).cloned().unwrap_or_default();
+    assert!(found.contains(&(pid, comm.clone())) && found.contains(&(child_pid, "sleep".to_string())), "{owners:?}");
+    assert!(found.iter().all(|(p, c)| *c == comm || *p == child_pid), "an owner that is not ours: {owners:?}");
     drop(child);
     drop(listener);
 }
