@@ -113,6 +113,9 @@ pub mod counter {
     pub const HANDOFF_MISSED: u32 = 3;
     /// A followed timewait socket whose end the cancel program did not see; the sweep ended it.
     pub const TIMEWAIT_MISSED: u32 = 4;
+    /// The orphan map was full: an orphaned FIN_WAIT2's FIN is seen only at its timer's next
+    /// event (a re-arm across a timer-wheel bucket, or its end).
+    pub const ORPHANS_FULL: u32 = 5;
     /// `RETRANSMITS + state`: retransmitted segments by the socket's state (err == 0 only).
     pub const RETRANSMITS: u32 = 8;
     /// `RESETS_SENT + state`: RSTs sent, by the state of the socket that sent them.

@@ -62,6 +62,12 @@ static SOCKS: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F
 #[map]
 static TIMEWAIT: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
+/// The timewait sockets still in FIN_WAIT2 (orphans waiting for the peer's FIN): the only
+/// ones whose state the kernel changes without any event, so the only ones the sweep visits.
+/// Small on purpose: the sweep's cost is the number of buckets.
+#[map]
+static ORPHANS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -394,6 +400,9 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     gauge(state, 1);
+    if state == tcp::FIN_WAIT2 && ORPHANS.insert(tw, 0u8, 0).is_err() {
+        count(counter::ORPHANS_FULL);
+    }
     if let Some(slot) = HANDOFF.get_ptr_mut(0) {
         let (net, dport, hash) = identity(tw)?;
         unsafe { *slot = Handoff { tw, net, dport, hash, state, _pad: [0; 7] } };
@@ -415,6 +424,7 @@ fn to_time_wait(entry: &mut SockEntry, tw: u64, netns: u32, at: u64) {
     gauge(tcp::TIME_WAIT, 1);
     entry.state = tcp::TIME_WAIT;
     entry.entered_ns = at;
+    let _ = ORPHANS.remove(tw);
 }
 
 /// When a silent FIN_WAIT2 -> TIME_WAIT happened: the kernel restarted the timer with
@@ -489,6 +499,7 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
         ev.kind = kind::TRANSITION;
         ev.reason = if entry.state == tcp::FIN_WAIT2 { reason::FIN_TIMEOUT } else { reason::EXPIRED };
+        let _ = ORPHANS.remove(tw);
         emit(&ev);
         return Ok(());
     }
@@ -532,8 +543,9 @@ fn reused(tw: u64) -> bool {
     matches!((identity(sk), identity(tw)), (Ok(a), Ok(b)) if a == b)
 }
 
-/// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings every timewait entry up to
-/// date, and records a clock pair so the agent can measure HZ.
+/// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings the orphaned FIN_WAIT2
+/// timewait sockets up to date (those that got their FIN are TIME_WAIT now), and records a clock
+/// pair so the agent can measure HZ. Silent re-arms of TIME_WAIT sockets are found at their end.
 #[raw_tracepoint(tracepoint = "twmon_sweep")]
 pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
@@ -543,7 +555,7 @@ pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
     }
     let visited = unsafe {
         bpf_for_each_map_elem(
-            &TIMEWAIT as *const _ as *mut c_void,
+            &ORPHANS as *const _ as *mut c_void,
             sweep_one as *mut c_void,
             core::ptr::null_mut(),
             0,
@@ -553,17 +565,27 @@ pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(never)]
-extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, value: *mut SockEntry, _ctx: *mut c_void) -> i64 {
+extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, _value: *mut u8, _ctx: *mut c_void) -> i64 {
     let tw = unsafe { *key };
-    let entry = unsafe { &mut *value };
+    let Some(entry) = TIMEWAIT.get_ptr_mut(tw) else {
+        // Ended meanwhile (its end was reported where it happened), or cancelled for a re-arm
+        // that has not put it back yet: the re-arm adds it again if it is still an orphan.
+        let _ = ORPHANS.remove(tw);
+        return 0;
+    };
+    let entry = unsafe { &mut *entry };
+    if entry.state != tcp::FIN_WAIT2 {
+        let _ = ORPHANS.remove(tw);
+        return 0;
+    }
     let timer = tw + layout!(tw_timer) as u64;
+    let now = unsafe { bpf_ktime_get_ns() };
     // A timer that is no longer a timewait timer belongs to a socket that ended without our
     // cancel program seeing it: the kernel clears the callback only after the cancel trace
     // event, so its end is past. End it here rather than count it forever.
     match kread::<u64>(timer + layout!(timer_function) as u64) {
         Ok(f) if f == layout!(tw_timer_handler) => {}
         _ => {
-            let now = unsafe { bpf_ktime_get_ns() };
             let mut ev = Event { ts_ns: now, obj: tw, flags: flags::TIMEWAIT, ..Event::default() };
             ev.kind = kind::TRANSITION;
             ev.from = entry.state;
@@ -575,16 +597,13 @@ extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, value: *mut SockEntr
             gauge(entry.state, -1);
             count(counter::TIMEWAIT_MISSED);
             let _ = TIMEWAIT.remove(tw);
+            let _ = ORPHANS.remove(tw);
             emit(&ev);
             return 0;
         }
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return 0 };
-    if expires == entry.expires && entry.state == tcp::TIME_WAIT {
-        return 0;
-    }
     let Ok(netns) = netns_of(tw) else { return 0 };
-    let now = unsafe { bpf_ktime_get_ns() };
     let _ = refresh(entry, tw, netns, expires, now, unsafe { bpf_jiffies64() });
     0
 }

@@ -421,12 +421,11 @@ fn socket_owners_finds_this_process() {
     // comm is the executable's name cut to 15 bytes.
     let exe = std::env::current_exe().unwrap();
     let comm: String = exe.file_name().unwrap().to_str().unwrap().chars().take(15).collect();
-    // Besides this process, a child that another test is forking at this moment holds every
-    // fd until its exec closes the close-on-exec ones: it shows as a copy of this process.
+    // Besides this process, a child another test is starting at this moment holds every fd
+    // until its exec closes the close-on-exec ones: extra owners are possible, this one is sure.
     for inode in [ia, ih] {
         let found = owners.get(&inode).cloned().unwrap_or_default();
         assert!(found.contains(&(pid, comm.clone())), "{owners:?}");
-        assert!(found.iter().all(|(_, c)| *c == comm), "an owner that is not this process: {owners:?}");
     }
     assert_eq!(owners.get(&nobody), None, "{owners:?}");
     assert_eq!(owners.len(), 2, "{owners:?}");
@@ -455,7 +454,6 @@ fn socket_owners_finds_this_process() {
     };
     let found = owners.get(&ih).cloned().unwrap_or_default();
     assert!(found.contains(&(pid, comm.clone())) && found.contains(&(child_pid, "sleep".to_string())), "{owners:?}");
-    assert!(found.iter().all(|(p, c)| *c == comm || *p == child_pid), "an owner that is not ours: {owners:?}");
     drop(child);
     drop(listener);
 }
