@@ -407,6 +407,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if let Err(e) = lock(&a.kernel).run_sweep() {
                     tracing::warn!("timewait sweep failed: {e}");
                 }
+                trim();
             }
         }
     });
