@@ -195,11 +195,7 @@ fn port_pressure_ratio() {
 fn breakdown_cardinality_is_bounded() {
     const PORTS: u16 = 5000;
     const K: usize = 10;
-    // SAFETY: raising our own file limit for the 15000 sockets below.
-    unsafe {
-        let lim = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
+    common::raise_nofile();
     let ns = Netns::new("card");
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 60999"]);
     let config = Agent::config_file("card", &format!("[reconcile]\ninterval = \"1s\"\n[breakdown]\ntop_k = {K}\n"));

@@ -376,11 +376,7 @@ fn orphaned_fin_wait2_ends_at_fin_timeout() {
 fn full_maps_are_counted() {
     const M: usize = 1500;
     const ROOM: usize = 1024;
-    // SAFETY: raising our own file limit for the sockets below.
-    unsafe {
-        let lim = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
+    common::raise_nofile();
     let ns = Netns::new("full");
     let config = Agent::config_file("full", "[reconcile]\ninterval = \"1s\"\n");
     let agent = Agent::start_with(

@@ -94,6 +94,13 @@ impl Drop for Netns {
     }
 }
 
+/// Room for tens of thousands of sockets in one test process.
+pub fn raise_nofile() {
+    let lim = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
+    // SAFETY: plain syscall on our own process with a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0, "RLIMIT_NOFILE");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
