@@ -96,9 +96,14 @@ impl Drop for Netns {
 
 /// Room for tens of thousands of sockets in one test process.
 pub fn raise_nofile() {
-    let lim = libc::rlimit { rlim_cur: 65536, rlim_max: 65536 };
-    // SAFETY: plain syscall on our own process with a valid struct.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0, "RLIMIT_NOFILE");
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on our own process with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0, "getrlimit");
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
+    }
+    assert!(lim.rlim_cur >= 20_000, "RLIMIT_NOFILE hard limit {} is too low for this test", lim.rlim_max);
 }
 
 pub fn free_port() -> u16 {
