@@ -479,6 +479,8 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     let tw = timer - layout!(tw_timer) as u64;
     let mut entry = match unsafe { TIMEWAIT.get(tw) } {
         Some(e) => *e,
+        // A NULL callback not in our map is any timer being shut down: not ours to report.
+        None if function == 0 => return Ok(()),
         None => return untracked_end(tw),
     };
     let _ = TIMEWAIT.remove(tw);
