@@ -185,6 +185,10 @@ pub struct KernelLayout {
 }
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 36 * 4 + 16);
 
+/// Bytes of a `sock:inet_sock_set_state` record the kernel program copies at once; the agent
+/// checks at load time that every field it uses lies within them.
+pub const SET_STATE_RECORD: usize = 72;
+
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

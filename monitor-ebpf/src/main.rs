@@ -28,10 +28,11 @@ use aya_ebpf::{
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Settings, SockEntry,
+    SET_STATE_RECORD, counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Settings, SockEntry,
 };
 
 const AF_INET6: u16 = 10;
@@ -223,15 +224,23 @@ pub fn twmon_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A field of a record copied to the stack (one helper call for the whole record instead of one
+/// per field; the verifier knows `offset` as a constant from the frozen LAYOUT).
+#[inline(always)]
+fn at<T: Copy>(rec: &[u8; SET_STATE_RECORD], offset: u32) -> T {
+    unsafe { core::ptr::read_unaligned(rec.as_ptr().add(offset as usize) as *const T) }
+}
+
 #[inline(always)]
 fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
-    let protocol: u16 = unsafe { ctx.read_at(layout!(ss_protocol) as usize)? };
+    let rec: [u8; SET_STATE_RECORD] = kread(ctx.as_ptr() as u64)?;
+    let protocol: u16 = at(&rec, layout!(ss_protocol));
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let old = unsafe { ctx.read_at::<i32>(layout!(ss_oldstate) as usize)? } as u8;
-    let new = unsafe { ctx.read_at::<i32>(layout!(ss_newstate) as usize)? } as u8;
-    let sk: u64 = unsafe { ctx.read_at(layout!(ss_skaddr) as usize)? };
+    let old = at::<i32>(&rec, layout!(ss_oldstate)) as u8;
+    let new = at::<i32>(&rec, layout!(ss_newstate)) as u8;
+    let sk: u64 = at(&rec, layout!(ss_skaddr));
 
     if new == tcp::SYN_SENT {
         if let Some(p) = CONNECTING.get_ptr_mut(0) {
@@ -251,15 +260,15 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
     let now = unsafe { bpf_ktime_get_ns() };
 
     let mut ev = Event { ts_ns: now, obj: sk, netns, kind: kind::TRANSITION, from: old, to: new, ..Event::default() };
-    ev.family = unsafe { ctx.read_at(layout!(ss_family) as usize)? };
-    ev.sport = unsafe { ctx.read_at(layout!(ss_sport) as usize)? };
-    ev.dport = unsafe { ctx.read_at(layout!(ss_dport) as usize)? };
+    ev.family = at(&rec, layout!(ss_family));
+    ev.sport = at(&rec, layout!(ss_sport));
+    ev.dport = at(&rec, layout!(ss_dport));
     if ev.family == AF_INET6 {
-        ev.saddr = unsafe { ctx.read_at(layout!(ss_saddr_v6) as usize)? };
-        ev.daddr = unsafe { ctx.read_at(layout!(ss_daddr_v6) as usize)? };
+        ev.saddr = at(&rec, layout!(ss_saddr_v6));
+        ev.daddr = at(&rec, layout!(ss_daddr_v6));
     } else {
-        let s: [u8; 4] = unsafe { ctx.read_at(layout!(ss_saddr) as usize)? };
-        let d: [u8; 4] = unsafe { ctx.read_at(layout!(ss_daddr) as usize)? };
+        let s: [u8; 4] = at(&rec, layout!(ss_saddr));
+        let d: [u8; 4] = at(&rec, layout!(ss_daddr));
         ev.saddr[..4].copy_from_slice(&s);
         ev.daddr[..4].copy_from_slice(&d);
     }

@@ -27,6 +27,11 @@ pub enum LayoutError {
          and CAP_DAC_READ_SEARCH); run it with sudo"
     )]
     Permission(String),
+    #[error(
+        "tracepoint sock:inet_sock_set_state uses {0} bytes on this kernel, more than the {1} \
+         twmon reads; please report the kernel version"
+    )]
+    Record(usize, usize),
     #[error("tracepoint {0} has no field `{1}` on this kernel; please report the kernel version")]
     Field(String, String),
     #[error(
@@ -203,6 +208,29 @@ pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
     let ts = Format::read(&tfs, "timer", "timer_start")?;
     let tc = Format::read(&tfs, "timer", "timer_cancel")?;
     let skc = |m: &str| member_offset(&btf, "sock_common", m);
+    // The state program copies the record once and reads its fields from the copy.
+    let end = [
+        ("skaddr", 8),
+        ("oldstate", 4),
+        ("newstate", 4),
+        ("sport", 2),
+        ("dport", 2),
+        ("family", 2),
+        ("protocol", 2),
+        ("saddr", 4),
+        ("daddr", 4),
+        ("saddr_v6", 16),
+        ("daddr_v6", 16),
+    ]
+    .iter()
+    .map(|(f, size)| ss.offset(f).map(|o| o as usize + size))
+    .collect::<Result<Vec<_>, _>>()?
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    if end > monitor_common::SET_STATE_RECORD {
+        return Err(LayoutError::Record(end, monitor_common::SET_STATE_RECORD));
+    }
     Ok(KernelLayout {
         ss_skaddr: ss.offset("skaddr")?,
         ss_oldstate: ss.offset("oldstate")?,
