@@ -25,10 +25,12 @@ struct Args {
     /// Watch only the network namespace at this path (/run/netns/NAME, /proc/PID/ns/net).
     #[arg(long = "netns", value_name = "PATH")]
     netns: Option<PathBuf>,
-    /// Most full sockets in teardown states followed at once.
-    #[arg(long = "bpf.max-sockets", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
+    /// Most full sockets in teardown states followed at once (kernel memory is reserved for
+    /// all of them: about 64 bytes each).
+    #[arg(long = "bpf.max-sockets", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..))]
     max_sockets: u32,
-    /// Most timewait sockets followed at once (tcp_max_tw_buckets is 262144 on large hosts).
+    /// Most timewait sockets followed at once, over all namespaces (tcp_max_tw_buckets is up to
+    /// 262144 per namespace; kernel memory is reserved for all of them: about 64 bytes each).
     #[arg(long = "bpf.max-timewait", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
     max_timewait: u32,
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
