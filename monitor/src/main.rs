@@ -26,11 +26,11 @@ struct Args {
     #[arg(long = "netns", value_name = "PATH")]
     netns: Option<PathBuf>,
     /// Most full sockets in teardown states followed at once (kernel memory is reserved for
-    /// all of them: about 64 bytes each).
+    /// all of them: about 96 bytes each).
     #[arg(long = "bpf.max-sockets", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..))]
     max_sockets: u32,
     /// Most timewait sockets followed at once, over all namespaces (tcp_max_tw_buckets is up to
-    /// 262144 per namespace; kernel memory is reserved for all of them: about 64 bytes each).
+    /// 262144 per namespace; kernel memory is reserved for all of them: about 96 bytes each).
     #[arg(long = "bpf.max-timewait", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
     max_timewait: u32,
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
