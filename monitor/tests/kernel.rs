@@ -141,7 +141,7 @@ fn abort_with_rst() {
         let err = s.read(&mut b).expect_err("the peer's RST resets the connection");
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     }
-    let m = expect_transitions(&agent, &[("established", "close", 2 * N)]);
+    expect_transitions(&agent, &[("established", "close", 2 * N)]);
     let m = agent.wait_for(SETTLE, |m| m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]) == N as f64);
     assert_eq!(m.get("twmon_resets_total", &[("direction", "sent"), ("state", "close")]), N as f64, "{}", m.text);
     assert_eq!(m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]), N as f64);
@@ -384,19 +384,23 @@ fn full_maps_are_counted() {
         &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config],
     );
     let over = (M - ROOM) as f64;
-    let full = |m: &Metrics, map: &str| m.get("twmon_map_full_total", &[("map", map)]);
-    let drift = |m: &Metrics, state: &str| m.get("twmon_reconcile_drift", &[("state", state)]);
+    // `state` (as ss names it, `ss_name`) has M sockets; the map `map` has room for ROOM entries.
+    let overflows = |state: &str, ss_name: &str, map: &str| {
+        let full = |m: &Metrics| m.get("twmon_map_full_total", &[("map", map)]);
+        let drift = |m: &Metrics| m.get("twmon_reconcile_drift", &[("state", state)]);
+        let ss = ns.ss(ss_name).len() as f64;
+        assert_eq!(ss, M as f64, "ss {ss_name}");
+        let m = agent.wait_for(SETTLE, |m| drift(m) == m.sockets(state) - ss && full(m) >= over);
+        let gauge = m.sockets(state);
+        assert!(full(&m) >= over, "{map} map overflow {} < {over}", full(&m));
+        assert!(gauge <= ROOM as f64, "{state} gauge {gauge} beyond the map's room");
+        assert_eq!(drift(&m), gauge - ss, "drift shows the {state} sockets not followed");
+    };
 
     for (c, s) in connect(&ns, M, false) {
         close_pair(c, s);
     }
-    let ss_tw = ns.ss("TIME-WAIT").len() as f64;
-    assert_eq!(ss_tw, M as f64);
-    let m = agent.wait_for(SETTLE, |m| drift(m, "time_wait") == m.sockets("time_wait") - ss_tw && full(m, "timewait") >= over);
-    let tw = m.sockets("time_wait");
-    assert!(full(&m, "timewait") >= over, "timewait map overflow {} < {over}", full(&m, "timewait"));
-    assert!(tw <= ROOM as f64, "time_wait gauge {tw} beyond the map's room");
-    assert_eq!(drift(&m, "time_wait"), tw - ss_tw, "drift shows the sockets not followed");
+    overflows("time_wait", "TIME-WAIT", "timewait");
 
     let held: Vec<TcpStream> = connect(&ns, M, false)
         .into_iter()
@@ -406,13 +410,7 @@ fn full_maps_are_counted() {
             s
         })
         .collect();
-    let ss_cw = ns.ss("CLOSE-WAIT").len() as f64;
-    assert_eq!(ss_cw, M as f64);
-    let m = agent.wait_for(SETTLE, |m| drift(m, "close_wait") == m.sockets("close_wait") - ss_cw && full(m, "sockets") >= over);
-    let cw = m.sockets("close_wait");
-    assert!(full(&m, "sockets") >= over, "socket map overflow {} < {over}", full(&m, "sockets"));
-    assert!(cw <= ROOM as f64, "close_wait gauge {cw} beyond the map's room");
-    assert_eq!(drift(&m, "close_wait"), cw - ss_cw, "drift shows the sockets not followed");
+    overflows("close_wait", "CLOSE-WAIT", "sockets");
     assert!(agent.log().contains("map full"), "the kernel programs' warning reached the log");
     drop(held);
 }
