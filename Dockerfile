@@ -34,9 +34,9 @@ RUN cargo build --release --locked --package monitor \
 FROM gcr.io/distroless/cc-debian12:latest
 COPY --from=build /out/twmon /usr/local/bin/twmon
 EXPOSE 9864
-# Root in the container: tracefs is readable by root only. The capabilities come from the
-# runtime (DaemonSet securityContext, or docker run --cap-add BPF --cap-add PERFMON
-# --cap-add SYSLOG).
+# Root in the container: Kubernetes grants added capabilities to root containers only.
+# The capabilities come from the runtime (DaemonSet securityContext, or docker run
+# --cap-add BPF --cap-add PERFMON --cap-add SYSLOG).
 # hadolint ignore=DL3002
 USER 0
 ENTRYPOINT ["/usr/local/bin/twmon"]

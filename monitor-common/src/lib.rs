@@ -125,37 +125,13 @@ pub mod counter {
     pub const COUNT: u32 = RESETS_RECEIVED + MAX_STATES;
 }
 
-/// Offsets and addresses of the running kernel, read by the agent at load time from tracefs
-/// format files, BTF and /proc/kallsyms, and handed to the kernel programs as a constant.
+/// Offsets and addresses of the running kernel, read by the agent at load time from BTF and
+/// /proc/kallsyms, and handed to the kernel programs as a constant.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    /// `sock:inet_sock_set_state` fields.
-    pub ss_skaddr: u32,
-    pub ss_oldstate: u32,
-    pub ss_newstate: u32,
-    pub ss_sport: u32,
-    pub ss_dport: u32,
-    pub ss_family: u32,
-    pub ss_protocol: u32,
-    pub ss_saddr: u32,
-    pub ss_daddr: u32,
-    pub ss_saddr_v6: u32,
-    pub ss_daddr_v6: u32,
-    /// `tcp:tcp_retransmit_skb` fields; `rt_err` is 0 on kernels whose tracepoint has no
-    /// `err` (before 6.17), where every event is a retransmit that was sent.
-    pub rt_state: u32,
-    pub rt_err: u32,
-    /// `tcp:tcp_send_reset` and `tcp:tcp_receive_reset` fields.
-    pub rs_state: u32,
-    pub rr_skaddr: u32,
-    /// `timer:timer_start`, `timer:timer_cancel`.
-    pub ts_timer: u32,
-    pub ts_function: u32,
-    pub ts_expires: u32,
-    pub ts_now: u32,
-    pub tc_timer: u32,
-    /// `struct sock_common` members.
+    /// `struct sock_common` members; all lie within its first [`SOCK_COMMON_BYTES`] bytes,
+    /// which the programs copy at once.
     pub skc_daddr: u32,
     pub skc_rcv_saddr: u32,
     pub skc_hash: u32,
@@ -166,6 +142,9 @@ pub struct KernelLayout {
     pub skc_net: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// `struct sock` -> `sk_protocol`, `struct inet_sock` -> `inet_sport`.
+    pub sk_protocol: u32,
+    pub inet_sport: u32,
     /// `struct net` -> `ns.inum`.
     pub net_inum: u32,
     /// `struct inet_timewait_sock` members.
@@ -174,20 +153,20 @@ pub struct KernelLayout {
     /// `struct timer_list` members.
     pub timer_expires: u32,
     pub timer_function: u32,
-    /// `skaddr` of `tcp:tcp_retransmit_skb`.
-    pub rt_skaddr: u32,
+    /// 1 when `tcp_retransmit_skb` passes the transmit result (`err`, since 6.17): the
+    /// tracepoint then also fires for retransmits that could not be sent.
+    pub retransmit_has_err: u32,
     /// Address of `tw_timer_handler`, the callback of every timewait socket's timer.
     pub tw_timer_handler: u64,
     /// Only sockets of this network namespace when not 0.
     pub netns_only: u32,
-    /// `skaddr` of `tcp:tcp_send_reset`.
-    pub rs_skaddr: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 36 * 4 + 16);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 18 * 4 + 16);
 
-/// Bytes of a `sock:inet_sock_set_state` record the kernel program copies at once; the agent
-/// checks at load time that every field it uses lies within them.
-pub const SET_STATE_RECORD: usize = 72;
+/// Bytes at the start of a `struct sock_common` the programs copy at once; the agent checks at
+/// load time that every member they use lies within them.
+pub const SOCK_COMMON_BYTES: usize = 96;
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]

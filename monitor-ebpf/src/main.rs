@@ -1,5 +1,10 @@
 //! twmon's kernel programs: follow TCP connections through the four-way close.
 //!
+//! Every program is a BTF tracepoint (`tp_btf`): it gets the tracepoint's arguments, and the
+//! kernel skips it only when the same program is already running on that CPU (a classic
+//! tracepoint program is skipped while any other BPF program runs there, say when an interrupt
+//! arrives during one); the agent exports those misses.
+//!
 //! Full sockets are followed on `sock:inet_sock_set_state`. TIME_WAIT is not visible there: in
 //! `tcp_time_wait()` the kernel hands the connection to a separate `inet_timewait_sock` and moves
 //! the full socket to CLOSE. Timewait sockets are followed through their timer instead, whose
@@ -25,14 +30,13 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::{bpf_for_each_map_elem, bpf_jiffies64}},
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
-    EbpfContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    SET_STATE_RECORD, counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Settings, SockEntry,
+    SOCK_COMMON_BYTES, counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Settings, SockEntry,
 };
 
 const AF_INET6: u16 = 10;
@@ -167,11 +171,67 @@ fn since(now: u64, then: u64) -> (u64, u16) {
     if then != 0 && now >= then { (now - then, flags::DURATION) } else { (0, 0) }
 }
 
-/// Network namespace inode of a socket (full or timewait: both start with `sock_common`).
+/// A `sock_common`, the start of full and timewait sockets alike.
+trait SockCommon {
+    fn get<T: Copy>(&self, offset: u32) -> Result<T, i64>;
+
+    /// Network namespace inode.
+    #[inline(always)]
+    fn netns(&self) -> Result<u32, i64> {
+        kread(self.get::<u64>(layout!(skc_net))? + layout!(net_inum) as u64)
+    }
+
+    /// What identifies a connection across the hand-off from full socket to timewait socket:
+    /// its namespace, remote port and established-hash (a hash of the whole 4-tuple). Not the
+    /// local port: by the time the full socket moves to CLOSE the kernel has zeroed `skc_num`.
+    #[inline(always)]
+    fn identity(&self) -> Result<(u64, u32, u32), i64> {
+        let dport: u16 = self.get(layout!(skc_dport))?;
+        Ok((self.get(layout!(skc_net))?, dport as u32, self.get(layout!(skc_hash))?))
+    }
+
+    /// Family, remote port and both addresses into `ev`; the local port is the caller's.
+    #[inline(always)]
+    fn fill(&self, ev: &mut Event) -> Result<(), i64> {
+        ev.family = self.get(layout!(skc_family))?;
+        ev.dport = u16::from_be(self.get(layout!(skc_dport))?);
+        if ev.family == AF_INET6 {
+            ev.saddr = self.get(layout!(skc_v6_rcv_saddr))?;
+            ev.daddr = self.get(layout!(skc_v6_daddr))?;
+        } else {
+            let s: [u8; 4] = self.get(layout!(skc_rcv_saddr))?;
+            let d: [u8; 4] = self.get(layout!(skc_daddr))?;
+            ev.saddr[..4].copy_from_slice(&s);
+            ev.daddr[..4].copy_from_slice(&d);
+        }
+        Ok(())
+    }
+}
+
+/// A socket read where it lies, one helper call per field.
+struct Live(u64);
+
+impl SockCommon for Live {
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: u32) -> Result<T, i64> {
+        kread(self.0 + offset as u64)
+    }
+}
+
+/// The start of a socket copied with one helper call, for the state program (the hot path);
+/// the verifier knows each offset as a constant from the frozen LAYOUT.
+struct Copied([u8; SOCK_COMMON_BYTES]);
+
+impl SockCommon for Copied {
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: u32) -> Result<T, i64> {
+        Ok(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(offset as usize) as *const T) })
+    }
+}
+
 #[inline(always)]
 fn netns_of(sk: u64) -> Result<u32, i64> {
-    let net: u64 = kread(sk + layout!(skc_net) as u64)?;
-    kread(net + layout!(net_inum) as u64)
+    Live(sk).netns()
 }
 
 /// False when the agent watches one namespace and this is not it.
@@ -181,68 +241,28 @@ fn wanted(netns: u32) -> bool {
     only == 0 || only == netns
 }
 
-/// Fill family, ports and addresses of `ev` from a `sock_common`.
-#[inline(always)]
-fn fill_tuple(ev: &mut Event, sk: u64) -> Result<(), i64> {
-    ev.family = kread(sk + layout!(skc_family) as u64)?;
-    ev.sport = kread(sk + layout!(skc_num) as u64)?;
-    ev.dport = u16::from_be(kread(sk + layout!(skc_dport) as u64)?);
-    if ev.family == AF_INET6 {
-        ev.saddr = kread(sk + layout!(skc_v6_rcv_saddr) as u64)?;
-        ev.daddr = kread(sk + layout!(skc_v6_daddr) as u64)?;
-    } else {
-        let s: [u8; 4] = kread(sk + layout!(skc_rcv_saddr) as u64)?;
-        let d: [u8; 4] = kread(sk + layout!(skc_daddr) as u64)?;
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    }
-    Ok(())
-}
-
-/// What identifies a connection across the hand-off from full socket to timewait socket: its
-/// namespace, remote port and established-hash (a hash of the whole 4-tuple). Not the local
-/// port: by the time the full socket moves to CLOSE the kernel has zeroed its `skc_num`.
-#[inline(always)]
-fn identity(sk: u64) -> Result<(u64, u32, u32), i64> {
-    let net: u64 = kread(sk + layout!(skc_net) as u64)?;
-    let dport: u16 = kread(sk + layout!(skc_dport) as u64)?;
-    let hash: u32 = kread(sk + layout!(skc_hash) as u64)?;
-    Ok((net, dport as u32, hash))
-}
-
 #[inline(always)]
 fn tw_event(tw: u64, netns: u32, now: u64) -> Event {
     let mut ev = Event { ts_ns: now, obj: tw, netns, flags: flags::TIMEWAIT, ..Event::default() };
-    let _ = fill_tuple(&mut ev, tw);
+    let _ = Live(tw).fill(&mut ev);
+    ev.sport = Live(tw).get(layout!(skc_num)).unwrap_or(0);
     ev
 }
 
 // ---------------------------------------------------------------------------------------------
 // sock:inet_sock_set_state
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn twmon_state(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn twmon_state(ctx: BtfTracePointContext) -> u32 {
     let _ = try_state(&ctx);
     0
 }
 
-/// A field of a record copied to the stack (one helper call for the whole record instead of one
-/// per field; the verifier knows `offset` as a constant from the frozen LAYOUT).
 #[inline(always)]
-fn at<T: Copy>(rec: &[u8; SET_STATE_RECORD], offset: u32) -> T {
-    unsafe { core::ptr::read_unaligned(rec.as_ptr().add(offset as usize) as *const T) }
-}
-
-#[inline(always)]
-fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
-    let rec: [u8; SET_STATE_RECORD] = kread(ctx.as_ptr() as u64)?;
-    let protocol: u16 = at(&rec, layout!(ss_protocol));
-    if protocol != IPPROTO_TCP {
-        return Ok(());
-    }
-    let old = at::<i32>(&rec, layout!(ss_oldstate)) as u8;
-    let new = at::<i32>(&rec, layout!(ss_newstate)) as u8;
-    let sk: u64 = at(&rec, layout!(ss_skaddr));
+fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<i32>(1) as u8;
+    let new = ctx.arg::<i32>(2) as u8;
 
     if new == tcp::SYN_SENT {
         if let Some(p) = CONNECTING.get_ptr_mut(0) {
@@ -255,25 +275,21 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
     if !(tcp::is_teardown(new) || new == tcp::CLOSE) || old == tcp::CLOSE || old == tcp::LISTEN {
         return Ok(());
     }
-    let netns = netns_of(sk)?;
+    let protocol: u16 = kread(sk + layout!(sk_protocol) as u64)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let c = Copied(kread(sk)?);
+    let netns = c.netns()?;
     if !wanted(netns) {
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
 
     let mut ev = Event { ts_ns: now, obj: sk, netns, kind: kind::TRANSITION, from: old, to: new, ..Event::default() };
-    ev.family = at(&rec, layout!(ss_family));
-    ev.sport = at(&rec, layout!(ss_sport));
-    ev.dport = at(&rec, layout!(ss_dport));
-    if ev.family == AF_INET6 {
-        ev.saddr = at(&rec, layout!(ss_saddr_v6));
-        ev.daddr = at(&rec, layout!(ss_daddr_v6));
-    } else {
-        let s: [u8; 4] = at(&rec, layout!(ss_saddr));
-        let d: [u8; 4] = at(&rec, layout!(ss_daddr));
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    }
+    c.fill(&mut ev)?;
+    // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
+    ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);
 
     // Leaving `old`: its entry time gives the duration. Teardown to teardown updates the entry
     // in place (no delete and insert).
@@ -297,7 +313,7 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
     (ev.duration_ns, ev.flags) = since(now, entered);
 
     if new == tcp::CLOSE && (old == tcp::FIN_WAIT1 || old == tcp::FIN_WAIT2 || old == tcp::CLOSING) {
-        if let Some(h) = take_handoff(sk) {
+        if let Some(h) = take_handoff(&c) {
             // The connection lives on as a timewait socket: RFC 793's view is old -> TIME_WAIT,
             // or no change at all for an orphaned FIN_WAIT2 that the kernel keeps as one.
             if h.state == old {
@@ -329,13 +345,13 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// The timewait socket this CPU just created for `sk`, if it is the one.
 #[inline(always)]
-fn take_handoff(sk: u64) -> Option<Handoff> {
+fn take_handoff(c: &Copied) -> Option<Handoff> {
     let slot = HANDOFF.get_ptr_mut(0)?;
     let h = unsafe { *slot };
     if h.tw == 0 {
         return None;
     }
-    let (net, dport, hash) = identity(sk).ok()?;
+    let (net, dport, hash) = c.identity().ok()?;
     if h.net != net || h.dport != dport || h.hash != hash {
         return None;
     }
@@ -346,20 +362,21 @@ fn take_handoff(sk: u64) -> Option<Handoff> {
 // ---------------------------------------------------------------------------------------------
 // Timewait sockets: timer:timer_start, timer:timer_cancel and the sweep.
 
-#[tracepoint(category = "timer", name = "timer_start")]
-pub fn twmon_timer_start(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "timer_start")]
+pub fn twmon_timer_start(ctx: BtfTracePointContext) -> u32 {
     let _ = try_timer_start(&ctx);
     0
 }
 
 #[inline(always)]
-fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
-    let function: u64 = unsafe { ctx.read_at(layout!(ts_function) as usize)? };
+fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let timer: u64 = ctx.arg(0);
+    // Every timer in the system passes here: look at the callback before anything else.
+    let function: u64 = kread(timer + layout!(timer_function) as u64)?;
     if function != layout!(tw_timer_handler) {
         return Ok(());
     }
-    let timer: u64 = unsafe { ctx.read_at(layout!(ts_timer) as usize)? };
-    let expires: u64 = unsafe { ctx.read_at(layout!(ts_expires) as usize)? };
+    let expires: u64 = kread(timer + layout!(timer_expires) as u64)?;
     let tw = timer - layout!(tw_timer) as u64;
     let now = unsafe { bpf_ktime_get_ns() };
 
@@ -370,7 +387,7 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
         if c.tw == tw {
             unsafe { (*slot).tw = 0 };
         }
-        if c.tw == tw && identity(tw).ok() == Some(c.identity) {
+        if c.tw == tw && Live(tw).identity() == Ok(c.identity) {
             let netns = netns_of(tw)?;
             let mut entry = c.entry;
             gauge(entry.state, 1);
@@ -415,7 +432,7 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
         count(counter::ORPHANS_FULL);
     }
     if let Some(slot) = HANDOFF.get_ptr_mut(0) {
-        let (net, dport, hash) = identity(tw)?;
+        let (net, dport, hash) = Live(tw).identity()?;
         unsafe { *slot = Handoff { tw, net, dport, hash, state, _pad: [0; 7] } };
     }
     Ok(())
@@ -472,15 +489,15 @@ fn refresh(entry: &mut SockEntry, tw: u64, netns: u32, expires: u64, now: u64, n
     Ok(())
 }
 
-#[tracepoint(category = "timer", name = "timer_cancel")]
-pub fn twmon_timer_cancel(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn twmon_timer_cancel(ctx: BtfTracePointContext) -> u32 {
     let _ = try_timer_cancel(&ctx);
     0
 }
 
 #[inline(always)]
-fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
-    let timer: u64 = unsafe { ctx.read_at(layout!(tc_timer) as usize)? };
+fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let timer: u64 = ctx.arg(0);
     // Every timer in the system passes here: look at the callback before touching a map.
     // timer_shutdown() clears it, so a NULL callback may be a timewait timer being killed.
     let function: u64 = kread(timer + layout!(timer_function) as u64)?;
@@ -519,7 +536,7 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     ev.kind = kind::TW_CANCEL;
     ev.reason = if reused(tw) { reason::REUSE } else { reason::KILLED };
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
-        unsafe { *slot = Cancelled { tw, entry, identity: identity(tw).unwrap_or_default() } };
+        unsafe { *slot = Cancelled { tw, entry, identity: Live(tw).identity().unwrap_or_default() } };
     }
     emit(&ev);
     Ok(())
@@ -553,7 +570,7 @@ fn reused(tw: u64) -> bool {
     };
     // The connecting socket is hashed under the same 4-tuple before the kernel kills the
     // timewait socket, so its identity is the timewait socket's.
-    matches!((identity(sk), identity(tw)), (Ok(a), Ok(b)) if a == b)
+    matches!((Live(sk).identity(), Live(tw).identity()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings the orphaned FIN_WAIT2
@@ -624,52 +641,43 @@ extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, _value: *mut u8, _ct
 // ---------------------------------------------------------------------------------------------
 // Retransmits and resets: counted in the kernel by state, no event.
 
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn twmon_retransmit(ctx: TracePointContext) -> u32 {
-    let err_off = layout!(rt_err);
-    if err_off != 0 {
-        // Since 6.17 the tracepoint also fires for retransmits that could not be sent.
-        match unsafe { ctx.read_at::<i32>(err_off as usize) } {
-            Ok(0) => {}
-            _ => return 0,
-        }
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn twmon_retransmit(ctx: BtfTracePointContext) -> u32 {
+    // Since 6.17 the tracepoint also fires for retransmits that could not be sent.
+    if layout!(retransmit_has_err) != 0 && ctx.arg::<i32>(2) != 0 {
+        return 0;
     }
-    if let Ok(state) = unsafe { ctx.read_at::<i32>(layout!(rt_state) as usize) } {
-        let sk: u64 = unsafe { ctx.read_at(layout!(rt_skaddr) as usize) }.unwrap_or(0);
-        if in_scope(sk) {
-            count(counter::RETRANSMITS + (state as u32 % tcp::MAX_STATES));
-        }
-    }
+    count_by_state(ctx.arg(0), counter::RETRANSMITS);
     0
 }
 
-#[tracepoint(category = "tcp", name = "tcp_send_reset")]
-pub fn twmon_send_reset(ctx: TracePointContext) -> u32 {
-    // skaddr may be NULL (a reset for a segment no socket owns): counted under state 0.
-    if let Ok(state) = unsafe { ctx.read_at::<i32>(layout!(rs_state) as usize) } {
-        let sk: u64 = unsafe { ctx.read_at(layout!(rs_skaddr) as usize) }.unwrap_or(0);
-        if sk != 0 && in_scope(sk) {
-            count(counter::RESETS_SENT + (state as u32 % tcp::MAX_STATES));
-        }
-    }
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn twmon_send_reset(ctx: BtfTracePointContext) -> u32 {
+    // The socket is NULL for a reset to a segment no socket owns: not counted.
+    count_by_state(ctx.arg(0), counter::RESETS_SENT);
     0
 }
 
-#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn twmon_receive_reset(ctx: TracePointContext) -> u32 {
-    if let Ok(sk) = unsafe { ctx.read_at::<u64>(layout!(rr_skaddr) as usize) } {
-        if in_scope(sk) {
-            if let Ok(state) = kread::<u8>(sk + layout!(skc_state) as u64) {
-                count(counter::RESETS_RECEIVED + (state as u32 % tcp::MAX_STATES));
-            }
-        }
-    }
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn twmon_receive_reset(ctx: BtfTracePointContext) -> u32 {
+    count_by_state(ctx.arg(0), counter::RESETS_RECEIVED);
     0
+}
+
+/// Counts `base + state of sk` when `sk` is one the agent watches.
+#[inline(always)]
+fn count_by_state(sk: u64, base: u32) {
+    if sk == 0 || !in_scope(sk) {
+        return;
+    }
+    if let Ok(state) = kread::<u8>(sk + layout!(skc_state) as u64) {
+        count(base + (state as u32 % tcp::MAX_STATES));
+    }
 }
 
 #[inline(always)]
 fn in_scope(sk: u64) -> bool {
-    layout!(netns_only) == 0 || (sk != 0 && netns_of(sk).map(wanted).unwrap_or(false))
+    layout!(netns_only) == 0 || netns_of(sk).map(wanted).unwrap_or(false)
 }
 
 #[cfg(not(test))]

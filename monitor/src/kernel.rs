@@ -7,7 +7,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramFd, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, ProgramFd, RawTracePoint},
 };
 use monitor_common::{ClockSample, KernelLayout, Settings, counter, tcp};
 
@@ -16,15 +16,7 @@ use crate::layout::{self, LayoutError};
 /// The kernel object built by `build.rs` from `monitor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-/// Programs and the tracepoints they attach to.
-pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("twmon_state", "sock", "inet_sock_set_state"),
-    ("twmon_timer_start", "timer", "timer_start"),
-    ("twmon_timer_cancel", "timer", "timer_cancel"),
-    ("twmon_retransmit", "tcp", "tcp_retransmit_skb"),
-    ("twmon_send_reset", "tcp", "tcp_send_reset"),
-    ("twmon_receive_reset", "tcp", "tcp_receive_reset"),
-];
+pub use crate::layout::TRACEPOINTS;
 const SWEEP: &str = "twmon_sweep";
 
 #[derive(Debug, thiserror::Error)]
@@ -32,17 +24,17 @@ pub enum KernelError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error(
-        "loading the kernel programs failed: {0}\n  twmon needs root, or CAP_BPF, CAP_PERFMON, CAP_SYSLOG \
-         and CAP_DAC_READ_SEARCH (plus CAP_SYS_ADMIN to mount tracefs); run it with sudo"
+        "loading the kernel programs failed: {0}\n  twmon needs root, or CAP_BPF, CAP_PERFMON and \
+         CAP_SYSLOG; run it with sudo"
     )]
     Permission(String),
     #[error("loading the kernel programs failed: {0:#}")]
     Load(#[source] anyhow::Error),
     #[error(
-        "attaching {0} to tracepoint {1}:{2} failed: {3}\n  check that the kernel has this \
-         tracepoint (ls /sys/kernel/tracing/events/{1}/{2})"
+        "attaching {0} to BTF tracepoint {1} failed: {2}\n  twmon needs BTF tracepoints \
+         (BPF_PROG_TYPE_TRACING, Linux 5.5 or newer, CONFIG_DEBUG_INFO_BTF=y)"
     )]
-    Attach(String, String, String, String),
+    Attach(String, String, String),
 }
 
 /// Sizes of the kernel maps.
@@ -79,11 +71,15 @@ impl Readout {
     }
 }
 
-/// Per-program statistics from the kernel (non-zero when kernel.bpf_stats_enabled=1).
+/// Per-program statistics from the kernel. Run counts and times are non-zero only while
+/// kernel.bpf_stats_enabled=1; missed runs are always counted.
 pub struct ProgramStats {
     pub name: String,
     pub run_count: u64,
     pub run_time: Duration,
+    /// Times the kernel skipped the program because it was already running on that CPU (a
+    /// tracepoint hit inside an interrupt that came while the program ran): lost events.
+    pub missed: u64,
 }
 
 fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -155,17 +151,18 @@ impl Kernel {
         let mut kernel =
             Kernel { ebpf, counters, gauges, sweep, settings_map, settings: Settings::default(), hz: 0, attached: 0 };
         kernel.calibrate()?;
-        for (name, category, tp) in TRACEPOINTS {
-            let prog: &mut TracePoint = kernel
+        let btf = aya::Btf::from_sys_fs().map_err(|e| {
+            KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string()))
+        })?;
+        for (name, tp, _, _) in TRACEPOINTS {
+            let prog: &mut BtfTracePoint = kernel
                 .ebpf
                 .program_mut(name)
                 .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {name} missing")))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
-            prog.load().map_err(|e| load_error(name, e))?;
-            prog.attach(category, tp).map_err(|e| {
-                KernelError::Attach(name.to_string(), category.to_string(), tp.to_string(), format!("{e:#}"))
-            })?;
+            prog.load(tp, &btf).map_err(|e| load_error(name, e))?;
+            prog.attach().map_err(|e| KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}")))?;
             kernel.attached += 1;
         }
         Ok((kernel, events, logger))
@@ -264,15 +261,48 @@ impl Kernel {
         out
     }
 
+    /// Statistics of the attached programs.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.ebpf
             .programs()
+            .filter(|(name, _)| *name != SWEEP)
             .filter_map(|(name, p)| {
-                let info = p.info().ok()?;
-                Some(ProgramStats { name: name.to_string(), run_count: info.run_count(), run_time: info.run_time() })
+                let info = prog_info(p.fd().ok()?).ok()?;
+                Some(ProgramStats {
+                    name: name.to_string(),
+                    run_count: info.run_cnt,
+                    run_time: Duration::from_nanos(info.run_time_ns),
+                    missed: info.recursion_misses,
+                })
             })
             .collect()
     }
+}
+
+/// The kernel's `bpf_prog_info` of a program (aya's view of it leaves out `recursion_misses`).
+fn prog_info(fd: &ProgramFd) -> std::io::Result<aya_obj::generated::bpf_prog_info> {
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: bpf_prog_info is plain integers; all zeroes is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: &mut info as *mut _ as u64,
+    };
+    // SAFETY: attr points at `info`, of the length given; the kernel writes at most that much.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoByFd, std::mem::size_of::<InfoByFd>() as u32)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
 }
 
 fn load_error(name: &str, e: aya::programs::ProgramError) -> KernelError {

@@ -1,11 +1,7 @@
-//! The running kernel's layout: tracepoint field offsets from tracefs, struct member offsets from
-//! BTF, and the address of `tw_timer_handler` from /proc/kallsyms. Nothing that differs between
-//! kernel versions is compiled into the programs; it is all read here at load time.
-use std::{
-    collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
-};
+//! The running kernel's layout: tracepoint arguments and struct member offsets from BTF, and the
+//! address of `tw_timer_handler` from /proc/kallsyms. Nothing that differs between kernel
+//! versions is compiled into the programs; it is all read here at load time.
+use std::fs;
 
 use btf_rs::{Btf, Type};
 use monitor_common::KernelLayout;
@@ -13,27 +9,20 @@ use monitor_common::KernelLayout;
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error(
-        "tracefs is not available at /sys/kernel/tracing and could not be mounted ({0}); \
-         run as root or mount it: `mount -t tracefs tracefs /sys/kernel/tracing`"
-    )]
-    Tracefs(String),
-    #[error(
-        "tracepoint {0} is missing from this kernel ({1}); twmon needs CONFIG_TRACEPOINTS and \
+        "tracepoint {0} is missing from this kernel's BTF; twmon needs CONFIG_TRACEPOINTS and \
          the sock, tcp and timer trace events (Linux 5.15 or newer)"
     )]
-    Tracepoint(String, String),
+    Tracepoint(String),
     #[error(
-        "permission denied reading {0}: twmon needs root (or CAP_BPF, CAP_PERFMON, CAP_SYSLOG \
-         and CAP_DAC_READ_SEARCH); run it with sudo"
+        "tracepoint {0} passes ({1}) on this kernel, not what twmon reads ({2}); please report \
+         the kernel version"
     )]
-    Permission(String),
+    Arguments(String, String, String),
     #[error(
-        "tracepoint sock:inet_sock_set_state uses {0} bytes on this kernel, more than the {1} \
-         twmon reads; please report the kernel version"
+        "struct sock_common members twmon reads end at byte {0} on this kernel, past the {1} it \
+         copies; please report the kernel version"
     )]
-    Record(usize, usize),
-    #[error("tracepoint {0} has no field `{1}` on this kernel; please report the kernel version")]
-    Field(String, String),
+    SockCommon(usize, usize),
     #[error(
         "kernel BTF is not readable at {0} ({1}); twmon needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 2020)"
@@ -42,90 +31,68 @@ pub enum LayoutError {
     #[error("kernel BTF has no {0}; please report the kernel version")]
     Member(String),
     #[error(
-        "symbol {0} not found in /proc/kallsyms (or shown as 0: run as root, or set \
-         kernel.kptr_restrict=0)"
+        "symbol {0} not found in /proc/kallsyms (or shown as 0): twmon needs root or CAP_SYSLOG \
+         to read kernel addresses (or kernel.kptr_restrict=0)"
     )]
     Symbol(String),
 }
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
-/// Finds tracefs, mounting it at /sys/kernel/tracing when it is not mounted yet.
-pub fn tracefs() -> Result<PathBuf, LayoutError> {
-    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        if Path::new(dir).join("events").is_dir() {
-            return Ok(PathBuf::from(dir));
-        }
-    }
-    let dir = "/sys/kernel/tracing";
-    let (src, target, fstype) = (c"tracefs", c"/sys/kernel/tracing", c"tracefs");
-    // SAFETY: valid NUL-terminated strings, no data argument.
-    let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+/// The programs attach to BTF tracepoints: the kernel hands them the tracepoint's arguments
+/// (`btf_trace_<name>`), and a program nested in an interrupt is only skipped when the same
+/// program is already running on that CPU (classic tracepoints skip every program while any
+/// other runs). What each program reads: the first argument's struct, then how many
+/// arguments there must be at least.
+pub const TRACEPOINTS: &[(&str, &str, &str, usize)] = &[
+    ("twmon_state", "inet_sock_set_state", "sock", 3),
+    ("twmon_timer_start", "timer_start", "timer_list", 1),
+    ("twmon_timer_cancel", "timer_cancel", "timer_list", 1),
+    ("twmon_retransmit", "tcp_retransmit_skb", "sock", 1),
+    ("twmon_send_reset", "tcp_send_reset", "sock", 1),
+    ("twmon_receive_reset", "tcp_receive_reset", "sock", 1),
+];
+
+/// The argument types of tracepoint `name`, as C-like names (`struct sock *`, `int`).
+pub fn tracepoint_args(btf: &Btf, name: &str) -> Result<Vec<String>, LayoutError> {
+    let missing = || LayoutError::Tracepoint(name.to_string());
+    let typedef = btf
+        .resolve_types_by_name(&format!("btf_trace_{name}"))
+        .map_err(|_| missing())?
+        .into_iter()
+        .find(|t| matches!(t, Type::Typedef(_)))
+        .ok_or_else(missing)?;
+    let proto = match strip(btf, typedef) {
+        Some(Type::Ptr(p)) => btf.resolve_chained_type(&p).ok().and_then(|t| strip(btf, t)),
+        _ => None,
     };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.kind() == std::io::ErrorKind::PermissionDenied {
-            return Err(LayoutError::Permission("tracefs (mount)".into()));
-        }
-        return Err(LayoutError::Tracefs(err.to_string()));
-    }
-    tracing::info!(path = dir, "mounted tracefs");
-    Ok(PathBuf::from(dir))
+    let Some(Type::FuncProto(proto)) = proto else { return Err(missing()) };
+    // The first parameter is the tracepoint's own context pointer.
+    Ok(proto.parameters.iter().skip(1).map(|p| type_name(btf, p)).collect())
 }
 
-/// Field offsets of one tracepoint, from its `format` file.
-#[derive(Debug)]
-pub struct Format {
-    name: String,
-    fields: HashMap<String, u32>,
+fn type_name(btf: &Btf, t: &dyn btf_rs::BtfType) -> String {
+    let Some(ty) = btf.resolve_chained_type(t).ok().and_then(|ty| strip(btf, ty)) else {
+        return "?".into();
+    };
+    match &ty {
+        Type::Ptr(p) => format!("{} *", type_name(btf, p)),
+        Type::Struct(s) => format!("struct {}", btf.resolve_name(s).unwrap_or_default()),
+        Type::Int(i) => btf.resolve_name(i).unwrap_or_default(),
+        Type::Enum(e) => format!("enum {}", btf.resolve_name(e).unwrap_or_default()),
+        Type::Void => "void".into(),
+        _ => "?".into(),
+    }
 }
 
-impl Format {
-    pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Self, LayoutError> {
-        let full = format!("{category}:{name}");
-        let path = tracefs.join("events").join(category).join(name).join("format");
-        let text = fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => LayoutError::Permission(path.display().to_string()),
-            _ => LayoutError::Tracepoint(full.clone(), e.to_string()),
-        })?;
-        Ok(Self::parse(&full, &text))
+/// Checks that tracepoint `name` passes a `struct first *` first and at least `count` arguments.
+fn check_tracepoint(btf: &Btf, name: &str, first: &str, count: usize) -> Result<Vec<String>, LayoutError> {
+    let args = tracepoint_args(btf, name)?;
+    let want = format!("struct {first} *");
+    if args.len() < count || args[0] != want {
+        return Err(LayoutError::Arguments(name.into(), args.join(", "), format!("{want}, ... ({count} arguments)")));
     }
-
-    /// Parses lines such as `\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;`.
-    pub fn parse(name: &str, text: &str) -> Self {
-        let mut fields = HashMap::new();
-        for line in text.lines() {
-            let mut decl = None;
-            let mut offset = None;
-            for part in line.split(';') {
-                let part = part.trim();
-                if let Some(d) = part.strip_prefix("field:") {
-                    decl = Some(d);
-                } else if let Some(o) = part.strip_prefix("offset:") {
-                    offset = o.parse::<u32>().ok();
-                }
-            }
-            if let (Some(decl), Some(offset)) = (decl, offset) {
-                // The name is the last word, without any array suffix: `__u8 saddr[4]`.
-                let last = decl.split_whitespace().last().unwrap_or_default();
-                let field = last.split('[').next().unwrap_or_default().trim_start_matches('*');
-                fields.insert(field.to_string(), offset);
-            }
-        }
-        Self { name: name.to_string(), fields }
-    }
-
-    pub fn offset(&self, field: &str) -> Result<u32, LayoutError> {
-        self.fields
-            .get(field)
-            .copied()
-            .ok_or_else(|| LayoutError::Field(self.name.clone(), field.to_string()))
-    }
-
-    pub fn optional(&self, field: &str) -> Option<u32> {
-        self.fields.get(field).copied()
-    }
+    Ok(args)
 }
 
 /// Byte offset of `path` (members separated by dots, anonymous structs and unions looked
@@ -198,62 +165,17 @@ pub fn kallsyms(symbol: &str) -> Result<u64, LayoutError> {
 
 /// Everything the kernel programs need to know about this kernel.
 pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
-    let tfs = tracefs()?;
     let btf = Btf::from_file(BTF_PATH)
         .map_err(|e| LayoutError::Btf(BTF_PATH.to_string(), e.to_string()))?;
-    let ss = Format::read(&tfs, "sock", "inet_sock_set_state")?;
-    let rt = Format::read(&tfs, "tcp", "tcp_retransmit_skb")?;
-    let rs = Format::read(&tfs, "tcp", "tcp_send_reset")?;
-    let rr = Format::read(&tfs, "tcp", "tcp_receive_reset")?;
-    let ts = Format::read(&tfs, "timer", "timer_start")?;
-    let tc = Format::read(&tfs, "timer", "timer_cancel")?;
-    let skc = |m: &str| member_offset(&btf, "sock_common", m);
-    // The state program copies the record once and reads its fields from the copy.
-    let end = [
-        ("skaddr", 8),
-        ("oldstate", 4),
-        ("newstate", 4),
-        ("sport", 2),
-        ("dport", 2),
-        ("family", 2),
-        ("protocol", 2),
-        ("saddr", 4),
-        ("daddr", 4),
-        ("saddr_v6", 16),
-        ("daddr_v6", 16),
-    ]
-    .iter()
-    .map(|(f, size)| ss.offset(f).map(|o| o as usize + size))
-    .collect::<Result<Vec<_>, _>>()?
-    .into_iter()
-    .max()
-    .unwrap_or(0);
-    if end > monitor_common::SET_STATE_RECORD {
-        return Err(LayoutError::Record(end, monitor_common::SET_STATE_RECORD));
+    let mut retransmit_args = Vec::new();
+    for (_, tp, first, count) in TRACEPOINTS {
+        let args = check_tracepoint(&btf, tp, first, *count)?;
+        if *tp == "tcp_retransmit_skb" {
+            retransmit_args = args;
+        }
     }
-    Ok(KernelLayout {
-        ss_skaddr: ss.offset("skaddr")?,
-        ss_oldstate: ss.offset("oldstate")?,
-        ss_newstate: ss.offset("newstate")?,
-        ss_sport: ss.offset("sport")?,
-        ss_dport: ss.offset("dport")?,
-        ss_family: ss.offset("family")?,
-        ss_protocol: ss.offset("protocol")?,
-        ss_saddr: ss.offset("saddr")?,
-        ss_daddr: ss.offset("daddr")?,
-        ss_saddr_v6: ss.offset("saddr_v6")?,
-        ss_daddr_v6: ss.offset("daddr_v6")?,
-        rt_state: rt.offset("state")?,
-        rt_err: rt.optional("err").unwrap_or(0),
-        rt_skaddr: rt.offset("skaddr")?,
-        rs_state: rs.offset("state")?,
-        rs_skaddr: rs.offset("skaddr")?,
-        rr_skaddr: rr.offset("skaddr")?,
-        ts_timer: ts.offset("timer")?,
-        ts_function: ts.offset("function")?,
-        ts_expires: ts.offset("expires")?,
-        ts_now: ts.offset("now")?,
-        tc_timer: tc.offset("timer")?,
+    let skc = |m: &str| member_offset(&btf, "sock_common", m);
+    let layout = KernelLayout {
         skc_daddr: skc("skc_daddr")?,
         skc_rcv_saddr: skc("skc_rcv_saddr")?,
         skc_hash: skc("skc_hash")?,
@@ -264,35 +186,59 @@ pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
         skc_net: skc("skc_net")?,
         skc_v6_daddr: skc("skc_v6_daddr")?,
         skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
+        sk_protocol: member_offset(&btf, "sock", "sk_protocol")?,
+        inet_sport: member_offset(&btf, "inet_sock", "inet_sport")?,
         net_inum: member_offset(&btf, "net", "ns.inum")?,
         tw_substate: member_offset(&btf, "inet_timewait_sock", "tw_substate")?,
         tw_timer: member_offset(&btf, "inet_timewait_sock", "tw_timer")?,
         timer_expires: member_offset(&btf, "timer_list", "expires")?,
         timer_function: member_offset(&btf, "timer_list", "function")?,
+        // (sk, skb, err) since 6.17; (sk, skb) before.
+        retransmit_has_err: (retransmit_args.len() >= 3 && retransmit_args[2] == "int") as u32,
         tw_timer_handler: kallsyms("tw_timer_handler")?,
         netns_only,
-    })
+        _pad: 0,
+    };
+    let l = &layout;
+    let end = [
+        (l.skc_daddr, 4),
+        (l.skc_rcv_saddr, 4),
+        (l.skc_hash, 4),
+        (l.skc_dport, 2),
+        (l.skc_num, 2),
+        (l.skc_family, 2),
+        (l.skc_state, 1),
+        (l.skc_net, 8),
+        (l.skc_v6_daddr, 16),
+        (l.skc_v6_rcv_saddr, 16),
+    ]
+    .iter()
+    .map(|(o, size)| *o as usize + size)
+    .max()
+    .unwrap_or(0);
+    if end > monitor_common::SOCK_COMMON_BYTES {
+        return Err(LayoutError::SockCommon(end, monitor_common::SOCK_COMMON_BYTES));
+    }
+    Ok(layout)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SET_STATE: &str = "name: inet_sock_set_state\nID: 1455\nformat:\n\
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
-\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\
-\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;\n\
-\nprint fmt: \"family=%s\"\n";
-
+    /// Runs where the build runs: this machine's own kernel BTF.
     #[test]
-    fn parses_tracefs_format() {
-        let f = Format::parse("sock:inet_sock_set_state", SET_STATE);
-        assert_eq!(f.offset("skaddr").unwrap(), 8);
-        assert_eq!(f.offset("oldstate").unwrap(), 16);
-        assert_eq!(f.offset("saddr_v6").unwrap(), 40);
-        assert_eq!(f.optional("err"), None);
-        let err = f.offset("newstate").unwrap_err().to_string();
-        assert!(err.contains("no field `newstate`"), "{err}");
+    fn reads_tracepoint_arguments_from_btf() {
+        let Ok(btf) = Btf::from_file(BTF_PATH) else {
+            panic!("{BTF_PATH} is not readable; twmon's build machines have kernel BTF");
+        };
+        let args = tracepoint_args(&btf, "inet_sock_set_state").unwrap();
+        assert_eq!(args, ["struct sock *", "int", "int"]);
+        assert_eq!(tracepoint_args(&btf, "timer_cancel").unwrap(), ["struct timer_list *"]);
+        let err = tracepoint_args(&btf, "no_such_tracepoint").unwrap_err().to_string();
+        assert!(err.contains("no_such_tracepoint is missing"), "{err}");
+        let err = check_tracepoint(&btf, "timer_cancel", "sock", 1).unwrap_err().to_string();
+        assert!(err.contains("passes (struct timer_list *)"), "{err}");
+        assert!(member_offset(&btf, "sock_common", "skc_v6_rcv_saddr").unwrap() < 96);
     }
 }

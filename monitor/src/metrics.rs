@@ -38,6 +38,7 @@ pub struct Metrics {
     timewait_missed: IntCounter,
     programs_attached: IntGauge,
     program_runs: IntCounterVec,
+    program_missed: IntCounterVec,
     program_run_seconds: CounterVec,
     pub scrape_seconds: Gauge,
     seeded: IntGaugeVec,
@@ -158,6 +159,18 @@ impl Metrics {
                     Opts::new(
                         "twmon_bpf_program_runs_total",
                         "Runs of each kernel program (needs sysctl kernel.bpf_stats_enabled=1).",
+                    ),
+                    &["program"],
+                )?,
+            )?,
+            program_missed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_bpf_program_missed_total",
+                        "Times the kernel skipped a program because it was already running on \
+                         that CPU (its tracepoint hit again from an interrupt): each one an event \
+                         lost, which twmon_reconcile_drift then shows.",
                     ),
                     &["program"],
                 )?,
@@ -301,6 +314,7 @@ impl Metrics {
         self.programs_attached.set(attached as i64);
         for p in programs {
             sync(&self.program_runs.with_label_values(&[&p.name]), p.run_count);
+            sync(&self.program_missed.with_label_values(&[&p.name]), p.missed);
             let c = self.program_run_seconds.with_label_values(&[&p.name]);
             c.inc_by((p.run_time.as_secs_f64() - c.get()).max(0.0));
         }

@@ -107,10 +107,24 @@ fn drift_is_zero_at_rest_after_churn() {
         }
     }
     held.truncate(held.len() / 2);
-    let m = agent.wait_for(SETTLE, |m| {
-        m.sockets("close_wait") == held.len() as f64 && drift(m).is_empty()
-    });
+    // Each side closed first for a quarter, then the released half of the held quarter: their
+    // orphaned FIN_WAIT2 clients got the FIN. The held clients stay orphaned FIN_WAIT2.
+    let time_wait = (2 * 75 + 38) as f64;
+    let settled = |m: &Metrics| {
+        m.sockets("close_wait") == held.len() as f64
+            && m.sockets("fin_wait2") == held.len() as f64
+            && m.sockets("time_wait") == time_wait
+            && drift(m).is_empty()
+    };
+    agent.wait_for(SETTLE, settled);
+    // A reconcile that ran before the last closes says nothing: read after two more.
+    std::thread::sleep(Duration::from_millis(2200));
+    let m = agent.metrics();
+    let missed: f64 = m.series("twmon_bpf_program_missed_total").iter().map(|(_, v)| v).sum();
+    assert_eq!(missed, 0.0, "kernel programs skipped runs: {:?}", m.series("twmon_bpf_program_missed_total"));
     assert_eq!(drift(&m), vec![], "twmon_reconcile_drift at rest");
+    assert_eq!(m.sockets("time_wait"), time_wait);
+    assert_eq!(m.sockets("fin_wait2"), held.len() as f64);
     for (state, ss_name) in [("time_wait", "TIME-WAIT"), ("close_wait", "CLOSE-WAIT"), ("fin_wait2", "FIN-WAIT-2")] {
         assert_eq!(m.sockets(state), ss_state(&ns, ss_name), "{state} vs ss");
     }

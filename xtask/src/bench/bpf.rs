@@ -24,13 +24,13 @@ const BPF_PROG_GET_NEXT_ID: u32 = 11;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_MAP_GET_FD_BY_ID: u32 = 14;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_RAW_TRACEPOINT_OPEN: u32 = 17;
 const BPF_ENABLE_STATS: u32 = 32;
 
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
-const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 const BPF_STATS_RUN_TIME: u32 = 0;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 
 /// `union bpf_attr` as a zeroed byte buffer; the kernel accepts any size up to its own as long
 /// as the bytes it does not know are zero.
@@ -271,12 +271,12 @@ impl FloorKind {
 /// Ring buffer size of the ring floors: the agent's default.
 const RING_BYTES: u32 = 4 << 20;
 
-/// A floor program attached to a tracepoint through a perf event; detached on drop.
+/// A floor program attached to a raw tracepoint; detached on drop.
 pub struct Floor {
     pub kind: FloorKind,
     pub tracepoint: String,
     // Field order is drop order: detach first, then stop the reader, then free the map.
-    _perf: OwnedFd,
+    _link: OwnedFd,
     prog: OwnedFd,
     reader: Option<RingReader>,
     _map: Option<OwnedFd>,
@@ -468,7 +468,7 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
         FloorKind::RingNoWakeup => b"bench_ring_poll",
     };
     let mut a = Attr::new();
-    a.u32(0, BPF_PROG_TYPE_TRACEPOINT)
+    a.u32(0, BPF_PROG_TYPE_RAW_TRACEPOINT)
         .u32(4, insns.len() as u32)
         .u64(8, insns.as_ptr() as u64)
         .u64(16, license.as_ptr() as u64)
@@ -484,48 +484,11 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
         }
     };
 
-    let id_path = format!("/sys/kernel/tracing/events/{category}/{name}/id");
-    let tp_id: u64 = fs::read_to_string(&id_path)
-        .with_context(|| {
-            format!("reading {id_path}; is tracefs mounted? (mount -t tracefs tracefs /sys/kernel/tracing)")
-        })?
-        .trim()
-        .parse()
-        .with_context(|| format!("parsing {id_path}"))?;
-    // struct perf_event_attr: type, size, config, sample_period, sample_type, ..., wakeup_events.
-    let mut pa = [0u8; 128];
-    pa[0..4].copy_from_slice(&2u32.to_ne_bytes()); // PERF_TYPE_TRACEPOINT
-    pa[4..8].copy_from_slice(&128u32.to_ne_bytes()); // size
-    pa[8..16].copy_from_slice(&tp_id.to_ne_bytes());
-    pa[16..24].copy_from_slice(&1u64.to_ne_bytes()); // sample_period
-    pa[24..32].copy_from_slice(&(1u64 << 10).to_ne_bytes()); // PERF_SAMPLE_RAW
-    pa[48..52].copy_from_slice(&1u32.to_ne_bytes()); // wakeup_events
-    // SAFETY: pa is a perf_event_attr of the size it declares; pid -1 / cpu 0 is how a
-    // tracepoint program is attached (it then runs on every CPU).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            pa.as_ptr(),
-            -1 as libc::c_int,
-            0 as libc::c_int,
-            -1 as libc::c_int,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if rc < 0 {
-        bail!("perf_event_open for {category}:{name} failed: {}", io::Error::last_os_error());
-    }
-    let perf = fd(rc);
-    const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-    const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
-    // SAFETY: ioctls on a perf event fd we own, with an fd argument.
-    unsafe {
-        if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd()) < 0 {
-            bail!("attaching the floor program to {category}:{name} failed: {}", io::Error::last_os_error());
-        }
-        if libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) < 0 {
-            bail!("enabling {category}:{name} failed: {}", io::Error::last_os_error());
-        }
-    }
-    Ok(Floor { kind, tracepoint: format!("{category}:{name}"), _perf: perf, prog, reader, _map: map })
+    // A raw tracepoint: the same kernel path (__bpf_trace_run) as twmon's BTF tracepoints.
+    let tp = std::ffi::CString::new(name)?;
+    let mut a = Attr::new();
+    a.u64(0, tp.as_ptr() as u64).u32(8, prog.as_raw_fd() as u32);
+    let link = fd(bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a)
+        .with_context(|| format!("attaching the floor program to raw tracepoint {name}"))?);
+    Ok(Floor { kind, tracepoint: format!("{category}:{name}"), _link: link, prog, reader, _map: map })
 }
