@@ -165,8 +165,11 @@ pub fn kallsyms(symbol: &str) -> Result<u64, LayoutError> {
 
 /// Everything the kernel programs need to know about this kernel.
 pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
-    let btf = Btf::from_file(BTF_PATH)
-        .map_err(|e| LayoutError::Btf(BTF_PATH.to_string(), e.to_string()))?;
+    // Read at once: parsing from the file seeks once per type (over 100000 system calls).
+    let btf = fs::read(BTF_PATH)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| Btf::from_bytes(&bytes).map_err(|e| e.to_string()))
+        .map_err(|e| LayoutError::Btf(BTF_PATH.to_string(), e))?;
     let mut retransmit_args = Vec::new();
     for (_, tp, first, count) in TRACEPOINTS {
         let args = check_tracepoint(&btf, tp, first, *count)?;
