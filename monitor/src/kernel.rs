@@ -261,11 +261,10 @@ impl Kernel {
         out
     }
 
-    /// Statistics of the attached programs.
+    /// Statistics of the programs (the sweep's runs are the agent's own test runs).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         self.ebpf
             .programs()
-            .filter(|(name, _)| *name != SWEEP)
             .filter_map(|(name, p)| {
                 let info = prog_info(p.fd().ok()?).ok()?;
                 Some(ProgramStats {

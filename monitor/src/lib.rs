@@ -111,6 +111,19 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Returns freed heap to the system: start-up (BTF parsing, the first sock_diag dump) and each
 /// reconcile allocate far more than the agent keeps.
+/// Keeps freed heap from piling up: the reconcile reads the kernel's whole socket table (over
+/// 100000 sockets on a busy host) every few seconds, and with glibc's default, self-raising
+/// thresholds the freed buffers stayed in the process (measured: 33.4 MiB RSS with 131072
+/// timewait sockets, 14.8 MiB when glibc returns them). Fixed thresholds: large buffers are
+/// mapped and unmapped on their own, and more than 1 MiB free at the top of the heap is given back.
+pub fn bound_heap() {
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
+
 fn trim() {
     // SAFETY: glibc's malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
