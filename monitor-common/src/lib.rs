@@ -60,6 +60,91 @@ pub mod reason {
     pub const KILLED: u8 = 3;
     /// An orphaned FIN_WAIT2 kept as a timewait socket got no FIN within tcp_fin_timeout.
     pub const FIN_TIMEOUT: u8 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Upper bounds of the state-duration histogram's buckets, in nanoseconds: 1 ms to 10 min,
+/// dense around 2MSL (60 s on Linux; the timer wheel fires up to a few seconds late).
+pub const DURATION_BOUNDS_NS: [u64; 22] = {
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1000 * MS;
+    [
+        MS, 5 * MS / 2, 5 * MS, 10 * MS, 25 * MS, 50 * MS, 100 * MS, 250 * MS, 500 * MS, S, 5 * S / 2,
+        5 * S, 10 * S, 30 * S, 59 * S, 61 * S, 63 * S, 66 * S, 90 * S, 120 * S, 300 * S, 600 * S,
+    ]
+};
+
+/// Slots per state in [`Lifecycle::durations`]: one per bound, one for +Inf, then the sum.
+pub const DURATION_SLOTS: usize = DURATION_BOUNDS_NS.len() + 2;
+
+/// The histogram bucket a duration falls in: the first bound it does not exceed, or
+/// `DURATION_BOUNDS_NS.len()` (+Inf). Shared by the kernel programs and the agent.
+#[inline(always)]
+pub fn duration_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    while i < DURATION_BOUNDS_NS.len() {
+        if ns <= DURATION_BOUNDS_NS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    DURATION_BOUNDS_NS.len()
+}
+
+/// States per dimension of [`Lifecycle`]'s arrays: MAX_STATES rounded up to a power of two,
+/// because the verifier bounds a state by the mask the compiler makes of the range check.
+pub const STATES: usize = 16;
+const _: () = assert!(STATES >= tcp::MAX_STATES as usize && STATES.is_power_of_two());
+
+/// What the kernel programs count on their own, per CPU: every transition and the time spent
+/// in the state it left. Only what needs a decision the kernel cannot make crosses the ring
+/// buffer; the agent sums this array over CPUs at scrape time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Lifecycle {
+    /// `[from * STATES + to]`.
+    pub transitions: [u64; STATES * STATES],
+    /// `[state * DURATION_SLOTS + bucket]`: non-cumulative bucket counts, then the sum in ns.
+    pub durations: [u64; STATES * DURATION_SLOTS],
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self { transitions: [0; STATES * STATES], durations: [0; STATES * DURATION_SLOTS] }
+    }
+}
+
+impl Lifecycle {
+    /// Adds another count (another CPU's, or the agent's own) to this one.
+    pub fn add(&mut self, other: &Lifecycle) {
+        for (a, b) in self.transitions.iter_mut().zip(other.transitions.iter()) {
+            *a += b;
+        }
+        for (a, b) in self.durations.iter_mut().zip(other.durations.iter()) {
+            *a += b;
+        }
+    }
+
+    /// Counts a transition, with the time spent in `from` when it is known. No panicking
+    /// index: the kernel programs use it too.
+    #[inline(always)]
+    pub fn count(&mut self, from: u8, to: u8, duration_ns: Option<u64>) {
+        let (f, t) = (from as usize, to as usize);
+        if f >= tcp::MAX_STATES as usize || t >= tcp::MAX_STATES as usize {
+            return;
+        }
+        if let Some(n) = self.transitions.get_mut(f * STATES + t) {
+            *n += 1;
+        }
+        if let Some(d) = duration_ns {
+            if let Some(n) = self.durations.get_mut(f * DURATION_SLOTS + duration_bucket(d)) {
+                *n += 1;
+            }
+            if let Some(sum) = self.durations.get_mut(f * DURATION_SLOTS + DURATION_SLOTS - 1) {
+                *sum += d;
+            }
+        }
+    }
 }
 
 /// Bits of [`Event::flags`].
@@ -122,7 +207,13 @@ pub mod counter {
     pub const RESETS_SENT: u32 = RETRANSMITS + MAX_STATES;
     /// `RESETS_RECEIVED + state`: RSTs received, by the state of the socket that got them.
     pub const RESETS_RECEIVED: u32 = RESETS_SENT + MAX_STATES;
-    pub const COUNT: u32 = RESETS_RECEIVED + MAX_STATES;
+    /// `TIMEWAIT_ENDS + reason`: timewait sockets whose end the kernel programs could decide
+    /// on their own (2MSL or tcp_fin_timeout expiry, an end the sweep found); early ends
+    /// (reuse, kill) are decided by the agent, which waits for a re-arm that may follow.
+    pub const TIMEWAIT_ENDS: u32 = RESETS_RECEIVED + MAX_STATES;
+    /// 2MSL timer restarts of TIME_WAIT sockets.
+    pub const REARMS: u32 = TIMEWAIT_ENDS + super::reason::COUNT;
+    pub const COUNT: u32 = REARMS + 1;
 }
 
 /// Offsets and addresses of the running kernel, read by the agent at load time from BTF and
@@ -130,8 +221,7 @@ pub mod counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    /// `struct sock_common` members; all lie within its first [`SOCK_COMMON_BYTES`] bytes,
-    /// which the programs copy at once.
+    /// `struct sock_common` members.
     pub skc_daddr: u32,
     pub skc_rcv_saddr: u32,
     pub skc_hash: u32,
@@ -163,10 +253,6 @@ pub struct KernelLayout {
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 18 * 4 + 16);
-
-/// Bytes at the start of a `struct sock_common` the programs copy at once; the agent checks at
-/// load time that every member they use lies within them.
-pub const SOCK_COMMON_BYTES: usize = 96;
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]
@@ -200,6 +286,9 @@ pub struct Settings {
     /// Non-zero while the agent holds timewait sockets seeded from sock_diag, which need
     /// [`kind::UNTRACKED_END`] events.
     pub seeded: u64,
+    /// Non-zero while the agent seeds from sock_diag: every transition is reported, so that
+    /// it leaves out of the seed the sockets the kernel programs follow already.
+    pub report_all: u64,
 }
 
 #[cfg(feature = "user")]
@@ -210,4 +299,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockEntry {}
     unsafe impl aya::Pod for super::ClockSample {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Lifecycle {}
 }

@@ -20,8 +20,13 @@
 //!   arrives without any event at all. `twmon_sweep`, run by the agent, and the socket's end find
 //!   both from the timer's `expires` and the socket's `tw_substate`.
 //!
-//! Per-socket entry times, per-state gauges and retransmit/reset counters stay in the kernel;
-//! only lifecycle transitions cross the ring buffer to the agent.
+//! Counted in the kernel, per CPU, and read by the agent at scrape time: sockets per state,
+//! transitions, the time spent in each state (histogram buckets), timewait ends the kernel can
+//! decide on (expiry), re-arms, retransmits and resets. Only what needs a decision the kernel
+//! programs cannot make crosses the ring buffer to the agent: a timewait timer cancelled early
+//! (an end, unless a re-arm follows), CLOSE_WAIT entered or left (the agent ages them to name
+//! leaks), sockets the programs do not follow (seeded from sock_diag at start-up), and, while
+//! the agent seeds, every transition.
 #![no_std]
 #![no_main]
 
@@ -36,7 +41,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    SOCK_COMMON_BYTES, counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Settings, SockEntry,
+    counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry,
 };
 
 const AF_INET6: u16 = 10;
@@ -77,6 +82,10 @@ static ORPHANS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, BPF_F_NO_PR
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Transitions and state durations, per CPU; one element, so the agent reads it in one call.
+#[map]
+static LIFECYCLE: PerCpuArray<Lifecycle> = PerCpuArray::with_max_entries(1, 0);
 
 /// Sockets entering (+1) and leaving (-1) each state, per CPU; their sum is the gauge.
 #[map]
@@ -129,6 +138,15 @@ fn kread<T>(addr: u64) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|e| e as i64)
 }
 
+/// A load through a pointer the verifier knows the BTF type of (a `tp_btf` argument, or a
+/// pointer loaded through one) at an offset it knows as a constant (from the frozen LAYOUT): it
+/// checks the access against the kernel's BTF and emits a fault-safe plain load, not a helper
+/// call (measured: a probe read costs 30-50 ns, this about 1).
+#[inline(always)]
+fn field<T: Copy>(ptr: u64, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile((ptr + offset as u64) as *const T) }
+}
+
 #[inline(always)]
 fn count(idx: u32) -> u64 {
     match COUNTERS.get_ptr_mut(idx) {
@@ -145,6 +163,21 @@ fn gauge(state: u8, delta: i64) {
     if let Some(p) = GAUGES.get_ptr_mut(state as u32) {
         unsafe { *p += delta };
     }
+}
+
+/// Counts a transition and, when the time `from` was entered is known, its duration.
+#[inline(always)]
+fn record(from: u8, to: u8, entered: u64, now: u64) {
+    if let Some(l) = LIFECYCLE.get_ptr_mut(0) {
+        let d = if entered != 0 && now >= entered { Some(now - entered) } else { None };
+        unsafe { (*l).count(from, to, d) };
+    }
+}
+
+/// True while the agent seeds from sock_diag and wants every transition reported.
+#[inline(always)]
+fn report_all() -> bool {
+    settings().report_all != 0
 }
 
 /// Records are written without waking the agent: a wake-up (an irq_work and a context switch
@@ -181,6 +214,11 @@ trait SockCommon {
         kread(self.get::<u64>(layout!(skc_net))? + layout!(net_inum) as u64)
     }
 
+    #[inline(always)]
+    fn addr16(&self, offset: u32) -> Result<[u8; 16], i64> {
+        self.get(offset)
+    }
+
     /// What identifies a connection across the hand-off from full socket to timewait socket:
     /// its namespace, remote port and established-hash (a hash of the whole 4-tuple). Not the
     /// local port: by the time the full socket moves to CLOSE the kernel has zeroed `skc_num`.
@@ -196,8 +234,8 @@ trait SockCommon {
         ev.family = self.get(layout!(skc_family))?;
         ev.dport = u16::from_be(self.get(layout!(skc_dport))?);
         if ev.family == AF_INET6 {
-            ev.saddr = self.get(layout!(skc_v6_rcv_saddr))?;
-            ev.daddr = self.get(layout!(skc_v6_daddr))?;
+            ev.saddr = self.addr16(layout!(skc_v6_rcv_saddr))?;
+            ev.daddr = self.addr16(layout!(skc_v6_daddr))?;
         } else {
             let s: [u8; 4] = self.get(layout!(skc_rcv_saddr))?;
             let d: [u8; 4] = self.get(layout!(skc_daddr))?;
@@ -218,14 +256,30 @@ impl SockCommon for Live {
     }
 }
 
-/// The start of a socket copied with one helper call, for the state program (the hot path);
-/// the verifier knows each offset as a constant from the frozen LAYOUT.
-struct Copied([u8; SOCK_COMMON_BYTES]);
+/// A socket the verifier knows the type of (the state tracepoint's `struct sock *`): plain
+/// loads, checked against BTF at load time.
+struct Btf(u64);
 
-impl SockCommon for Copied {
+impl SockCommon for Btf {
     #[inline(always)]
     fn get<T: Copy>(&self, offset: u32) -> Result<T, i64> {
-        Ok(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(offset as usize) as *const T) })
+        Ok(field(self.0, offset))
+    }
+
+    #[inline(always)]
+    fn netns(&self) -> Result<u32, i64> {
+        Ok(field(field::<u64>(self.0, layout!(skc_net)), layout!(net_inum)))
+    }
+
+    /// `struct in6_addr` is a union of arrays: read it the way BTF allows, a word at a time.
+    #[inline(always)]
+    fn addr16(&self, offset: u32) -> Result<[u8; 16], i64> {
+        let mut a = [0u8; 16];
+        for i in 0..4 {
+            let w: u32 = field(self.0, offset + 4 * i as u32);
+            a[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        Ok(a)
     }
 }
 
@@ -239,14 +293,6 @@ fn netns_of(sk: u64) -> Result<u32, i64> {
 fn wanted(netns: u32) -> bool {
     let only = layout!(netns_only);
     only == 0 || only == netns
-}
-
-#[inline(always)]
-fn tw_event(tw: u64, netns: u32, now: u64) -> Event {
-    let mut ev = Event { ts_ns: now, obj: tw, netns, flags: flags::TIMEWAIT, ..Event::default() };
-    let _ = Live(tw).fill(&mut ev);
-    ev.sport = Live(tw).get(layout!(skc_num)).unwrap_or(0);
-    ev
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -275,28 +321,24 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if !(tcp::is_teardown(new) || new == tcp::CLOSE) || old == tcp::CLOSE || old == tcp::LISTEN {
         return Ok(());
     }
-    let protocol: u16 = kread(sk + layout!(sk_protocol) as u64)?;
+    let protocol: u16 = field(sk, layout!(sk_protocol));
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let c = Copied(kread(sk)?);
-    let netns = c.netns()?;
-    if !wanted(netns) {
+    let c = Btf(sk);
+    if layout!(netns_only) != 0 && !wanted(c.netns()?) {
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let mut ev = Event { ts_ns: now, obj: sk, netns, kind: kind::TRANSITION, from: old, to: new, ..Event::default() };
-    c.fill(&mut ev)?;
-    // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
-    ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);
-
     // Leaving `old`: its entry time gives the duration. Teardown to teardown updates the entry
     // in place (no delete and insert).
     let mut entered = 0u64;
+    let mut known = false;
     let mut kept = false;
     if let Some(e) = SOCKS.get_ptr_mut(sk) {
         let e = unsafe { &mut *e };
+        known = true;
         if e.state == old {
             entered = e.entered_ns;
         }
@@ -310,8 +352,8 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
             let _ = SOCKS.remove(sk);
         }
     }
-    (ev.duration_ns, ev.flags) = since(now, entered);
 
+    let mut to = new;
     if new == tcp::CLOSE && (old == tcp::FIN_WAIT1 || old == tcp::FIN_WAIT2 || old == tcp::CLOSING) {
         if let Some(h) = take_handoff(&c) {
             // The connection lives on as a timewait socket: RFC 793's view is old -> TIME_WAIT,
@@ -322,13 +364,15 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
                         unsafe { (*tw).entered_ns = entered };
                     }
                 }
+                if report_all() {
+                    report(&c, sk, old, old, now, 0)?;
+                }
                 return Ok(());
             }
-            ev.to = h.state;
-            emit(&ev);
-            return Ok(());
+            to = h.state;
+        } else {
+            count(counter::HANDOFF_MISSED);
         }
-        count(counter::HANDOFF_MISSED);
     }
 
     if tcp::is_teardown(new) && !kept {
@@ -339,13 +383,30 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
             warn!(ctx, "twmon: socket map full; raise --bpf.max-sockets");
         }
     }
+    record(old, to, entered, now);
+    // The agent ages CLOSE_WAIT sockets (to name leaks) and lets go of seeded sockets (in a
+    // teardown state the programs did not know) when they move.
+    if old == tcp::CLOSE_WAIT || to == tcp::CLOSE_WAIT || (tcp::is_teardown(old) && !known) || report_all() {
+        report(&c, sk, old, to, now, entered)?;
+    }
+    Ok(())
+}
+
+/// Tells the agent about a full socket's transition.
+#[inline(always)]
+fn report(c: &Btf, sk: u64, from: u8, to: u8, now: u64, entered: u64) -> Result<(), i64> {
+    let mut ev = Event { ts_ns: now, obj: sk, netns: c.netns()?, kind: kind::TRANSITION, from, to, ..Event::default() };
+    c.fill(&mut ev)?;
+    // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
+    ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);
+    (ev.duration_ns, ev.flags) = since(now, entered);
     emit(&ev);
     Ok(())
 }
 
 /// The timewait socket this CPU just created for `sk`, if it is the one.
 #[inline(always)]
-fn take_handoff(c: &Copied) -> Option<Handoff> {
+fn take_handoff(c: &Btf) -> Option<Handoff> {
     let slot = HANDOFF.get_ptr_mut(0)?;
     let h = unsafe { *slot };
     if h.tw == 0 {
@@ -372,30 +433,31 @@ pub fn twmon_timer_start(ctx: BtfTracePointContext) -> u32 {
 fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let timer: u64 = ctx.arg(0);
     // Every timer in the system passes here: look at the callback before anything else.
-    let function: u64 = kread(timer + layout!(timer_function) as u64)?;
+    let function: u64 = field(timer, layout!(timer_function));
     if function != layout!(tw_timer_handler) {
         return Ok(());
     }
-    let expires: u64 = kread(timer + layout!(timer_expires) as u64)?;
+    let expires: u64 = field(timer, layout!(timer_expires));
     let tw = timer - layout!(tw_timer) as u64;
     let now = unsafe { bpf_ktime_get_ns() };
 
     // A re-arm: the kernel detached the pending timer (our cancel handler took the socket out
-    // of the map) and now queues it again.
+    // of the map and told the agent) and now queues it again. The agent hears of it too, so
+    // that it does not count the cancel as an end.
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
         let c = unsafe { *slot };
         if c.tw == tw {
             unsafe { (*slot).tw = 0 };
         }
         if c.tw == tw && Live(tw).identity() == Ok(c.identity) {
-            let netns = netns_of(tw)?;
             let mut entry = c.entry;
             gauge(entry.state, 1);
             let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
             if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
-                to_time_wait(&mut entry, tw, netns, now);
+                to_time_wait(&mut entry, tw, now, true);
             } else {
-                let mut ev = tw_event(tw, netns, now);
+                count(counter::REARMS);
+                let mut ev = tw_event(tw, now)?;
                 ev.kind = kind::REARM;
                 ev.from = entry.state;
                 ev.to = entry.state;
@@ -414,8 +476,7 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
 
     // A new timewait socket.
-    let netns = netns_of(tw)?;
-    if !wanted(netns) {
+    if layout!(netns_only) != 0 && !wanted(netns_of(tw)?) {
         return Ok(());
     }
     let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
@@ -438,16 +499,31 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// An orphaned FIN_WAIT2 timewait socket got its FIN: report FIN_WAIT2 -> TIME_WAIT at `at`.
+/// A timewait socket's record for the agent.
 #[inline(always)]
-fn to_time_wait(entry: &mut SockEntry, tw: u64, netns: u32, at: u64) {
-    let mut ev = tw_event(tw, netns, at);
-    ev.kind = kind::TRANSITION;
-    ev.from = tcp::FIN_WAIT2;
-    ev.to = tcp::TIME_WAIT;
-    (ev.duration_ns, ev.flags) = since(at, entry.entered_ns);
-    ev.flags |= flags::TIMEWAIT;
-    emit(&ev);
+fn tw_event(tw: u64, now: u64) -> Result<Event, i64> {
+    let mut ev = Event { ts_ns: now, obj: tw, netns: netns_of(tw)?, flags: flags::TIMEWAIT, ..Event::default() };
+    Live(tw).fill(&mut ev)?;
+    ev.sport = Live(tw).get(layout!(skc_num))?;
+    Ok(ev)
+}
+
+/// An orphaned FIN_WAIT2 timewait socket got its FIN: FIN_WAIT2 -> TIME_WAIT at `at`. The
+/// agent hears of it when `report` (it settles a cancel the agent holds) or while it seeds.
+#[inline(always)]
+fn to_time_wait(entry: &mut SockEntry, tw: u64, at: u64, report: bool) {
+    record(tcp::FIN_WAIT2, tcp::TIME_WAIT, entry.entered_ns, at);
+    if report || report_all() {
+        if let Ok(mut ev) = tw_event(tw, at) {
+            ev.kind = kind::TRANSITION;
+            ev.from = tcp::FIN_WAIT2;
+            ev.to = tcp::TIME_WAIT;
+            let (d, f) = since(at, entry.entered_ns);
+            ev.duration_ns = d;
+            ev.flags |= f;
+            emit(&ev);
+        }
+    }
     gauge(tcp::FIN_WAIT2, -1);
     gauge(tcp::TIME_WAIT, 1);
     entry.state = tcp::TIME_WAIT;
@@ -470,20 +546,15 @@ fn change_time(expires: u64, now: u64, now_jiffies: u64) -> u64 {
 
 /// Bring an entry up to date with its socket: a silent substate change or re-arm.
 #[inline(always)]
-fn refresh(entry: &mut SockEntry, tw: u64, netns: u32, expires: u64, now: u64, now_jiffies: u64) -> Result<(), i64> {
+fn refresh(entry: &mut SockEntry, tw: u64, expires: u64, now: u64, now_jiffies: u64) -> Result<(), i64> {
     let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
     if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
         // A timer we have not seen move is being re-armed for this very change (the kernel
         // sets the substate, then restarts the timer); a timer that moved was restarted then.
         let at = if expires == entry.expires { now } else { change_time(expires, now, now_jiffies) };
-        to_time_wait(entry, tw, netns, at);
+        to_time_wait(entry, tw, at, false);
     } else if entry.state == tcp::TIME_WAIT && expires != entry.expires {
-        let mut ev = tw_event(tw, netns, now);
-        ev.kind = kind::REARM;
-        ev.from = tcp::TIME_WAIT;
-        ev.to = tcp::TIME_WAIT;
-        ev.flags |= flags::SILENT;
-        emit(&ev);
+        count(counter::REARMS);
     }
     entry.expires = expires;
     Ok(())
@@ -500,7 +571,7 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let timer: u64 = ctx.arg(0);
     // Every timer in the system passes here: look at the callback before touching a map.
     // timer_shutdown() clears it, so a NULL callback may be a timewait timer being killed.
-    let function: u64 = kread(timer + layout!(timer_function) as u64)?;
+    let function: u64 = field(timer, layout!(timer_function));
     if function != layout!(tw_timer_handler) && function != 0 {
         return Ok(());
     }
@@ -514,32 +585,49 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let _ = TIMEWAIT.remove(tw);
     let now = unsafe { bpf_ktime_get_ns() };
     let now_jiffies = unsafe { bpf_jiffies64() };
-    let expires: u64 = kread(timer + layout!(timer_expires) as u64)?;
-    let netns = netns_of(tw)?;
-    let _ = refresh(&mut entry, tw, netns, expires, now, now_jiffies);
+    let expires: u64 = field(timer, layout!(timer_expires));
+    let _ = refresh(&mut entry, tw, expires, now, now_jiffies);
     gauge(entry.state, -1);
 
-    let mut ev = tw_event(tw, netns, now);
+    // Timers never run early, so a due timer being detached is the expiry itself: counted
+    // here. Before that, a re-arm may follow at once: the agent decides.
+    if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
+        let why = if entry.state == tcp::FIN_WAIT2 { reason::FIN_TIMEOUT } else { reason::EXPIRED };
+        let _ = ORPHANS.remove(tw);
+        end(&entry, tw, why, now, 0);
+        return Ok(());
+    }
+    let mut ev = tw_event(tw, now)?;
+    ev.kind = kind::TW_CANCEL;
     ev.from = entry.state;
     ev.to = tcp::CLOSE;
     let (d, f) = since(now, entry.entered_ns);
     ev.duration_ns = d;
     ev.flags |= f;
-    // Timers never run early, so a due timer being detached is the expiry itself.
-    if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
-        ev.kind = kind::TRANSITION;
-        ev.reason = if entry.state == tcp::FIN_WAIT2 { reason::FIN_TIMEOUT } else { reason::EXPIRED };
-        let _ = ORPHANS.remove(tw);
-        emit(&ev);
-        return Ok(());
-    }
-    ev.kind = kind::TW_CANCEL;
     ev.reason = if reused(tw) { reason::REUSE } else { reason::KILLED };
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
         unsafe { *slot = Cancelled { tw, entry, identity: Live(tw).identity().unwrap_or_default() } };
     }
     emit(&ev);
     Ok(())
+}
+
+/// A timewait socket ended in a way the kernel programs can tell on their own: counted here,
+/// reported only while the agent seeds.
+#[inline(always)]
+fn end(entry: &SockEntry, tw: u64, why: u8, now: u64, extra: u16) {
+    record(entry.state, tcp::CLOSE, entry.entered_ns, now);
+    count(counter::TIMEWAIT_ENDS + why as u32);
+    if report_all() {
+        if let Ok(mut ev) = tw_event(tw, now) {
+            ev.kind = kind::TRANSITION;
+            ev.from = entry.state;
+            ev.to = tcp::CLOSE;
+            ev.reason = why;
+            ev.flags |= extra;
+            emit(&ev);
+        }
+    }
 }
 
 /// A timewait socket we do not follow ends or is re-armed: tell the agent while it holds
@@ -549,11 +637,10 @@ fn untracked_end(tw: u64) -> Result<(), i64> {
     if settings().seeded == 0 {
         return Ok(());
     }
-    let netns = netns_of(tw)?;
-    if !wanted(netns) {
+    if layout!(netns_only) != 0 && !wanted(netns_of(tw)?) {
         return Ok(());
     }
-    let mut ev = tw_event(tw, netns, unsafe { bpf_ktime_get_ns() });
+    let mut ev = tw_event(tw, unsafe { bpf_ktime_get_ns() })?;
     ev.kind = kind::UNTRACKED_END;
     ev.from = kread(tw + layout!(tw_substate) as u64)?;
     ev.to = tcp::CLOSE;
@@ -616,25 +703,16 @@ extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, _value: *mut u8, _ct
     match kread::<u64>(timer + layout!(timer_function) as u64) {
         Ok(f) if f == layout!(tw_timer_handler) => {}
         _ => {
-            let mut ev = Event { ts_ns: now, obj: tw, flags: flags::TIMEWAIT, ..Event::default() };
-            ev.kind = kind::TRANSITION;
-            ev.from = entry.state;
-            ev.to = tcp::CLOSE;
-            ev.reason = reason::KILLED;
-            let (d, f) = since(now, entry.entered_ns);
-            ev.duration_ns = d;
-            ev.flags |= f | flags::SILENT;
             gauge(entry.state, -1);
             count(counter::TIMEWAIT_MISSED);
+            end(entry, tw, reason::KILLED, now, flags::SILENT);
             let _ = TIMEWAIT.remove(tw);
             let _ = ORPHANS.remove(tw);
-            emit(&ev);
             return 0;
         }
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return 0 };
-    let Ok(netns) = netns_of(tw) else { return 0 };
-    let _ = refresh(entry, tw, netns, expires, now, unsafe { bpf_jiffies64() });
+    let _ = refresh(entry, tw, expires, now, unsafe { bpf_jiffies64() });
     0
 }
 
@@ -670,14 +748,13 @@ fn count_by_state(sk: u64, base: u32) {
     if sk == 0 || !in_scope(sk) {
         return;
     }
-    if let Ok(state) = kread::<u8>(sk + layout!(skc_state) as u64) {
-        count(base + (state as u32 % tcp::MAX_STATES));
-    }
+    let state: u8 = field(sk, layout!(skc_state));
+    count(base + (state as u32 % tcp::MAX_STATES));
 }
 
 #[inline(always)]
 fn in_scope(sk: u64) -> bool {
-    layout!(netns_only) == 0 || netns_of(sk).map(wanted).unwrap_or(false)
+    layout!(netns_only) == 0 || Btf(sk).netns().map(wanted).unwrap_or(false)
 }
 
 #[cfg(not(test))]

@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramFd, RawTracePoint},
 };
-use monitor_common::{ClockSample, KernelLayout, Settings, counter, tcp};
+use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, counter, tcp};
 
 use crate::layout::{self, LayoutError};
 
@@ -50,6 +50,7 @@ pub struct Kernel {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
     gauges: PerCpuArray<MapData, i64>,
+    lifecycle: PerCpuArray<MapData, Lifecycle>,
     sweep: ProgramFd,
     settings_map: Array<MapData, Settings>,
     settings: Settings,
@@ -63,6 +64,8 @@ pub struct Readout {
     /// Sockets in each state (indexed by kernel state number).
     pub sockets: [i64; tcp::MAX_STATES as usize],
     pub counters: Vec<u64>,
+    /// Transitions and state durations counted by the kernel programs, summed over CPUs.
+    pub lifecycle: Lifecycle,
 }
 
 impl Readout {
@@ -135,6 +138,8 @@ impl Kernel {
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| KernelError::Load(e.into()))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(|e| KernelError::Load(e.into()))?;
         let gauges = PerCpuArray::try_from(take(&mut ebpf, "GAUGES")?).map_err(|e| KernelError::Load(e.into()))?;
+        let lifecycle =
+            PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
 
         let sweep: &mut RawTracePoint = ebpf
@@ -148,8 +153,17 @@ impl Kernel {
             .and_then(|fd| fd.try_clone().map_err(Into::into))
             .map_err(|e| KernelError::Load(e.into()))?;
 
-        let mut kernel =
-            Kernel { ebpf, counters, gauges, sweep, settings_map, settings: Settings::default(), hz: 0, attached: 0 };
+        let mut kernel = Kernel {
+            ebpf,
+            counters,
+            gauges,
+            lifecycle,
+            sweep,
+            settings_map,
+            settings: Settings::default(),
+            hz: 0,
+            attached: 0,
+        };
         kernel.calibrate()?;
         let btf = aya::Btf::from_sys_fs().map_err(|e| {
             KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string()))
@@ -186,6 +200,8 @@ impl Kernel {
             ns_per_jiffy: 1_000_000_000 / hz as u64,
             timewait_len_jiffies: 60 * hz as u64,
             seeded: 0,
+            // From the moment the programs are attached until the agent has seeded.
+            report_all: 1,
         };
         self.settings = settings;
         self.write_settings().map_err(|e| KernelError::Load(e.into()))?;
@@ -200,11 +216,22 @@ impl Kernel {
     /// Asks the programs to report the end of timewait sockets they do not follow, while the
     /// agent holds seeded ones.
     pub fn set_seeded(&mut self, on: bool) {
-        if self.settings.seeded != on as u64 {
-            self.settings.seeded = on as u64;
-            if let Err(e) = self.write_settings() {
-                tracing::warn!("updating kernel settings: {e}");
-            }
+        self.update(|s| s.seeded = on as u64);
+    }
+
+    /// Asks the programs to report every transition (while the agent seeds) or only those
+    /// that need the agent.
+    pub fn set_report_all(&mut self, on: bool) {
+        self.update(|s| s.report_all = on as u64);
+    }
+
+    fn update(&mut self, f: impl FnOnce(&mut Settings)) {
+        let before = self.settings;
+        f(&mut self.settings);
+        if (before.seeded, before.report_all) != (self.settings.seeded, self.settings.report_all)
+            && let Err(e) = self.write_settings()
+        {
+            tracing::warn!("updating kernel settings: {e}");
         }
     }
 
@@ -258,6 +285,11 @@ impl Kernel {
         out.counters = (0..counter::COUNT)
             .map(|i| self.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect();
+        if let Ok(per_cpu) = self.lifecycle.get(&0, 0) {
+            for l in per_cpu.iter() {
+                out.lifecycle.add(l);
+            }
+        }
         out
     }
 

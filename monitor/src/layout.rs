@@ -19,11 +19,6 @@ pub enum LayoutError {
     )]
     Arguments(String, String, String),
     #[error(
-        "struct sock_common members twmon reads end at byte {0} on this kernel, past the {1} it \
-         copies; please report the kernel version"
-    )]
-    SockCommon(usize, usize),
-    #[error(
         "kernel BTF is not readable at {0} ({1}); twmon needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 2020)"
     )]
@@ -202,26 +197,6 @@ pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
         netns_only,
         _pad: 0,
     };
-    let l = &layout;
-    let end = [
-        (l.skc_daddr, 4),
-        (l.skc_rcv_saddr, 4),
-        (l.skc_hash, 4),
-        (l.skc_dport, 2),
-        (l.skc_num, 2),
-        (l.skc_family, 2),
-        (l.skc_state, 1),
-        (l.skc_net, 8),
-        (l.skc_v6_daddr, 16),
-        (l.skc_v6_rcv_saddr, 16),
-    ]
-    .iter()
-    .map(|(o, size)| *o as usize + size)
-    .max()
-    .unwrap_or(0);
-    if end > monitor_common::SOCK_COMMON_BYTES {
-        return Err(LayoutError::SockCommon(end, monitor_common::SOCK_COMMON_BYTES));
-    }
     Ok(layout)
 }
 

@@ -147,7 +147,10 @@ impl Agent {
         let start = Instant::now();
         // Every event committed before the scrape is counted in it.
         self.drain();
-        let seeded = lock(&self.tracker).seeded();
+        let (seeded, decided) = {
+            let tracker = lock(&self.tracker);
+            (tracker.seeded(), tracker.decided().clone())
+        };
         {
             let kernel = lock(&self.kernel);
             // Sweep first, so an orphaned FIN_WAIT2 that got its FIN counts as TIME_WAIT, as ss
@@ -155,7 +158,7 @@ impl Agent {
             if let Err(e) = kernel.run_sweep() {
                 tracing::warn!("timewait sweep failed: {e}");
             }
-            self.metrics.refresh(&kernel.read(), &seeded, kernel.attached, &kernel.program_stats());
+            self.metrics.refresh(&kernel.read(), &decided, &seeded, kernel.attached, &kernel.program_stats());
         }
         self.metrics.scrape_seconds.set(start.elapsed().as_secs_f64());
         let mut out = String::new();
@@ -208,7 +211,10 @@ impl Agent {
             let n = tracker.seed(ground::teardown(&views), monotonic_ns());
             (n, tracker.seeded_timewait())
         };
-        lock(&self.kernel).set_seeded(timewait);
+        let mut kernel = lock(&self.kernel);
+        kernel.set_seeded(timewait);
+        // From here on the programs report only what the agent decides on.
+        kernel.set_report_all(false);
         n
     }
 

@@ -1,13 +1,20 @@
-//! The metrics registry: kernel-side numbers (gauges, retransmits, resets, self-metrics) copied
-//! in at scrape time, next to the tracker's event-driven counters and histograms.
-use monitor_common::{counter, tcp};
-use prometheus::{CounterVec, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, core::Collector};
+//! The metrics registry. What the kernel programs count (gauges, transitions, durations,
+//! timewait ends, retransmits, resets, self-metrics) is copied in at scrape time and added to
+//! what the agent decided itself (early timewait ends).
+use std::sync::Mutex;
+
+use monitor_common::{DURATION_BOUNDS_NS, DURATION_SLOTS, Lifecycle, counter, reason, tcp};
+use prometheus::{
+    CounterVec, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto,
+};
 
 use crate::{
     ground::{Breakdowns, role},
     kernel::{ProgramStats, Readout},
     procfs::{Sysctls, TcpExt},
-    tracker::state_name,
+    tracker::{Decided, reason_name, state_name},
 };
 
 /// A process holding CLOSE_WAIT sockets past the leak threshold.
@@ -29,6 +36,10 @@ pub const GAUGE_STATES: [u8; 6] =
 pub struct Metrics {
     pub registry: Registry,
     sockets: IntGaugeVec,
+    transitions: IntCounterVec,
+    durations: Durations,
+    timewait_ends: IntCounterVec,
+    rearms: IntCounter,
     retransmits: IntCounterVec,
     resets: IntCounterVec,
     events_lost: IntCounter,
@@ -63,6 +74,78 @@ fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result
     Ok(c)
 }
 
+/// `twmon_state_duration_seconds`: a histogram whose buckets are counted by the kernel
+/// programs (the prometheus crate's own histogram can only be observed into, not set).
+#[derive(Clone)]
+struct Durations {
+    desc: Desc,
+    /// The latest counts, `[state * DURATION_SLOTS + slot]` as in [`Lifecycle::durations`].
+    latest: std::sync::Arc<Mutex<Vec<u64>>>,
+}
+
+impl Durations {
+    fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            desc: Desc::new(
+                "twmon_state_duration_seconds".into(),
+                "Time a socket spent in a state, observed when it left it.".into(),
+                vec!["state".into()],
+                Default::default(),
+            )?,
+            latest: Default::default(),
+        })
+    }
+}
+
+impl Collector for Durations {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<proto::MetricFamily> {
+        let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        let mut metrics = Vec::new();
+        for (state, slots) in latest.chunks_exact(DURATION_SLOTS).enumerate() {
+            let (counts, sum_ns) = slots.split_at(DURATION_SLOTS - 1);
+            let total: u64 = counts.iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let mut cumulative = 0;
+            let buckets = DURATION_BOUNDS_NS
+                .iter()
+                .zip(counts)
+                .map(|(bound, n)| {
+                    cumulative += n;
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(*bound as f64 / 1e9);
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            let mut h = proto::Histogram::default();
+            h.set_sample_count(total);
+            h.set_sample_sum(sum_ns[0] as f64 / 1e9);
+            h.set_bucket(buckets);
+            let mut label = proto::LabelPair::default();
+            label.set_name("state".into());
+            label.set_value(state_name(state as u8).into());
+            let mut m = proto::Metric::from_label(vec![label]);
+            m.set_histogram(h);
+            metrics.push(m);
+        }
+        if metrics.is_empty() {
+            return Vec::new();
+        }
+        let mut mf = proto::MetricFamily::default();
+        mf.set_name(self.desc.fq_name.clone());
+        mf.set_help(self.desc.help.clone());
+        mf.set_field_type(proto::MetricType::HISTOGRAM);
+        mf.set_metric(metrics);
+        vec![mf]
+    }
+}
+
 /// Brings a counter up to a value the kernel counts on its own.
 fn sync(c: &IntCounter, value: u64) {
     c.inc_by(value.saturating_sub(c.get()));
@@ -80,6 +163,38 @@ impl Metrics {
         )?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel_release, &hz.to_string()]).set(1);
         let m = Self {
+            transitions: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_state_transitions_total",
+                        "TCP state transitions on the close path, as RFC 793 names them.",
+                    ),
+                    &["from", "to"],
+                )?,
+            )?,
+            durations: reg(&r, Durations::new()?)?,
+            timewait_ends: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_timewait_ends_total",
+                        "Timewait sockets that ended, by why: expired (2MSL ran out), fin_timeout \
+                         (an orphaned FIN_WAIT2 got no FIN within tcp_fin_timeout), reuse (a \
+                         connect() took the 4-tuple), killed (RST, a reopening SYN, or namespace \
+                         teardown).",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            rearms: reg(
+                &r,
+                IntCounter::new(
+                    "twmon_timewait_rearms_total",
+                    "Times a TIME_WAIT socket's 2MSL timer restarted because a segment reached it, \
+                     normally a FIN retransmitted after the final ACK was lost.",
+                )?,
+            )?,
             sockets: reg(
                 &r,
                 IntGaugeVec::new(
@@ -284,10 +399,33 @@ impl Metrics {
         for map in ["sockets", "timewait", "orphans"] {
             m.map_full.with_label_values(&[map]);
         }
+        for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
+            m.timewait_ends.with_label_values(&[reason_name(r)]);
+        }
         Ok(m)
     }
 
-    pub fn refresh(&self, k: &Readout, seeded: &[i64], attached: usize, programs: &[ProgramStats]) {
+    /// Transitions, durations, timewait ends and re-arms: the kernel's counts plus the agent's.
+    fn refresh_lifecycle(&self, k: &Readout, decided: &Decided) {
+        let mut total: Lifecycle = k.lifecycle;
+        total.add(&decided.lifecycle);
+        let n = monitor_common::STATES;
+        for (i, count) in total.transitions.iter().enumerate() {
+            if *count > 0 {
+                let (from, to) = ((i / n) as u8, (i % n) as u8);
+                sync(&self.transitions.with_label_values(&[state_name(from), state_name(to)]), *count);
+            }
+        }
+        *self.durations.latest.lock().unwrap_or_else(|e| e.into_inner()) = total.durations.to_vec();
+        for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
+            let count = k.counter(counter::TIMEWAIT_ENDS + r as u32) + decided.ends[r as usize];
+            sync(&self.timewait_ends.with_label_values(&[reason_name(r)]), count);
+        }
+        sync(&self.rearms, k.counter(counter::REARMS));
+    }
+
+    pub fn refresh(&self, k: &Readout, decided: &Decided, seeded: &[i64], attached: usize, programs: &[ProgramStats]) {
+        self.refresh_lifecycle(k, decided);
         for s in GAUGE_STATES {
             self.sockets.with_label_values(&[state_name(s)]).set(k.sockets[s as usize] + seeded[s as usize]);
             self.seeded.with_label_values(&[state_name(s)]).set(seeded[s as usize]);
@@ -386,5 +524,55 @@ impl Metrics {
         for l in leaks {
             self.leaked.with_label_values(&[&l.netns, &l.pid.to_string(), &l.comm]).set(l.sockets as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use monitor_common::duration_bucket;
+
+    use super::*;
+
+    /// The kernel's per-CPU counts plus the agent's early ends, as Prometheus reads them:
+    /// cumulative buckets in seconds, a +Inf bucket equal to the count, the sum in seconds.
+    #[test]
+    fn kernel_and_agent_counts_are_exported_together() {
+        let m = Metrics::new("test", 250).unwrap();
+        let mut k = Readout { counters: vec![0; counter::COUNT as usize], ..Readout::default() };
+        k.lifecycle.count(tcp::FIN_WAIT2, tcp::TIME_WAIT, Some(2_000_000)); // 2 ms
+        k.lifecycle.count(tcp::TIME_WAIT, tcp::CLOSE, Some(60_500_000_000)); // 60.5 s
+        k.lifecycle.count(tcp::TIME_WAIT, tcp::CLOSE, None);
+        k.counters[(counter::TIMEWAIT_ENDS + reason::EXPIRED as u32) as usize] = 2;
+        k.counters[counter::REARMS as usize] = 3;
+        let mut decided = Decided::default();
+        decided.lifecycle.count(tcp::TIME_WAIT, tcp::CLOSE, Some(1_000_000_000)); // 1 s, early
+        decided.ends[reason::REUSE as usize] = 1;
+        m.refresh(&k, &decided, &[0; tcp::MAX_STATES as usize], 6, &[]);
+
+        let families = m.registry.gather();
+        let family = |name: &str| families.iter().find(|f| f.name() == name).unwrap_or_else(|| panic!("{name}"));
+        let with = |f: &'static str, v: &'static str| {
+            move |m: &&proto::Metric| m.get_label().iter().any(|l| l.name() == f && l.value() == v)
+        };
+        let transitions = family("twmon_state_transitions_total");
+        let tw_close = transitions.get_metric().iter().filter(with("from", "time_wait")).find(with("to", "close"));
+        assert_eq!(tw_close.unwrap().get_counter().get_value(), 3.0);
+        let ends = family("twmon_timewait_ends_total");
+        let end = |r| ends.get_metric().iter().find(with("reason", r)).unwrap().get_counter().get_value();
+        assert_eq!((end("expired"), end("reuse"), end("killed")), (2.0, 1.0, 0.0));
+        assert_eq!(family("twmon_timewait_rearms_total").get_metric()[0].get_counter().get_value(), 3.0);
+
+        let durations = family("twmon_state_duration_seconds");
+        assert_eq!(durations.get_field_type(), proto::MetricType::HISTOGRAM);
+        let h = durations.get_metric().iter().find(with("state", "time_wait")).unwrap().get_histogram();
+        assert_eq!(h.get_sample_count(), 2, "the end without a known entry time is not observed");
+        assert!((h.get_sample_sum() - 61.5).abs() < 1e-9);
+        let le = |bound: f64| h.get_bucket().iter().find(|b| b.upper_bound() == bound).unwrap().cumulative_count();
+        assert_eq!((le(0.5), le(1.0), le(59.0), le(61.0), le(600.0)), (0, 1, 1, 2, 2));
+        assert_eq!(h.get_bucket().len(), DURATION_BOUNDS_NS.len());
+        let fin_wait2 = durations.get_metric().iter().find(with("state", "fin_wait2")).unwrap().get_histogram();
+        assert_eq!(fin_wait2.get_bucket()[duration_bucket(2_000_000)].upper_bound(), 0.0025);
+        assert_eq!(fin_wait2.get_bucket()[duration_bucket(2_000_000)].cumulative_count(), 1);
+        assert!(durations.get_metric().iter().find(with("state", "close_wait")).is_none());
     }
 }

@@ -1,20 +1,17 @@
-//! Turns lifecycle events into counters and histograms. Plain Rust: no BPF in here, so every
-//! sequence the kernel can produce is unit-tested from hand-written events.
+//! What the agent decides from the kernel programs' records. The programs count transitions,
+//! durations and the timewait ends they can tell on their own; the agent decides what they
+//! cannot: whether a cancelled timewait timer was an early end (no re-arm followed), how long
+//! CLOSE_WAIT sockets have been there (leaks), and which sockets seeded from sock_diag are gone.
+//! Plain Rust: no BPF in here, so every sequence the kernel can produce is unit-tested from
+//! hand-written events.
 use std::collections::{HashMap, HashSet};
 
-use monitor_common::{Event, flags, kind, reason, tcp};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use monitor_common::{Event, Lifecycle, flags, kind, reason, tcp};
+use prometheus::{IntCounter, Registry};
 
 /// How long a cancelled timewait timer may wait for the re-arm that would follow it at once.
 /// The kernel re-arms within microseconds on the same CPU; past this the socket ended early.
 pub const CANCEL_GRACE_NS: u64 = 100_000_000;
-
-/// Bucket bounds of `twmon_state_duration_seconds`: 1 ms to 10 min, dense around 2MSL
-/// (60 s on Linux; the timer wheel fires up to a few seconds late).
-pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 59.0, 61.0,
-    63.0, 66.0, 90.0, 120.0, 300.0, 600.0,
-];
 
 /// RFC 793 state names as label values (lowercase, underscores).
 pub fn state_name(state: u8) -> &'static str {
@@ -96,14 +93,17 @@ fn addr(o: &[u8; 16]) -> std::net::IpAddr {
 /// Most CLOSE_WAIT sockets whose age the tracker keeps; past it they are counted, not aged.
 pub const MAX_CLOSE_WAIT_AGES: usize = 262_144;
 
+/// What the agent counts itself, added to the kernel programs' counts at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct Decided {
+    /// Timewait sockets that ended early: `time_wait -> close` (or `fin_wait2 -> close`).
+    pub lifecycle: Lifecycle,
+    /// Those ends by reason ([`reason`]).
+    pub ends: [u64; reason::COUNT as usize],
+}
+
 pub struct Tracker {
-    transitions: IntCounterVec,
-    durations: HistogramVec,
-    /// Children of the two above by state number, made on first use: no label lookup per event.
-    transition_of: Vec<Option<IntCounter>>,
-    duration_of: Vec<Option<prometheus::Histogram>>,
-    timewait_ends: IntCounterVec,
-    rearms: IntCounter,
+    decided: Decided,
     /// Timewait sockets whose timer was cancelled before it was due, by address.
     pending: HashMap<u64, Event>,
     events: IntCounter,
@@ -119,52 +119,10 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let transitions = IntCounterVec::new(
-            Opts::new(
-                "twmon_state_transitions_total",
-                "TCP state transitions on the close path, as RFC 793 names them.",
-            ),
-            &["from", "to"],
-        )?;
-        let durations = HistogramVec::new(
-            HistogramOpts::new(
-                "twmon_state_duration_seconds",
-                "Time a socket spent in a state, observed when it left it.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["state"],
-        )?;
-        let timewait_ends = IntCounterVec::new(
-            Opts::new(
-                "twmon_timewait_ends_total",
-                "Timewait sockets that ended, by why: expired (2MSL ran out), fin_timeout (an \
-                 orphaned FIN_WAIT2 got no FIN within tcp_fin_timeout), reuse (a connect() took \
-                 the 4-tuple), killed (RST, a reopening SYN, or namespace teardown).",
-            ),
-            &["reason"],
-        )?;
-        let rearms = IntCounter::new(
-            "twmon_timewait_rearms_total",
-            "Times a TIME_WAIT socket's 2MSL timer restarted because a segment reached it, \
-             normally a FIN retransmitted after the final ACK was lost.",
-        )?;
-        let events = IntCounter::new("twmon_events_total", "Events received from the kernel programs.")?;
-        registry.register(Box::new(transitions.clone()))?;
-        registry.register(Box::new(durations.clone()))?;
-        registry.register(Box::new(timewait_ends.clone()))?;
-        registry.register(Box::new(rearms.clone()))?;
+        let events = IntCounter::new("twmon_events_total", "Records received from the kernel programs.")?;
         registry.register(Box::new(events.clone()))?;
-        for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
-            timewait_ends.with_label_values(&[reason_name(r)]);
-        }
-        let n = tcp::MAX_STATES as usize;
         Ok(Self {
-            transitions,
-            durations,
-            transition_of: vec![None; n * n],
-            duration_of: vec![None; n],
-            timewait_ends,
-            rearms,
+            decided: Decided::default(),
             pending: HashMap::new(),
             events,
             seed: HashMap::new(),
@@ -174,47 +132,28 @@ impl Tracker {
         })
     }
 
+    /// Takes one record. Transitions and re-arms are counted in the kernel already; here they
+    /// only settle cancels, age CLOSE_WAIT sockets and end seeded sockets.
     pub fn apply(&mut self, ev: &Event) {
         self.events.inc();
         if !self.seed.is_empty() || self.window.is_some() || ev.to == tcp::CLOSE_WAIT || ev.from == tcp::CLOSE_WAIT {
             self.connection_event(ev);
         }
-        if ev.kind == kind::UNTRACKED_END {
-            return;
-        }
-        if ev.kind == kind::TW_CANCEL {
-            self.pending.insert(ev.obj, *ev);
-            return;
-        }
-        // Anything else about a cancelled timewait socket means the kernel kept it.
-        if ev.flags & flags::TIMEWAIT != 0 {
-            self.pending.remove(&ev.obj);
-        }
         match ev.kind {
-            kind::TRANSITION => {
-                self.transition(ev.from, ev.to, ev);
-                if ev.reason != reason::NONE {
-                    self.timewait_ends.with_label_values(&[reason_name(ev.reason)]).inc();
-                }
+            kind::TW_CANCEL => {
+                self.pending.insert(ev.obj, *ev);
             }
-            kind::REARM => self.rearms.inc(),
+            // Anything else about a cancelled timewait socket means the kernel kept it.
+            kind::TRANSITION | kind::REARM if ev.flags & flags::TIMEWAIT != 0 => {
+                self.pending.remove(&ev.obj);
+            }
             _ => {}
         }
     }
 
-    fn transition(&mut self, from: u8, to: u8, ev: &Event) {
-        let n = tcp::MAX_STATES as usize;
-        let (f, t) = ((from as usize).min(n - 1), (to as usize).min(n - 1));
-        let vec = &self.transitions;
-        self.transition_of[f * n + t]
-            .get_or_insert_with(|| vec.with_label_values(&[state_name(from), state_name(to)]))
-            .inc();
-        if ev.flags & flags::DURATION != 0 {
-            let vec = &self.durations;
-            self.duration_of[f]
-                .get_or_insert_with(|| vec.with_label_values(&[state_name(from)]))
-                .observe(ev.duration_ns as f64 / 1e9);
-        }
+    /// The agent's own counts.
+    pub fn decided(&self) -> &Decided {
+        &self.decided
     }
 
     /// Settles cancelled timewait timers that no re-arm followed: those sockets ended early.
@@ -228,8 +167,11 @@ impl Tracker {
             .collect();
         for k in due {
             if let Some(ev) = self.pending.remove(&k) {
-                self.transition(ev.from, tcp::CLOSE, &ev);
-                self.timewait_ends.with_label_values(&[reason_name(ev.reason)]).inc();
+                let d = (ev.flags & flags::DURATION != 0).then_some(ev.duration_ns);
+                self.decided.lifecycle.count(ev.from, tcp::CLOSE, d);
+                if let Some(n) = self.decided.ends.get_mut(ev.reason as usize) {
+                    *n += 1;
+                }
             }
         }
     }
@@ -323,6 +265,8 @@ impl Tracker {
 
 #[cfg(test)]
 mod tests {
+    use monitor_common::{DURATION_BOUNDS_NS, DURATION_SLOTS, duration_bucket};
+
     use super::*;
 
     fn ev(kind: u8, from: u8, to: u8, obj: u64, ts_ms: u64) -> Event {
@@ -339,56 +283,35 @@ mod tests {
     }
 
     struct T {
-        reg: Registry,
         t: Tracker,
     }
     impl T {
         fn new() -> Self {
-            let reg = Registry::new();
-            let t = Tracker::new(&reg).unwrap();
-            Self { reg, t }
+            Self { t: Tracker::new(&Registry::new()).unwrap() }
         }
-        fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-            for mf in self.reg.gather() {
-                if mf.name() != name {
-                    continue;
-                }
-                for m in mf.get_metric() {
-                    let ok = labels.iter().all(|(k, v)| {
-                        m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)
-                    });
-                    if ok {
-                        return m.get_counter().get_value();
-                    }
-                }
-            }
-            0.0
+        fn trans(&self, from: u8, to: u8) -> u64 {
+            self.t.decided().lifecycle.transitions[from as usize * monitor_common::STATES + to as usize]
         }
-        fn hist(&self, state: &str) -> (u64, f64) {
-            for mf in self.reg.gather() {
-                if mf.name() != "twmon_state_duration_seconds" {
-                    continue;
-                }
-                for m in mf.get_metric() {
-                    if m.get_label().iter().any(|l| l.value() == state) {
-                        let h = m.get_histogram();
-                        return (h.get_sample_count(), h.get_sample_sum());
-                    }
-                }
-            }
-            (0, 0.0)
+        fn ends(&self, r: u8) -> u64 {
+            self.t.decided().ends[r as usize]
         }
-        fn trans(&self, from: &str, to: &str) -> f64 {
-            self.counter("twmon_state_transitions_total", &[("from", from), ("to", to)])
+        /// Observations and their sum (s) of the time spent in `state`.
+        fn hist(&self, state: u8) -> (u64, f64) {
+            let slots = &self.t.decided().lifecycle.durations;
+            let base = state as usize * DURATION_SLOTS;
+            let count = slots[base..base + DURATION_SLOTS - 1].iter().sum();
+            (count, slots[base + DURATION_SLOTS - 1] as f64 / 1e9)
         }
-        fn ends(&self, reason: &str) -> f64 {
-            self.counter("twmon_timewait_ends_total", &[("reason", reason)])
+        fn nothing_decided(&self) -> bool {
+            let d = self.t.decided();
+            d.lifecycle.transitions.iter().chain(d.lifecycle.durations.iter()).chain(d.ends.iter()).all(|n| *n == 0)
         }
     }
 
-    /// The active closer: FIN_WAIT1 -> FIN_WAIT2 -> (hand-off) TIME_WAIT -> 2MSL expiry.
+    /// Transitions, expiries and re-arms are counted by the kernel programs: records of them
+    /// (sent while the agent seeds, or for CLOSE_WAIT) must not be counted a second time.
     #[test]
-    fn active_close_to_expiry() {
+    fn kernel_counted_records_are_not_counted_again() {
         let mut t = T::new();
         t.t.apply(&ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::FIN_WAIT1, 1, 0));
         t.t.apply(&timed(ev(kind::TRANSITION, tcp::FIN_WAIT1, tcp::FIN_WAIT2, 1, 1), 1));
@@ -396,15 +319,10 @@ mod tests {
         let mut end = tw(timed(ev(kind::TRANSITION, tcp::TIME_WAIT, tcp::CLOSE, 9, 60_003), 60_000));
         end.reason = reason::EXPIRED;
         t.t.apply(&end);
-        assert_eq!(t.trans("established", "fin_wait1"), 1.0);
-        assert_eq!(t.trans("fin_wait1", "fin_wait2"), 1.0);
-        assert_eq!(t.trans("fin_wait2", "time_wait"), 1.0);
-        assert_eq!(t.trans("time_wait", "close"), 1.0);
-        assert_eq!(t.ends("expired"), 1.0);
-        assert_eq!(t.hist("time_wait"), (1, 60.0));
-        assert_eq!(t.hist("fin_wait2"), (1, 0.002));
-        // Nothing was observed for ESTABLISHED: its entry time is not kept.
-        assert_eq!(t.hist("established").0, 0);
+        t.t.apply(&tw(ev(kind::REARM, tcp::TIME_WAIT, tcp::TIME_WAIT, 8, 10)));
+        t.t.settle(u64::MAX);
+        assert!(t.nothing_decided());
+        assert_eq!(t.t.pending(), 0);
     }
 
     /// A cancel followed by a re-arm of the same timer is a restart of 2MSL, not an end.
@@ -418,9 +336,7 @@ mod tests {
         t.t.apply(&tw(ev(kind::REARM, tcp::TIME_WAIT, tcp::TIME_WAIT, 7, 1000)));
         t.t.settle(10_000_000_000);
         assert_eq!(t.t.pending(), 0);
-        assert_eq!(t.counter("twmon_timewait_rearms_total", &[]), 1.0);
-        assert_eq!(t.trans("time_wait", "close"), 0.0);
-        assert_eq!(t.ends("killed"), 0.0);
+        assert!(t.nothing_decided());
     }
 
     /// A cancel with nothing after it ends the socket early, with the kernel's reason, but only
@@ -431,12 +347,18 @@ mod tests {
         let mut c = tw(timed(ev(kind::TW_CANCEL, tcp::TIME_WAIT, tcp::CLOSE, 7, 1000), 2500));
         c.reason = reason::REUSE;
         t.t.apply(&c);
+        // Another socket's record does not settle it.
+        t.t.apply(&tw(ev(kind::REARM, tcp::TIME_WAIT, tcp::TIME_WAIT, 8, 1000)));
         t.t.settle(1000 * 1_000_000 + CANCEL_GRACE_NS - 1);
-        assert_eq!(t.ends("reuse"), 0.0, "settled before the grace period");
+        assert_eq!(t.ends(reason::REUSE), 0, "settled before the grace period");
         t.t.settle(1000 * 1_000_000 + CANCEL_GRACE_NS);
-        assert_eq!(t.ends("reuse"), 1.0);
-        assert_eq!(t.trans("time_wait", "close"), 1.0);
-        assert_eq!(t.hist("time_wait"), (1, 2.5));
+        assert_eq!(t.ends(reason::REUSE), 1);
+        assert_eq!(t.trans(tcp::TIME_WAIT, tcp::CLOSE), 1);
+        assert_eq!(t.hist(tcp::TIME_WAIT), (1, 2.5));
+        // In the bucket the kernel programs would have used: le=2.5 s, its bound.
+        let bucket = duration_bucket(2_500_000_000);
+        assert_eq!(DURATION_BOUNDS_NS[bucket], 2_500_000_000);
+        assert_eq!(t.t.decided().lifecycle.durations[tcp::TIME_WAIT as usize * DURATION_SLOTS + bucket], 1);
         assert_eq!(t.t.pending(), 0);
     }
 
@@ -450,25 +372,21 @@ mod tests {
         t.t.apply(&c);
         t.t.apply(&tw(timed(ev(kind::TRANSITION, tcp::FIN_WAIT2, tcp::TIME_WAIT, 5, 10), 7)));
         t.t.settle(u64::MAX);
-        assert_eq!(t.trans("fin_wait2", "time_wait"), 1.0);
-        assert_eq!(t.trans("fin_wait2", "close"), 0.0);
-        assert_eq!(t.hist("fin_wait2"), (1, 0.007));
+        assert!(t.nothing_decided());
     }
 
-    /// The passive closer and an abort: no timewait involvement, durations only when known.
+    /// A cancelled orphan that nothing follows ended early in FIN_WAIT2, without a duration
+    /// when the kernel programs did not know when it entered.
     #[test]
-    fn passive_close_and_abort() {
+    fn early_end_without_duration() {
         let mut t = T::new();
-        t.t.apply(&ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 2, 0));
-        t.t.apply(&timed(ev(kind::TRANSITION, tcp::CLOSE_WAIT, tcp::LAST_ACK, 2, 30), 30));
-        t.t.apply(&timed(ev(kind::TRANSITION, tcp::LAST_ACK, tcp::CLOSE, 2, 31), 1));
-        t.t.apply(&ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE, 3, 40));
-        assert_eq!(t.trans("close_wait", "last_ack"), 1.0);
-        assert_eq!(t.trans("last_ack", "close"), 1.0);
-        assert_eq!(t.trans("established", "close"), 1.0);
-        assert_eq!(t.hist("close_wait"), (1, 0.03));
-        assert_eq!(t.hist("last_ack"), (1, 0.001));
-        assert_eq!(t.ends("expired") + t.ends("killed") + t.ends("reuse"), 0.0);
+        let mut c = tw(ev(kind::TW_CANCEL, tcp::FIN_WAIT2, tcp::CLOSE, 5, 10));
+        c.reason = reason::KILLED;
+        t.t.apply(&c);
+        t.t.settle(u64::MAX);
+        assert_eq!(t.trans(tcp::FIN_WAIT2, tcp::CLOSE), 1);
+        assert_eq!(t.ends(reason::KILLED), 1);
+        assert_eq!(t.hist(tcp::FIN_WAIT2), (0, 0.0));
     }
 
     fn tuple(port: u16) -> Tuple {
@@ -510,7 +428,7 @@ mod tests {
         // The seeded TIME_WAIT socket's timer ran out.
         t.t.apply(&conn(tw(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 60_000)), 1002));
         assert_eq!(t.t.seeded()[tcp::TIME_WAIT as usize], 0);
-        assert_eq!(t.trans("time_wait", "close"), 0.0, "an untracked end is not a transition");
+        assert!(t.nothing_decided(), "an untracked end is not a transition");
         // The orphaned FIN_WAIT2 got its FIN (no event: the kernel does not follow it).
         let now: HashMap<Tuple, u8> = [(tuple(1003), tcp::TIME_WAIT), (tuple(1004), tcp::CLOSE_WAIT)].into();
         t.t.reconcile_seed(&now);
@@ -544,8 +462,15 @@ mod tests {
 
     #[test]
     fn buckets_bracket_two_msl() {
-        assert!(DURATION_BUCKETS.contains(&59.0) && DURATION_BUCKETS.contains(&61.0));
-        assert!(DURATION_BUCKETS[0] <= 0.001 && *DURATION_BUCKETS.last().unwrap() >= 300.0);
-        assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        let b = &DURATION_BOUNDS_NS;
+        assert!(b.contains(&59_000_000_000) && b.contains(&61_000_000_000));
+        assert!(b[0] <= 1_000_000 && *b.last().unwrap() >= 300_000_000_000);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+        // A bound belongs to its own bucket (Prometheus' le), one past it to the next.
+        assert_eq!(duration_bucket(0), 0);
+        assert_eq!(duration_bucket(b[0]), 0);
+        assert_eq!(duration_bucket(b[0] + 1), 1);
+        assert_eq!(duration_bucket(60_000_000_000), b.iter().position(|x| *x == 61_000_000_000).unwrap());
+        assert_eq!(duration_bucket(u64::MAX), b.len());
     }
 }
