@@ -46,6 +46,9 @@ pub mod kind {
     /// agent started) was cancelled: it ended, or is being re-armed (then it is followed from
     /// now on). Sent only while the agent holds sockets seeded from sock_diag.
     pub const UNTRACKED_END: u8 = 4;
+    /// A socket in CLOSE_WAIT since `ts_ns`, found by the agent's leak scan (a program it runs
+    /// itself over the kernel's socket map): only sockets older than the leak threshold cross.
+    pub const CLOSE_WAIT_AGE: u8 = 5;
 }
 
 /// Why a timewait socket ended.
@@ -289,6 +292,10 @@ pub struct Settings {
     /// Non-zero while the agent seeds from sock_diag: every transition is reported, so that
     /// it leaves out of the seed the sockets the kernel programs follow already.
     pub report_all: u64,
+    /// For the leak scan: report CLOSE_WAIT sockets that entered the state at or before this
+    /// (CLOCK_MONOTONIC ns), at most `scan_limit` of them.
+    pub close_wait_before: u64,
+    pub scan_limit: u64,
 }
 
 #[cfg(feature = "user")]

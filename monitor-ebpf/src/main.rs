@@ -365,7 +365,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
                     }
                 }
                 if report_all() {
-                    report(&c, sk, old, old, now, 0)?;
+                    report(&c, sk, kind::TRANSITION, old, old, now, 0)?;
                 }
                 return Ok(());
             }
@@ -384,18 +384,18 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     record(old, to, entered, now);
-    // The agent ages CLOSE_WAIT sockets (to name leaks) and lets go of seeded sockets (in a
-    // teardown state the programs did not know) when they move.
-    if old == tcp::CLOSE_WAIT || to == tcp::CLOSE_WAIT || (tcp::is_teardown(old) && !known) || report_all() {
-        report(&c, sk, old, to, now, entered)?;
+    // The agent lets go of seeded sockets (in a teardown state the programs did not know) when
+    // they move.
+    if (tcp::is_teardown(old) && !known) || report_all() {
+        report(&c, sk, kind::TRANSITION, old, to, now, entered)?;
     }
     Ok(())
 }
 
-/// Tells the agent about a full socket's transition.
+/// Tells the agent about a full socket (a transition, unless `kind` says otherwise).
 #[inline(always)]
-fn report(c: &Btf, sk: u64, from: u8, to: u8, now: u64, entered: u64) -> Result<(), i64> {
-    let mut ev = Event { ts_ns: now, obj: sk, netns: c.netns()?, kind: kind::TRANSITION, from, to, ..Event::default() };
+fn report<S: SockCommon>(c: &S, sk: u64, kind: u8, from: u8, to: u8, now: u64, entered: u64) -> Result<(), i64> {
+    let mut ev = Event { ts_ns: now, obj: sk, netns: c.netns()?, kind, from, to, ..Event::default() };
     c.fill(&mut ev)?;
     // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
     ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);
@@ -713,6 +713,40 @@ extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, _value: *mut u8, _ct
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return 0 };
     let _ = refresh(entry, tw, expires, now, unsafe { bpf_jiffies64() });
+    0
+}
+
+/// Run by the agent (BPF_PROG_TEST_RUN) before it looks for leaks, never attached: reports the
+/// CLOSE_WAIT sockets that entered the state before `Settings::close_wait_before`, with when.
+/// CLOSE_WAIT entries and exits stay in the kernel; only sockets past the threshold cross.
+#[raw_tracepoint(tracepoint = "twmon_close_wait")]
+pub fn twmon_close_wait(_ctx: RawTracePointContext) -> i32 {
+    let mut found: u64 = 0;
+    unsafe {
+        bpf_for_each_map_elem(
+            &SOCKS as *const _ as *mut c_void,
+            close_wait_one as *mut c_void,
+            &mut found as *mut u64 as *mut c_void,
+            0,
+        )
+    };
+    found as i32
+}
+
+#[inline(never)]
+extern "C" fn close_wait_one(_map: *mut c_void, key: *const u64, value: *mut SockEntry, found: *mut c_void) -> i64 {
+    let e = unsafe { *value };
+    let s = settings();
+    if e.state != tcp::CLOSE_WAIT || e.entered_ns > s.close_wait_before {
+        return 0;
+    }
+    let found = found as *mut u64;
+    if unsafe { *found } >= s.scan_limit {
+        return 1;
+    }
+    unsafe { *found += 1 };
+    let sk = unsafe { *key };
+    let _ = report(&Live(sk), sk, kind::CLOSE_WAIT_AGE, tcp::CLOSE_WAIT, tcp::CLOSE_WAIT, e.entered_ns, 0);
     0
 }
 

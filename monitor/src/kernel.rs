@@ -18,6 +18,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mo
 
 pub use crate::layout::TRACEPOINTS;
 const SWEEP: &str = "twmon_sweep";
+const CLOSE_WAIT_SCAN: &str = "twmon_close_wait";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -52,6 +53,7 @@ pub struct Kernel {
     gauges: PerCpuArray<MapData, i64>,
     lifecycle: PerCpuArray<MapData, Lifecycle>,
     sweep: ProgramFd,
+    close_wait_scan: ProgramFd,
     settings_map: Array<MapData, Settings>,
     settings: Settings,
     pub hz: u32,
@@ -142,16 +144,8 @@ impl Kernel {
             PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
 
-        let sweep: &mut RawTracePoint = ebpf
-            .program_mut(SWEEP)
-            .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {SWEEP} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
-        sweep.load().map_err(|e| load_error(SWEEP, e))?;
-        let sweep = sweep
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(Into::into))
-            .map_err(|e| KernelError::Load(e.into()))?;
+        let sweep = load_test_run(&mut ebpf, SWEEP)?;
+        let close_wait_scan = load_test_run(&mut ebpf, CLOSE_WAIT_SCAN)?;
 
         let mut kernel = Kernel {
             ebpf,
@@ -159,8 +153,13 @@ impl Kernel {
             gauges,
             lifecycle,
             sweep,
+            close_wait_scan,
             settings_map,
-            settings: Settings::default(),
+            settings: Settings {
+                // Half the ring buffer, so that a scan leaves room for everything else.
+                scan_limit: limits.ring_buffer_bytes as u64 / 2 / (std::mem::size_of::<monitor_common::Event>() as u64 + 8),
+                ..Settings::default()
+            },
             hz: 0,
             attached: 0,
         };
@@ -196,14 +195,10 @@ impl Kernel {
         let b = sample(self)?;
         let hz = hz_from(&a, &b);
         self.hz = hz;
-        let settings = Settings {
-            ns_per_jiffy: 1_000_000_000 / hz as u64,
-            timewait_len_jiffies: 60 * hz as u64,
-            seeded: 0,
-            // From the moment the programs are attached until the agent has seeded.
-            report_all: 1,
-        };
-        self.settings = settings;
+        self.settings.ns_per_jiffy = 1_000_000_000 / hz as u64;
+        self.settings.timewait_len_jiffies = 60 * hz as u64;
+        // From the moment the programs are attached until the agent has seeded.
+        self.settings.report_all = 1;
         self.write_settings().map_err(|e| KernelError::Load(e.into()))?;
         tracing::info!(hz, "kernel timer frequency measured");
         Ok(())
@@ -235,44 +230,18 @@ impl Kernel {
         }
     }
 
-    /// Runs the sweep program once (BPF_PROG_TEST_RUN): brings timewait entries up to date.
-    /// Returns how many timewait sockets it visited.
+    /// Has the programs report every CLOSE_WAIT socket that entered the state at or before
+    /// `before` (CLOCK_MONOTONIC ns) to the ring buffer. Returns how many.
+    pub fn scan_close_wait(&mut self, before: u64) -> std::io::Result<u32> {
+        self.settings.close_wait_before = before;
+        self.write_settings().map_err(std::io::Error::other)?;
+        test_run(&self.close_wait_scan)
+    }
+
+    /// Runs the sweep program once: brings timewait entries up to date. Returns how many
+    /// timewait sockets it visited.
     pub fn run_sweep(&self) -> std::io::Result<u32> {
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestRun {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-            ctx_size_in: u32,
-            ctx_size_out: u32,
-            ctx_in: u64,
-            ctx_out: u64,
-            flags: u32,
-            cpu: u32,
-            batch_size: u32,
-            _pad: u32,
-        }
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
-        let mut attr = TestRun { prog_fd: self.sweep.as_fd().as_raw_fd() as u32, ..Default::default() };
-        // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the size we pass.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRun,
-                std::mem::size_of::<TestRun>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(attr.retval)
+        test_run(&self.sweep)
     }
 
     pub fn read(&self) -> Readout {
@@ -366,6 +335,56 @@ fn raise_memlock() {
     }
 }
 
+/// Runs a program that is never attached once (BPF_PROG_TEST_RUN) and returns its result.
+fn test_run(prog: &ProgramFd) -> std::io::Result<u32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut attr = TestRun { prog_fd: prog.as_fd().as_raw_fd() as u32, ..Default::default() };
+    // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRun,
+            std::mem::size_of::<TestRun>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr.retval)
+}
+
+/// Loads a program the agent runs itself (BPF_PROG_TEST_RUN), never attached.
+fn load_test_run(ebpf: &mut Ebpf, name: &str) -> Result<ProgramFd, KernelError> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {name} missing")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
+    prog.load().map_err(|e| load_error(name, e))?;
+    prog.fd().and_then(|fd| fd.try_clone().map_err(Into::into)).map_err(|e| KernelError::Load(e.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,3 +400,4 @@ mod tests {
         assert_eq!(hz_from(&a, &b), 100);
     }
 }
+

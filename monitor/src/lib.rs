@@ -289,7 +289,15 @@ impl Agent {
     fn leaks(&self, views: &[NsView]) -> Vec<Leak> {
         let cfg = &self.config.settings.close_wait;
         let now = monotonic_ns();
-        let old = lock(&self.tracker).close_wait_older_than(now.saturating_sub(cfg.leak_threshold.as_nanos() as u64));
+        let before = now.saturating_sub(cfg.leak_threshold.as_nanos() as u64);
+        // The kernel programs know when each socket entered CLOSE_WAIT; ask for the old ones.
+        self.drain();
+        lock(&self.tracker).begin_close_wait_scan();
+        if let Err(e) = lock(&self.kernel).scan_close_wait(before) {
+            tracing::warn!("CLOSE_WAIT scan failed: {e}");
+        }
+        self.drain();
+        let old = lock(&self.tracker).close_wait_older_than(before);
         if old.is_empty() {
             lock(&self.logged).clear();
             return Vec::new();

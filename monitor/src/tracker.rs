@@ -112,9 +112,11 @@ pub struct Tracker {
     seed: HashMap<Tuple, u8>,
     /// While seeding: connections events have spoken of since the programs were attached.
     window: Option<HashSet<Tuple>>,
-    /// When each CLOSE_WAIT socket entered the state (CLOCK_MONOTONIC ns).
+    /// When seeding happened: seeded CLOSE_WAIT sockets are at least this old.
+    seeded_at: u64,
+    /// CLOSE_WAIT sockets past the leak threshold, from the last leak scan, with when they
+    /// entered the state (CLOCK_MONOTONIC ns).
     close_wait_since: HashMap<Tuple, u64>,
-    close_wait_unaged: u64,
 }
 
 impl Tracker {
@@ -127,16 +129,22 @@ impl Tracker {
             events,
             seed: HashMap::new(),
             window: None,
+            seeded_at: 0,
             close_wait_since: HashMap::new(),
-            close_wait_unaged: 0,
         })
     }
 
     /// Takes one record. Transitions and re-arms are counted in the kernel already; here they
-    /// only settle cancels, age CLOSE_WAIT sockets and end seeded sockets.
+    /// only settle cancels and end seeded sockets.
     pub fn apply(&mut self, ev: &Event) {
         self.events.inc();
-        if !self.seed.is_empty() || self.window.is_some() || ev.to == tcp::CLOSE_WAIT || ev.from == tcp::CLOSE_WAIT {
+        if ev.kind == kind::CLOSE_WAIT_AGE {
+            if self.close_wait_since.len() < MAX_CLOSE_WAIT_AGES {
+                self.close_wait_since.insert(Tuple::of(ev), ev.ts_ns);
+            }
+            return;
+        }
+        if !self.seed.is_empty() || self.window.is_some() {
             self.connection_event(ev);
         }
         match ev.kind {
@@ -181,25 +189,18 @@ impl Tracker {
     }
 
     /// What an event says about a connection: it is no longer a seeded socket (the kernel
-    /// follows it from here, or it is gone), and when it entered or left CLOSE_WAIT.
+    /// follows it from here, or it is gone).
     fn connection_event(&mut self, ev: &Event) {
         let t = Tuple::of(ev);
         if let Some(w) = self.window.as_mut() {
             w.insert(t);
         }
         self.seed.remove(&t);
-        if ev.kind != kind::TRANSITION {
-            return;
-        }
-        if ev.to == tcp::CLOSE_WAIT {
-            if self.close_wait_since.len() < MAX_CLOSE_WAIT_AGES {
-                self.close_wait_since.insert(t, ev.ts_ns);
-            } else {
-                self.close_wait_unaged += 1;
-            }
-        } else if ev.from == tcp::CLOSE_WAIT {
-            self.close_wait_since.remove(&t);
-        }
+    }
+
+    /// Forgets the last leak scan: the records of the next one follow.
+    pub fn begin_close_wait_scan(&mut self) {
+        self.close_wait_since.clear();
     }
 
     /// Starts remembering which connections events speak of, so that seeding can leave out
@@ -219,11 +220,9 @@ impl Tracker {
                 continue;
             }
             self.seed.insert(t, state);
-            if state == tcp::CLOSE_WAIT {
-                // Its age is at least this; when it entered CLOSE_WAIT is not known.
-                self.close_wait_since.entry(t).or_insert(at);
-            }
         }
+        // A seeded CLOSE_WAIT socket's age is at least this; when it entered is not known.
+        self.seeded_at = at;
         self.seed.len() - before
     }
 
@@ -237,7 +236,6 @@ impl Tracker {
             }
             _ => false,
         });
-        self.close_wait_since.retain(|t, _| now.get(t) == Some(&tcp::CLOSE_WAIT));
     }
 
     /// Seeded sockets per state.
@@ -254,10 +252,12 @@ impl Tracker {
         self.seed.values().any(|s| *s == tcp::TIME_WAIT || *s == tcp::FIN_WAIT2)
     }
 
-    /// CLOSE_WAIT sockets that entered the state at or before `before` (ns), oldest first.
+    /// CLOSE_WAIT sockets that entered the state at or before `before` (ns), oldest first:
+    /// those of the last leak scan and the seeded ones.
     pub fn close_wait_older_than(&self, before: u64) -> Vec<(Tuple, u64)> {
+        let seeded = self.seed.iter().filter(|(_, s)| **s == tcp::CLOSE_WAIT).map(|(t, _)| (*t, self.seeded_at));
         let mut v: Vec<(Tuple, u64)> =
-            self.close_wait_since.iter().filter(|(_, t)| **t <= before).map(|(k, t)| (*k, *t)).collect();
+            self.close_wait_since.iter().map(|(k, t)| (*k, *t)).chain(seeded).filter(|(_, t)| *t <= before).collect();
         v.sort_by_key(|(_, t)| *t);
         v
     }
@@ -444,13 +444,23 @@ mod tests {
     #[test]
     fn close_wait_ages() {
         let mut t = T::new();
-        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 1, 10), 2001));
-        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 2, 20), 2002));
-        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 3, 30), 2003));
-        t.t.apply(&conn(ev(kind::TRANSITION, tcp::CLOSE_WAIT, tcp::LAST_ACK, 2, 40), 2002));
-        let old = t.t.close_wait_older_than(25_000_000);
-        assert_eq!(old, vec![(tuple(2001), 10_000_000)]);
-        assert_eq!(t.t.close_wait_older_than(u64::MAX).len(), 2);
+        let age = |port, since_ms| conn(ev(kind::CLOSE_WAIT_AGE, tcp::CLOSE_WAIT, tcp::CLOSE_WAIT, 1, since_ms), port);
+        // Transitions into and out of CLOSE_WAIT are the kernel's business, not aged here.
+        t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 1, 5), 2000));
+        assert!(t.t.close_wait_older_than(u64::MAX).is_empty());
+        // A scan reports the sockets past the threshold.
+        t.t.begin_close_wait_scan();
+        t.t.apply(&age(2001, 10));
+        t.t.apply(&age(2003, 30));
+        t.t.apply(&age(2002, 20));
+        assert_eq!(t.t.close_wait_older_than(25_000_000), vec![(tuple(2001), 10_000_000), (tuple(2002), 20_000_000)]);
+        assert_eq!(t.t.close_wait_older_than(u64::MAX).len(), 3);
+        // The next scan replaces it: 2002 left CLOSE_WAIT meanwhile.
+        t.t.begin_close_wait_scan();
+        t.t.apply(&age(2001, 10));
+        t.t.apply(&age(2003, 30));
+        assert_eq!(t.t.close_wait_older_than(u64::MAX), vec![(tuple(2001), 10_000_000), (tuple(2003), 30_000_000)]);
+        assert_eq!(t.t.decided().lifecycle.transitions.iter().sum::<u64>(), 0);
     }
 
     #[test]
