@@ -129,6 +129,14 @@ fn trim() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// CPU time (user + system) of the whole agent so far.
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -218,15 +226,18 @@ impl Agent {
         n
     }
 
-    /// Compares with the kernel's own view and refreshes what comes from it.
-    pub fn reconcile(&self) {
+    /// Compares with the kernel's own view and refreshes what comes from it. Returns how long
+    /// it took.
+    pub fn reconcile(&self) -> Duration {
         let start = Instant::now();
+        let cpu_start = process_cpu();
         let views = ground::read(&self.namespaces());
-        let teardown = ground::teardown(&views);
         let totals = ground::totals(&views);
         let (seeded, timewait) = {
             let mut tracker = lock(&self.tracker);
-            tracker.reconcile_seed(&teardown);
+            if tracker.seeded().iter().any(|n| *n > 0) {
+                tracker.reconcile_seed(&ground::teardown(&views));
+            }
             (tracker.seeded(), tracker.seeded_timewait())
         };
         let readout = {
@@ -246,7 +257,8 @@ impl Agent {
         let b = ground::breakdown(&watched, &self.config.settings);
         let leaks = self.leaks(&watched);
         let kernel: Vec<_> = watched.iter().map(|v| (v.name.clone(), v.tcpext.clone(), v.sysctls.clone())).collect();
-        self.metrics.refresh_ground(&drift, &b, &kernel, &leaks, start.elapsed());
+        let took = start.elapsed();
+        self.metrics.refresh_ground(&drift, &b, &kernel, &leaks, took, process_cpu().saturating_sub(cpu_start));
         trim();
         let mut report = lock(&self.report);
         *report = Report {
@@ -283,6 +295,7 @@ impl Agent {
                 .collect(),
             leaks,
         };
+        took
     }
 
     /// CLOSE_WAIT sockets older than the threshold, attributed to the processes that hold them.
@@ -384,6 +397,21 @@ impl Agent {
     }
 }
 
+/// The share of one core the reconcile may take on average: it reads every socket of every
+/// namespace through sock_diag, whose cost grows with the sockets the host holds (the kernel
+/// walks its whole connection table once per namespace), not with the connections it churns.
+pub const RECONCILE_MAX_CPU: f64 = 0.01;
+
+/// How long to wait before the next reconcile: the configured interval, stretched so that
+/// reconciling takes at most RECONCILE_MAX_CPU of a core (a 200 ms reconcile waits 19.8 s).
+pub fn reconcile_wait(interval: Duration, took: Duration) -> Duration {
+    let stretched = took.div_f64(RECONCILE_MAX_CPU).saturating_sub(took);
+    if stretched > interval {
+        tracing::debug!(?took, wait = ?stretched, "reconcile is slow; waiting longer so it stays under 1 % of a core");
+    }
+    interval.max(stretched)
+}
+
 /// Runs the agent until SIGINT or SIGTERM, then detaches everything.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind first: a busy port should fail before anything is attached to the kernel.
@@ -451,14 +479,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let a = agent.clone();
     let every = config.settings.reconcile.interval;
     tasks.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
+        let mut wait = every;
         loop {
-            tick.tick().await;
+            tokio::time::sleep(wait).await;
             let a = a.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || a.reconcile()).await {
-                tracing::warn!("reconcile failed: {e}");
+            match tokio::task::spawn_blocking(move || a.reconcile()).await {
+                Ok(took) => wait = reconcile_wait(every, took),
+                Err(e) => tracing::warn!("reconcile failed: {e}"),
             }
         }
     });
@@ -480,5 +507,18 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_reconciles_wait_longer() {
+        let s = Duration::from_secs;
+        assert_eq!(reconcile_wait(s(10), Duration::from_millis(20)), s(10));
+        assert_eq!(reconcile_wait(s(10), Duration::from_millis(200)), Duration::from_millis(19_800));
+        assert_eq!(reconcile_wait(s(60), Duration::from_millis(200)), s(60));
     }
 }

@@ -55,6 +55,7 @@ pub struct Metrics {
     seeded: IntGaugeVec,
     drift: IntGaugeVec,
     reconcile_seconds: Gauge,
+    reconcile_cpu_seconds: prometheus::Counter,
     port_sockets: IntGaugeVec,
     pressure_ratio: prometheus::GaugeVec,
     pressure_sockets: IntGaugeVec,
@@ -325,6 +326,14 @@ impl Metrics {
                 &r,
                 Gauge::new("twmon_reconcile_duration_seconds", "Time the last reconcile took.")?,
             )?,
+            reconcile_cpu_seconds: reg(
+                &r,
+                prometheus::Counter::new(
+                    "twmon_reconcile_cpu_seconds_total",
+                    "CPU time of the agent while reconciling; its rate is the share of a core \
+                     reconciling takes (at most about 0.01: slow reconciles are spaced out).",
+                )?,
+            )?,
             port_sockets: gauge_vec(
                 &r,
                 "twmon_port_sockets",
@@ -466,11 +475,13 @@ impl Metrics {
         kernel: &[(String, Option<TcpExt>, Option<Sysctls>)],
         leaks: &[Leak],
         took: std::time::Duration,
+        cpu: std::time::Duration,
     ) {
         for s in GAUGE_STATES {
             self.drift.with_label_values(&[state_name(s)]).set(drift[s as usize]);
         }
         self.reconcile_seconds.set(took.as_secs_f64());
+        self.reconcile_cpu_seconds.inc_by(cpu.as_secs_f64());
         self.port_sockets.reset();
         for r in &b.ports {
             self.port_sockets
