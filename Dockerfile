@@ -5,7 +5,8 @@
 # (22) matches the one bpf-linker is built against (Debian's llvm-22-dev), as in `cargo xtask
 # setup`. Final stage: distroless with glibc, and the single self-contained binary.
 # Run it as the DaemonSet in deploy/kubernetes does: host network and PID namespace, CAP_BPF,
-# CAP_PERFMON, CAP_SYSLOG, /sys/kernel/btf and /sys/kernel/tracing from the host.
+# CAP_PERFMON, CAP_SYSLOG, /sys/kernel/btf from the host (no tracefs: the programs are BTF
+# tracepoints).
 
 FROM rust:1.95-bookworm AS build
 

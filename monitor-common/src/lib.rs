@@ -216,7 +216,29 @@ pub mod counter {
     pub const TIMEWAIT_ENDS: u32 = RESETS_RECEIVED + MAX_STATES;
     /// 2MSL timer restarts of TIME_WAIT sockets.
     pub const REARMS: u32 = TIMEWAIT_ENDS + super::reason::COUNT;
-    pub const COUNT: u32 = REARMS + 1;
+    /// `NESTED + twin`: events a nested twin handled because its program was skipped (see
+    /// [`super::twin`]).
+    pub const NESTED: u32 = REARMS + 1;
+    pub const COUNT: u32 = NESTED + super::twin::COUNT;
+}
+
+/// Programs that have a nested twin. The kernel skips a tracing program when the same program
+/// is already running on the CPU: an interrupt that arrives while `twmon_state` runs in process
+/// context and whose softirq changes another socket's state would lose that change. Each of
+/// these programs is attached twice: the twin runs right after it and acts only while the
+/// program's body is running on that CPU, that is, only when the kernel skipped the program
+/// for a nested event.
+pub mod twin {
+    pub const STATE: u32 = 0;
+    pub const TIMER_START: u32 = 1;
+    pub const TIMER_CANCEL: u32 = 2;
+    pub const COUNT: u32 = 3;
+    /// (program, its twin), indexed by the constants above.
+    pub const PROGRAMS: [(&str, &str); COUNT as usize] = [
+        ("twmon_state", "nested_state"),
+        ("twmon_timer_start", "nested_timer_start"),
+        ("twmon_timer_cancel", "nested_timer_cancel"),
+    ];
 }
 
 /// Offsets and addresses of the running kernel, read by the agent at load time from BTF and

@@ -3,7 +3,9 @@
 //! Every program is a BTF tracepoint (`tp_btf`): it gets the tracepoint's arguments, and the
 //! kernel skips it only when the same program is already running on that CPU (a classic
 //! tracepoint program is skipped while any other BPF program runs there, say when an interrupt
-//! arrives during one); the agent exports those misses.
+//! arrives during one). An interrupt whose softirq changes a socket's state while `twmon_state`
+//! runs in process context is such a nested run: the programs on the close path have a twin
+//! that handles exactly those (see `monitor_common::twin`); the agent exports what is left.
 //!
 //! Full sockets are followed on `sock:inet_sock_set_state`. TIME_WAIT is not visible there: in
 //! `tcp_time_wait()` the kernel hands the connection to a separate `inet_timewait_sock` and moves
@@ -41,7 +43,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    counter, flags, kind, reason, tcp, ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry,
+    counter, flags, kind, reason, tcp, twin, ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry,
 };
 
 const AF_INET6: u16 = 10;
@@ -102,6 +104,10 @@ static CANCELLED: PerCpuArray<Cancelled> = PerCpuArray::with_max_entries(1, 0);
 /// The socket this CPU last saw `connect()` (CLOSE -> SYN_SENT), for telling tcp_tw_reuse.
 #[map]
 static CONNECTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU, by `twin::*`: 1 while that program's body runs on the CPU.
+#[map]
+static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(twin::COUNT, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -204,6 +210,36 @@ fn since(now: u64, then: u64) -> (u64, u16) {
     if then != 0 && now >= then { (now - then, flags::DURATION) } else { (0, 0) }
 }
 
+/// Runs a twinned program's body, marked busy on this CPU meanwhile. An event nested in it
+/// (an interrupt on this CPU) finds the program running, so the kernel skips it and its twin
+/// handles the event. A nested twin can interleave with the body's per-CPU counter updates; a
+/// count lost that way needs an interrupt between one load and its store.
+#[inline(always)]
+fn primary(which: u32, body: impl FnOnce()) -> u32 {
+    let busy = BUSY.get_ptr_mut(which);
+    if let Some(b) = busy {
+        unsafe { core::ptr::write_volatile(b, 1) };
+    }
+    body();
+    if let Some(b) = busy {
+        unsafe { core::ptr::write_volatile(b, 0) };
+    }
+    0
+}
+
+/// Attached right after its program: acts only when that program's body is running on this
+/// CPU, that is, when this event is nested in it and the kernel skipped the program.
+#[inline(always)]
+fn nested(which: u32, body: impl FnOnce()) -> u32 {
+    if let Some(b) = BUSY.get_ptr_mut(which)
+        && unsafe { core::ptr::read_volatile(b) } == 1
+    {
+        count(counter::NESTED + which);
+        body();
+    }
+    0
+}
+
 /// A `sock_common`, the start of full and timewait sockets alike.
 trait SockCommon {
     fn get<T: Copy>(&self, offset: u32) -> Result<T, i64>;
@@ -300,8 +336,16 @@ fn wanted(netns: u32) -> bool {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn twmon_state(ctx: BtfTracePointContext) -> u32 {
-    let _ = try_state(&ctx);
-    0
+    primary(twin::STATE, || {
+        let _ = try_state(&ctx);
+    })
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn nested_state(ctx: BtfTracePointContext) -> u32 {
+    nested(twin::STATE, || {
+        let _ = try_state(&ctx);
+    })
 }
 
 #[inline(always)]
@@ -425,8 +469,16 @@ fn take_handoff(c: &Btf) -> Option<Handoff> {
 
 #[btf_tracepoint(function = "timer_start")]
 pub fn twmon_timer_start(ctx: BtfTracePointContext) -> u32 {
-    let _ = try_timer_start(&ctx);
-    0
+    primary(twin::TIMER_START, || {
+        let _ = try_timer_start(&ctx);
+    })
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn nested_timer_start(ctx: BtfTracePointContext) -> u32 {
+    nested(twin::TIMER_START, || {
+        let _ = try_timer_start(&ctx);
+    })
 }
 
 #[inline(always)]
@@ -562,8 +614,16 @@ fn refresh(entry: &mut SockEntry, tw: u64, expires: u64, now: u64, now_jiffies: 
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn twmon_timer_cancel(ctx: BtfTracePointContext) -> u32 {
-    let _ = try_timer_cancel(&ctx);
-    0
+    primary(twin::TIMER_CANCEL, || {
+        let _ = try_timer_cancel(&ctx);
+    })
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn nested_timer_cancel(ctx: BtfTracePointContext) -> u32 {
+    nested(twin::TIMER_CANCEL, || {
+        let _ = try_timer_cancel(&ctx);
+    })
 }
 
 #[inline(always)]
@@ -580,7 +640,7 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
         Some(e) => *e,
         // A NULL callback not in our map is any timer being shut down: not ours to report.
         None if function == 0 => return Ok(()),
-        None => return untracked_end(tw),
+        None => return untracked_end(tw, timer),
     };
     let _ = TIMEWAIT.remove(tw);
     let now = unsafe { bpf_ktime_get_ns() };
@@ -633,17 +693,29 @@ fn end(entry: &SockEntry, tw: u64, why: u8, now: u64, extra: u16) {
 /// A timewait socket we do not follow ends or is re-armed: tell the agent while it holds
 /// sockets it seeded from sock_diag, so it can let go of this one.
 #[inline(always)]
-fn untracked_end(tw: u64) -> Result<(), i64> {
+fn untracked_end(tw: u64, timer: u64) -> Result<(), i64> {
     if settings().seeded == 0 {
         return Ok(());
     }
     if layout!(netns_only) != 0 && !wanted(netns_of(tw)?) {
         return Ok(());
     }
-    let mut ev = tw_event(tw, unsafe { bpf_ktime_get_ns() })?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut ev = tw_event(tw, now)?;
     ev.kind = kind::UNTRACKED_END;
     ev.from = kread(tw + layout!(tw_substate) as u64)?;
     ev.to = tcp::CLOSE;
+    // A due timer is the expiry; a TIME_WAIT socket's timer was last set 2MSL before it.
+    let now_jiffies = unsafe { bpf_jiffies64() };
+    let expires: u64 = field(timer, layout!(timer_expires));
+    if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
+        if ev.from == tcp::TIME_WAIT {
+            ev.reason = reason::EXPIRED;
+            (ev.duration_ns, ev.flags) = (now - change_time(expires, now, now_jiffies), ev.flags | flags::DURATION);
+        } else {
+            ev.reason = reason::FIN_TIMEOUT;
+        }
+    }
     emit(&ev);
     Ok(())
 }

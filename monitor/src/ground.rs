@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    time::Duration,
 };
 
 use monitor_common::tcp;
@@ -57,17 +58,20 @@ pub fn read(namespaces: &[Namespace]) -> Vec<NsView> {
         .collect()
 }
 
+/// Teardown-state sockets of these namespaces, keyed like the agent's events, with the time
+/// left on timewait sockets' timers.
+pub fn seeds(views: &[NsView]) -> impl Iterator<Item = (Tuple, u8, Option<Duration>)> + '_ {
+    views.iter().flat_map(|v| {
+        v.sockets
+            .iter()
+            .filter(|s| tcp::is_teardown(s.state) || (s.timewait && s.state == tcp::FIN_WAIT2))
+            .map(move |s| (Tuple::new(v.inode, s.local, s.remote), s.state, s.timewait_left))
+    })
+}
+
 /// Teardown-state sockets of these namespaces, keyed like the agent's events.
 pub fn teardown(views: &[NsView]) -> HashMap<Tuple, u8> {
-    views
-        .iter()
-        .flat_map(|v| {
-            v.sockets
-                .iter()
-                .filter(|s| tcp::is_teardown(s.state) || (s.timewait && s.state == tcp::FIN_WAIT2))
-                .map(move |s| (Tuple::new(v.inode, s.local, s.remote), s.state))
-        })
-        .collect()
+    seeds(views).map(|(t, state, _)| (t, state)).collect()
 }
 
 /// Sockets per state over these namespaces, as `ss` counts them.

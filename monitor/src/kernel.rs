@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramFd, RawTracePoint},
 };
-use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, counter, tcp};
+use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, counter, tcp, twin};
 
 use crate::layout::{self, LayoutError};
 
@@ -83,8 +83,11 @@ pub struct ProgramStats {
     pub run_count: u64,
     pub run_time: Duration,
     /// Times the kernel skipped the program because it was already running on that CPU (a
-    /// tracepoint hit inside an interrupt that came while the program ran): lost events.
+    /// tracepoint hit inside an interrupt that came while the program ran) and its twin did
+    /// not handle: lost events.
     pub missed: u64,
+    /// Nested events the program's twin handled.
+    pub nested: u64,
 }
 
 fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -168,14 +171,20 @@ impl Kernel {
             KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string()))
         })?;
         for (name, tp, _, _) in TRACEPOINTS {
-            let prog: &mut BtfTracePoint = kernel
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {name} missing")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
-            prog.load(tp, &btf).map_err(|e| load_error(name, e))?;
-            prog.attach().map_err(|e| KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}")))?;
+            // A program's twin goes right after it: the kernel runs a tracepoint's programs in
+            // the order they were attached.
+            let twin = twin::PROGRAMS.iter().find(|(p, _)| p == name).map(|(_, t)| *t);
+            for name in std::iter::once(*name).chain(twin) {
+                let prog: &mut BtfTracePoint = kernel
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {name} missing")))?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
+                prog.load(tp, &btf).map_err(|e| load_error(name, e))?;
+                prog.attach()
+                    .map_err(|e| KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}")))?;
+            }
             kernel.attached += 1;
         }
         Ok((kernel, events, logger))
@@ -251,9 +260,7 @@ impl Kernel {
                 *slot = v.iter().sum::<i64>().max(0);
             }
         }
-        out.counters = (0..counter::COUNT)
-            .map(|i| self.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
-            .collect();
+        out.counters = (0..counter::COUNT).map(|i| self.counter(i)).collect();
         if let Ok(per_cpu) = self.lifecycle.get(&0, 0) {
             for l in per_cpu.iter() {
                 out.lifecycle.add(l);
@@ -262,20 +269,34 @@ impl Kernel {
         out
     }
 
-    /// Statistics of the programs (the sweep's runs are the agent's own test runs).
+    /// Statistics of the programs (the sweep's runs are the agent's own test runs). A twin
+    /// counts as part of its program: its time is added, and the runs it handled are taken off
+    /// the program's misses, which leaves the events lost. The twin's own misses are not: it
+    /// is skipped only when nested in itself, and the program handled that event.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
+        let stats = |name: &str| {
+            let info = prog_info(self.ebpf.program(name)?.fd().ok()?).ok()?;
+            Some((info.run_cnt, Duration::from_nanos(info.run_time_ns), info.recursion_misses))
+        };
         self.ebpf
             .programs()
-            .filter_map(|(name, p)| {
-                let info = prog_info(p.fd().ok()?).ok()?;
-                Some(ProgramStats {
-                    name: name.to_string(),
-                    run_count: info.run_cnt,
-                    run_time: Duration::from_nanos(info.run_time_ns),
-                    missed: info.recursion_misses,
-                })
+            .map(|(name, _)| name)
+            .filter(|name| !twin::PROGRAMS.iter().any(|(_, t)| t == name))
+            .filter_map(|name| {
+                let (run_count, mut run_time, mut missed) = stats(name)?;
+                let mut nested = 0;
+                if let Some(i) = twin::PROGRAMS.iter().position(|(p, _)| *p == name) {
+                    run_time += stats(twin::PROGRAMS[i].1).map(|s| s.1).unwrap_or_default();
+                    nested = self.counter(counter::NESTED + i as u32);
+                    missed = missed.saturating_sub(nested);
+                }
+                Some(ProgramStats { name: name.to_string(), run_count, run_time, missed, nested })
             })
             .collect()
+    }
+
+    fn counter(&self, idx: u32) -> u64 {
+        self.counters.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 }
 

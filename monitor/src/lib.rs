@@ -211,12 +211,14 @@ impl Agent {
     /// Called once, right after the programs are attached.
     fn seed(&self) -> usize {
         lock(&self.tracker).begin_seed();
+        // Before the reading: this plus a timer's time left is at or before its end.
+        let at = monotonic_ns();
         let views = ground::read(&self.namespaces());
         // Events since the programs were attached: those connections are followed already.
         self.drain();
         let (n, timewait) = {
             let mut tracker = lock(&self.tracker);
-            let n = tracker.seed(ground::teardown(&views), monotonic_ns());
+            let n = tracker.seed(ground::seeds(&views), at);
             (n, tracker.seeded_timewait())
         };
         let mut kernel = lock(&self.kernel);

@@ -50,6 +50,7 @@ pub struct Metrics {
     programs_attached: IntGauge,
     program_runs: IntCounterVec,
     program_missed: IntCounterVec,
+    program_nested: IntCounterVec,
     program_run_seconds: CounterVec,
     pub scrape_seconds: Gauge,
     seeded: IntGaugeVec,
@@ -285,8 +286,20 @@ impl Metrics {
                     Opts::new(
                         "twmon_bpf_program_missed_total",
                         "Times the kernel skipped a program because it was already running on \
-                         that CPU (its tracepoint hit again from an interrupt): each one an event \
-                         lost, which twmon_reconcile_drift then shows.",
+                         that CPU (its tracepoint hit again from an interrupt) and no twin \
+                         handled the event: each one an event lost, which twmon_reconcile_drift \
+                         then shows.",
+                    ),
+                    &["program"],
+                )?,
+            )?,
+            program_nested: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_bpf_program_nested_total",
+                        "Events that hit a program's tracepoint while the program was running on \
+                         that CPU (from an interrupt), handled by its twin.",
                     ),
                     &["program"],
                 )?,
@@ -462,6 +475,9 @@ impl Metrics {
         for p in programs {
             sync(&self.program_runs.with_label_values(&[&p.name]), p.run_count);
             sync(&self.program_missed.with_label_values(&[&p.name]), p.missed);
+            if monitor_common::twin::PROGRAMS.iter().any(|(name, _)| *name == p.name) {
+                sync(&self.program_nested.with_label_values(&[&p.name]), p.nested);
+            }
             let c = self.program_run_seconds.with_label_values(&[&p.name]);
             c.inc_by((p.run_time.as_secs_f64() - c.get()).max(0.0));
         }

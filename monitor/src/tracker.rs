@@ -4,7 +4,10 @@
 //! CLOSE_WAIT sockets have been there (leaks), and which sockets seeded from sock_diag are gone.
 //! Plain Rust: no BPF in here, so every sequence the kernel can produce is unit-tested from
 //! hand-written events.
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use monitor_common::{Event, Lifecycle, flags, kind, reason, tcp};
 use prometheus::{IntCounter, Registry};
@@ -12,6 +15,9 @@ use prometheus::{IntCounter, Registry};
 /// How long a cancelled timewait timer may wait for the re-arm that would follow it at once.
 /// The kernel re-arms within microseconds on the same CPU; past this the socket ended early.
 pub const CANCEL_GRACE_NS: u64 = 100_000_000;
+
+/// TCP_TIMEWAIT_LEN: 2MSL on Linux.
+pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 
 /// RFC 793 state names as label values (lowercase, underscores).
 pub fn state_name(state: u8) -> &'static str {
@@ -110,6 +116,9 @@ pub struct Tracker {
     /// Sockets that were in a teardown state before the agent started, which the kernel
     /// programs do not follow: their state, until an event or a reconcile says they left it.
     seed: HashMap<Tuple, u8>,
+    /// For seeded timewait sockets: when their timer runs out (CLOCK_MONOTONIC ns), from the
+    /// time sock_diag said was left.
+    seed_due: HashMap<Tuple, u64>,
     /// While seeding: connections events have spoken of since the programs were attached.
     window: Option<HashSet<Tuple>>,
     /// When seeding happened: seeded CLOSE_WAIT sockets are at least this old.
@@ -128,6 +137,7 @@ impl Tracker {
             pending: HashMap::new(),
             events,
             seed: HashMap::new(),
+            seed_due: HashMap::new(),
             window: None,
             seeded_at: 0,
             close_wait_since: HashMap::new(),
@@ -195,7 +205,33 @@ impl Tracker {
         if let Some(w) = self.window.as_mut() {
             w.insert(t);
         }
-        self.seed.remove(&t);
+        let state = self.seed.remove(&t);
+        let due = self.seed_due.remove(&t);
+        if let Some(state) = state
+            && ev.kind == kind::UNTRACKED_END
+        {
+            self.seeded_timer_end(state, due, ev);
+        }
+    }
+
+    /// A seeded timewait socket ended. The kernel program says whether its timer ran out (an
+    /// expiry, counted here) or not (a kill, or a re-arm after which the kernel follows the
+    /// socket: not counted). Time in TIME_WAIT: from the time left at seeding (its timer
+    /// ends 2MSL after it entered the state), or, when the socket changed since (an orphaned
+    /// FIN_WAIT2 got its FIN), from its timer as the kernel program read it.
+    fn seeded_timer_end(&mut self, seeded: u8, due: Option<u64>, ev: &Event) {
+        if !matches!((ev.from, ev.reason), (tcp::TIME_WAIT, reason::EXPIRED) | (tcp::FIN_WAIT2, reason::FIN_TIMEOUT)) {
+            return;
+        }
+        let duration = match (ev.from, due) {
+            (tcp::TIME_WAIT, Some(due)) if seeded == tcp::TIME_WAIT && ev.ts_ns >= due => {
+                Some(ev.ts_ns - due + TIMEWAIT_LEN_NS)
+            }
+            (tcp::TIME_WAIT, _) => (ev.flags & flags::DURATION != 0).then_some(ev.duration_ns),
+            _ => None,
+        };
+        self.decided.lifecycle.count(ev.from, tcp::CLOSE, duration);
+        self.decided.ends[ev.reason as usize] += 1;
     }
 
     /// Forgets the last leak scan: the records of the next one follow.
@@ -209,17 +245,22 @@ impl Tracker {
         self.window = Some(HashSet::new());
     }
 
-    /// Takes the kernel's view of sockets in teardown states at start-up (`at` is when it was
-    /// read). Sockets that events have spoken of since [`Self::begin_seed`] are left out: the
-    /// kernel programs follow them. Returns how many were seeded.
-    pub fn seed(&mut self, sockets: impl IntoIterator<Item = (Tuple, u8)>, at: u64) -> usize {
+    /// Takes the kernel's view of sockets in teardown states at start-up, with the time left on
+    /// timewait sockets' timers (`at` is when the reading started, so `at` + time left is at
+    /// or before the timer's end). Sockets that events have spoken of since
+    /// [`Self::begin_seed`] are left out: the kernel programs follow them. Returns how many
+    /// were seeded.
+    pub fn seed(&mut self, sockets: impl IntoIterator<Item = (Tuple, u8, Option<Duration>)>, at: u64) -> usize {
         let seen = self.window.take().unwrap_or_default();
         let before = self.seed.len();
-        for (t, state) in sockets {
+        for (t, state, left) in sockets {
             if seen.contains(&t) || !tcp::is_teardown(state) {
                 continue;
             }
             self.seed.insert(t, state);
+            if let Some(left) = left {
+                self.seed_due.insert(t, at + left.as_nanos() as u64);
+            }
         }
         // A seeded CLOSE_WAIT socket's age is at least this; when it entered is not known.
         self.seeded_at = at;
@@ -229,12 +270,20 @@ impl Tracker {
     /// Brings seeded sockets in line with the kernel's current view of them: gone ones are
     /// dropped, changed ones (an orphaned FIN_WAIT2 that got its FIN) take their new state.
     pub fn reconcile_seed(&mut self, now: &HashMap<Tuple, u8>) {
+        let due = &mut self.seed_due;
         self.seed.retain(|t, state| match now.get(t) {
             Some(s) if tcp::is_teardown(*s) => {
+                if *s != *state {
+                    // An orphaned FIN_WAIT2 that got its FIN: its timer was set anew.
+                    due.remove(t);
+                }
                 *state = *s;
                 true
             }
-            _ => false,
+            _ => {
+                due.remove(t);
+                false
+            }
         });
     }
 
@@ -280,6 +329,10 @@ mod tests {
     fn tw(mut e: Event) -> Event {
         e.flags |= flags::TIMEWAIT;
         e
+    }
+    /// A timewait socket's end that the kernel program saw as due.
+    fn expired(e: Event) -> Event {
+        Event { reason: reason::EXPIRED, ..tw(e) }
     }
 
     struct T {
@@ -411,13 +464,14 @@ mod tests {
         t.t.begin_seed();
         // This one moved after the programs were attached: the kernel follows it.
         t.t.apply(&conn(ev(kind::TRANSITION, tcp::CLOSE_WAIT, tcp::LAST_ACK, 1, 5), 1001));
+        let left = |s| Some(Duration::from_secs(s));
         let n = t.t.seed(
             [
-                (tuple(1001), tcp::CLOSE_WAIT),
-                (tuple(1002), tcp::TIME_WAIT),
-                (tuple(1003), tcp::FIN_WAIT2),
-                (tuple(1004), tcp::CLOSE_WAIT),
-                (tuple(1005), tcp::ESTABLISHED),
+                (tuple(1001), tcp::CLOSE_WAIT, None),
+                (tuple(1002), tcp::TIME_WAIT, left(20)),
+                (tuple(1003), tcp::FIN_WAIT2, left(40)),
+                (tuple(1004), tcp::CLOSE_WAIT, None),
+                (tuple(1005), tcp::ESTABLISHED, None),
             ],
             100,
         );
@@ -425,10 +479,14 @@ mod tests {
         let s = t.t.seeded();
         assert_eq!((s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize], s[tcp::CLOSE_WAIT as usize]), (1, 1, 1));
         assert!(t.t.seeded_timewait());
-        // The seeded TIME_WAIT socket's timer ran out.
-        t.t.apply(&conn(tw(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 60_000)), 1002));
+        // The seeded TIME_WAIT socket's timer ran out 20 s after seeding (and 450 ms late): it
+        // expired after 2MSL in TIME_WAIT.
+        t.t.apply(&conn(expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 20_450)), 1002));
         assert_eq!(t.t.seeded()[tcp::TIME_WAIT as usize], 0);
-        assert!(t.nothing_decided(), "an untracked end is not a transition");
+        assert_eq!((t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED)), (1, 1));
+        let (n, sum) = t.hist(tcp::TIME_WAIT);
+        assert_eq!(n, 1);
+        assert!((sum - 60.45).abs() < 1e-6, "time in TIME_WAIT: {sum}");
         // The orphaned FIN_WAIT2 got its FIN (no event: the kernel does not follow it).
         let now: HashMap<Tuple, u8> = [(tuple(1003), tcp::TIME_WAIT), (tuple(1004), tcp::CLOSE_WAIT)].into();
         t.t.reconcile_seed(&now);
@@ -436,9 +494,33 @@ mod tests {
         assert_eq!((s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize]), (1, 0));
         // The seeded CLOSE_WAIT is aged from the seeding.
         assert_eq!(t.t.close_wait_older_than(100), vec![(tuple(1004), 100)]);
+        // Its timer was set anew when the FIN came: the kernel program measured its time in
+        // TIME_WAIT from the timer.
+        t.t.apply(&conn(timed(expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 62_000)), 60_100), 1003));
+        assert_eq!((t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED), t.ends(reason::FIN_TIMEOUT)), (2, 2, 0));
+        assert_eq!(t.hist(tcp::TIME_WAIT).0, 2);
         t.t.reconcile_seed(&HashMap::new());
         assert_eq!(t.t.seeded().iter().sum::<i64>(), 0);
         assert!(!t.t.seeded_timewait());
+    }
+
+    /// A seeded timewait socket that ends before its timer runs out (a kill, or a re-arm that
+    /// the kernel follows from there) is not counted; an orphaned FIN_WAIT2 at its timer's end
+    /// is a fin_timeout, with no duration (when it entered FIN_WAIT2 is not known).
+    #[test]
+    fn seeded_timewait_ends() {
+        let mut t = T::new();
+        t.t.begin_seed();
+        let left = |s| Some(Duration::from_secs(s));
+        t.t.seed([(tuple(3001), tcp::TIME_WAIT, left(30)), (tuple(3002), tcp::FIN_WAIT2, left(10))], 0);
+        t.t.apply(&conn(tw(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 29_000)), 3001));
+        let mut fin_timeout = tw(ev(kind::UNTRACKED_END, tcp::FIN_WAIT2, tcp::CLOSE, 8, 10_000));
+        fin_timeout.reason = reason::FIN_TIMEOUT;
+        t.t.apply(&conn(fin_timeout, 3002));
+        assert_eq!(t.t.seeded().iter().sum::<i64>(), 0);
+        assert_eq!((t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED)), (0, 0));
+        assert_eq!((t.trans(tcp::FIN_WAIT2, tcp::CLOSE), t.ends(reason::FIN_TIMEOUT)), (1, 1));
+        assert_eq!(t.hist(tcp::FIN_WAIT2).0, 0);
     }
 
     #[test]

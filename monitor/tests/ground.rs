@@ -16,8 +16,12 @@ const SETTLE: Duration = Duration::from_secs(15);
 const STATES: [&str; 6] = ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"];
 
 fn pairs(ns: &Netns, n: usize) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
+    pairs_on(ns, "127.0.0.1:0", n)
+}
+
+fn pairs_on(ns: &Netns, bind: &'static str, n: usize) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
     ns.run(move || {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = TcpListener::bind(bind).unwrap();
         let addr = l.local_addr().unwrap();
         let v = (0..n)
             .map(|_| {
@@ -53,13 +57,20 @@ fn drift(m: &Metrics) -> Vec<(String, f64)> {
     m.series("twmon_reconcile_drift").into_iter().filter(|(_, v)| *v != 0.0).collect()
 }
 
-/// The agent starts after 200 sockets are in TIME_WAIT and 20 in CLOSE_WAIT: its first scrape
-/// shows them, equal to ss; once the CLOSE_WAITs are released everything still adds up.
+/// The agent starts after 200 sockets are in TIME_WAIT and 20 in CLOSE_WAIT (IPv4 and IPv6):
+/// its first scrape shows them, equal to ss; once the CLOSE_WAITs are released everything
+/// still adds up, and the seeded TIME_WAIT sockets end as 2MSL expiries after 60 s in the
+/// state (from the time their timers had left at start-up).
 #[test]
 fn first_scrape_shows_sockets_from_before_start() {
     let ns = Netns::new("seed");
-    let (_l, mut conns) = pairs(&ns, 220);
-    let held: Vec<TcpStream> = conns.drain(200..).map(|(c, s)| half_close(c, s)).collect();
+    let (_l, mut conns) = pairs(&ns, 165);
+    let (_l6, conns6) = pairs_on(&ns, "[::1]:0", 55);
+    conns.extend(conns6);
+    // 15 IPv4 and 5 IPv6 connections stay half-closed; 150 and 50 close.
+    let held6: Vec<_> = conns.drain(215..).collect();
+    let held: Vec<TcpStream> = conns.drain(150..165).chain(held6).map(|(c, s)| half_close(c, s)).collect();
+    assert_eq!((conns.len(), held.len()), (200, 20));
     for (c, s) in conns {
         close_both(c, s);
     }
@@ -84,6 +95,19 @@ fn first_scrape_shows_sockets_from_before_start() {
     assert_eq!(drift(&m), vec![], "drift after release");
     // The release went through the close path the agent follows.
     assert_eq!(m.transitions("close_wait", "last_ack"), 20.0);
+
+    // 2MSL later every one of them expired: the seeded ones counted by the agent, the released
+    // ones by the kernel programs, all after 59-66 s in TIME_WAIT.
+    let expired = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "expired")]);
+    let m = agent.wait_for(Duration::from_secs(75), |m| expired(m) == 220.0 && m.sockets("time_wait") == 0.0);
+    assert_eq!(expired(&m), 220.0, "expired ends:\n{}", m.text);
+    assert_eq!(m.sockets("time_wait"), 0.0);
+    assert_eq!(ss_state(&ns, "TIME-WAIT"), 0.0);
+    assert_eq!(m.transitions("time_wait", "close"), 220.0);
+    assert_eq!(m.duration_count("time_wait"), 220.0);
+    assert_eq!(m.bucket("time_wait", "59"), 0.0, "TIME_WAIT shorter than 59 s");
+    assert_eq!(m.bucket("time_wait", "66"), 220.0, "TIME_WAIT longer than 66 s");
+    assert_eq!(m.get("twmon_seeded_sockets", &[("state", "time_wait")]), 0.0);
 }
 
 /// Churn of every kind, then rest: the agent's gauges equal the kernel's count exactly.
@@ -120,6 +144,7 @@ fn drift_is_zero_at_rest_after_churn() {
     // A reconcile that ran before the last closes says nothing: read after two more.
     std::thread::sleep(Duration::from_millis(2200));
     let m = agent.metrics();
+    eprintln!("nested events handled by twins: {:?}", m.series("twmon_bpf_program_nested_total"));
     let missed: f64 = m.series("twmon_bpf_program_missed_total").iter().map(|(_, v)| v).sum();
     assert_eq!(missed, 0.0, "kernel programs skipped runs: {:?}", m.series("twmon_bpf_program_missed_total"));
     assert_eq!(drift(&m), vec![], "twmon_reconcile_drift at rest");
