@@ -33,8 +33,9 @@ pub struct NsView {
 /// service ports apart), except the request sockets of half-open connections.
 const DUMP_STATES: u32 = !((1 << tcp::NEW_SYN_RECV) | (1 << tcp::SYN_RECV));
 
-/// Reads each namespace from inside it. A namespace that vanished meanwhile is skipped.
-pub fn read(namespaces: &[Namespace]) -> Vec<NsView> {
+/// Reads each namespace from inside it. A namespace that vanished meanwhile is skipped; one
+/// the agent may not enter (no CAP_SYS_ADMIN) is counted in `denied`.
+pub fn read(namespaces: &[Namespace], denied: &mut usize) -> Vec<NsView> {
     namespaces
         .iter()
         .filter_map(|ns| {
@@ -50,6 +51,9 @@ pub fn read(namespaces: &[Namespace]) -> Vec<NsView> {
                     None
                 }
                 Err(e) => {
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        *denied += 1;
+                    }
                     tracing::debug!(netns = %ns.name, "cannot enter namespace: {e}");
                     None
                 }

@@ -25,8 +25,16 @@ pub enum KernelError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error(
-        "loading the kernel programs failed: {0}\n  twmon needs root, or CAP_BPF, CAP_PERFMON and \
-         CAP_SYSLOG; run it with sudo"
+        "twmon lacks {}: it needs root, or CAP_BPF (maps and programs), CAP_PERFMON (tracing \
+         programs) and CAP_SYSLOG (kernel addresses); run it with sudo, or grant them \
+         (AmbientCapabilities= in a systemd unit, securityContext.capabilities.add in Kubernetes)",
+        .0.join(", ")
+    )]
+    Capabilities(Vec<&'static str>),
+    #[error(
+        "the kernel refused to load the programs although twmon holds CAP_BPF, CAP_PERFMON and \
+         CAP_SYSLOG: {0}\n  kernel lockdown (/sys/kernel/security/lockdown) or a security module \
+         (SELinux, AppArmor, a BPF LSM) forbids it; see the kernel log (dmesg)"
     )]
     Permission(String),
     #[error("loading the kernel programs failed: {0:#}")]
@@ -90,16 +98,49 @@ pub struct ProgramStats {
     pub nested: u64,
 }
 
+/// The capabilities the programs need that `cap_eff` (CapEff of /proc/self/status) lacks.
+/// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, as on kernels before 5.8.
+pub fn missing_capabilities(cap_eff: u64) -> Vec<&'static str> {
+    const SYSLOG: u32 = 34;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    const SYS_ADMIN: u32 = 21;
+    let has = |c: u32| cap_eff & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(BPF) && !has(SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(PERFMON) && !has(SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(SYSLOG) {
+        missing.push("CAP_SYSLOG");
+    }
+    missing
+}
+
+/// Fails, naming them, when this process lacks capabilities the programs need.
+fn check_capabilities() -> Result<(), KernelError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    match eff.map(missing_capabilities) {
+        Some(missing) if !missing.is_empty() => Err(KernelError::Capabilities(missing)),
+        // Unreadable: let loading say what is wrong.
+        _ => Ok(()),
+    }
+}
+
+/// EPERM anywhere in the error chain: with the capabilities checked, the kernel's policy.
+/// (EACCES is the verifier rejecting a program, a load error with its log.)
 fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+            && io.raw_os_error() == Some(libc::EPERM)
         {
-            return true;
-        }
-        let text = err.to_string();
-        if text.contains("Operation not permitted") || text.contains("Permission denied") {
             return true;
         }
         cur = err.source();
@@ -114,6 +155,7 @@ impl Kernel {
         limits: &Limits,
     ) -> Result<(Self, RingBuf<MapData>, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), KernelError>
     {
+        check_capabilities()?;
         raise_memlock();
         let layout: KernelLayout = layout::read(netns_only)?;
         tracing::debug!(?layout, "kernel layout");
@@ -409,6 +451,16 @@ fn load_test_run(ebpf: &mut Ebpf, name: &str) -> Result<ProgramFd, KernelError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_missing_capabilities() {
+        let missing = missing_capabilities;
+        assert_eq!(missing(0), ["CAP_BPF", "CAP_PERFMON", "CAP_SYSLOG"]);
+        assert!(missing(u64::MAX).is_empty());
+        assert_eq!(missing(1 << 39 | 1 << 34), ["CAP_PERFMON"]);
+        // CAP_SYS_ADMIN covers CAP_BPF and CAP_PERFMON (kernels before 5.8), not CAP_SYSLOG.
+        assert_eq!(missing(1 << 21), ["CAP_SYSLOG"]);
+    }
 
     #[test]
     fn hz_snaps_to_kernel_values() {

@@ -100,6 +100,8 @@ pub struct Agent {
     report: Mutex<Report>,
     /// Leaked CLOSE_WAIT sockets already logged.
     logged: Mutex<HashSet<Tuple>>,
+    /// Whether the agent said it cannot read every network namespace.
+    warned_unreadable: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,10 +189,11 @@ impl Agent {
     }
 
     /// The network namespaces the kernel programs watch: the --netns one, or all reachable.
-    pub fn namespaces(&self) -> Vec<Namespace> {
-        let all = netns::discover();
-        match &self.config.netns_path {
-            None => all,
+    /// The namespaces to read, and how many processes' namespaces could not be seen.
+    pub fn namespaces(&self) -> (Vec<Namespace>, usize) {
+        let (all, hidden) = netns::discover_counting_hidden();
+        let found = match &self.config.netns_path {
+            None => return (all, hidden),
             Some(path) => {
                 let mut found: Vec<Namespace> = all.into_iter().filter(|n| n.inode == self.config.netns).collect();
                 if found.is_empty() {
@@ -204,7 +207,28 @@ impl Agent {
                 found.truncate(1);
                 found
             }
+        };
+        (found, 0)
+    }
+
+    /// The kernel's own view of every namespace the agent can read. What it cannot read is
+    /// exported (`twmon_netns_unreadable`) and said once, with what to grant.
+    fn read_ground(&self) -> Vec<NsView> {
+        let (namespaces, hidden) = self.namespaces();
+        let mut denied = 0;
+        let views = ground::read(&namespaces, &mut denied);
+        self.metrics.set_unreadable(denied, hidden);
+        if (denied > 0 || hidden > 0) && !self.warned_unreadable.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                namespaces_not_entered = denied,
+                processes_not_seen = hidden,
+                "cannot read every network namespace: per-namespace counts, breakdowns, leaks and \
+                 seeding cover only those read, and twmon_reconcile_drift counts the sockets of \
+                 the others; entering a namespace needs CAP_SYS_ADMIN, seeing another user's \
+                 process's namespace CAP_SYS_PTRACE (or run twmon as root)"
+            );
         }
+        views
     }
 
     /// Seeds the agent with the sockets already in teardown states, from the kernel's own view.
@@ -213,7 +237,7 @@ impl Agent {
         lock(&self.tracker).begin_seed();
         // Before the reading: this plus a timer's time left is at or before its end.
         let at = monotonic_ns();
-        let views = ground::read(&self.namespaces());
+        let views = self.read_ground();
         // Events since the programs were attached: those connections are followed already.
         self.drain();
         let (n, timewait) = {
@@ -233,7 +257,7 @@ impl Agent {
     pub fn reconcile(&self) -> Duration {
         let start = Instant::now();
         let cpu_start = process_cpu();
-        let views = ground::read(&self.namespaces());
+        let views = self.read_ground();
         let totals = ground::totals(&views);
         let (seeded, timewait) = {
             let mut tracker = lock(&self.tracker);
@@ -417,7 +441,14 @@ pub fn reconcile_wait(interval: Duration, took: Duration) -> Duration {
 /// Runs the agent until SIGINT or SIGTERM, then detaches everything.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind first: a busy port should fail before anything is attached to the kernel.
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+    let mut bound = tokio::net::TcpListener::bind(config.listen).await;
+    if let Err(e) = &bound
+        && config.listen.ip() == std::net::Ipv6Addr::UNSPECIFIED
+        && e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+    {
+        bound = tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, config.listen.port())).await;
+    }
+    let listener = bound.with_context(|| {
         format!(
             "cannot listen on {}; is another twmon or exporter using it? Pick another with \
              --web.listen-address",
@@ -442,6 +473,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         report: Mutex::new(Report::default()),
         logged: Mutex::new(HashSet::new()),
+        warned_unreadable: Default::default(),
     });
     let seeded = agent.seed();
     trim();

@@ -43,7 +43,9 @@ struct Args {
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
+    // `:PORT` is every interface, IPv6 and IPv4 (a dual-stack socket; IPv4 alone where the
+    // kernel has no IPv6).
+    let full = if s.starts_with(':') { format!("[::]{s}") } else { s.to_string() };
     full.parse().map_err(|_| format!("`{s}` is not HOST:PORT or :PORT (e.g. 127.0.0.1:9864 or :9864)"))
 }
 
@@ -125,7 +127,7 @@ mod tests {
     #[test]
     fn flags_parse_like_an_exporter() {
         let a = Args::try_parse_from(["twmon"]).unwrap();
-        assert_eq!(a.listen, "0.0.0.0:9864".parse().unwrap());
+        assert_eq!(a.listen, "[::]:9864".parse().unwrap());
         let a = Args::try_parse_from(["twmon", "--web.listen-address", "127.0.0.1:9000", "--log.level", "debug"]).unwrap();
         assert_eq!(a.listen.port(), 9000);
         assert!(Args::try_parse_from(["twmon", "--log.level", "loud"]).is_err());

@@ -56,6 +56,7 @@ pub struct Metrics {
     seeded: IntGaugeVec,
     drift: IntGaugeVec,
     reconcile_seconds: Gauge,
+    unreadable: IntGaugeVec,
     reconcile_cpu_seconds: prometheus::Counter,
     port_sockets: IntGaugeVec,
     pressure_ratio: prometheus::GaugeVec,
@@ -339,6 +340,20 @@ impl Metrics {
                 &r,
                 Gauge::new("twmon_reconcile_duration_seconds", "Time the last reconcile took.")?,
             )?,
+            unreadable: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "twmon_netns_unreadable",
+                        "At the last reconcile: network namespaces twmon could not enter \
+                         (reason=\"enter\", needs CAP_SYS_ADMIN) and processes whose namespace \
+                         it could not see (reason=\"hidden\", needs CAP_SYS_PTRACE). Their \
+                         sockets are missing from the breakdowns and show in \
+                         twmon_reconcile_drift.",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
             reconcile_cpu_seconds: reg(
                 &r,
                 prometheus::Counter::new(
@@ -481,6 +496,12 @@ impl Metrics {
             let c = self.program_run_seconds.with_label_values(&[&p.name]);
             c.inc_by((p.run_time.as_secs_f64() - c.get()).max(0.0));
         }
+    }
+
+    /// What the last reading of the kernel's view could not read.
+    pub fn set_unreadable(&self, denied: usize, hidden: usize) {
+        self.unreadable.with_label_values(&["enter"]).set(denied as i64);
+        self.unreadable.with_label_values(&["hidden"]).set(hidden as i64);
     }
 
     /// Publishes one reconcile: drift per state, breakdowns, kernel counters and limits, leaks.

@@ -99,6 +99,13 @@ pub struct Namespace {
 /// that cannot be read (processes that exit meanwhile, stale /run/netns files whose namespace
 /// is gone) are skipped.
 pub fn discover() -> Vec<Namespace> {
+    discover_counting_hidden().0
+}
+
+/// [`discover`], and how many processes' network namespaces could not be seen (their
+/// /proc/PID/ns/net needs CAP_SYS_PTRACE when they belong to another user).
+pub fn discover_counting_hidden() -> (Vec<Namespace>, usize) {
+    let mut hidden = 0;
     let host = host_inode().unwrap_or_else(|e| {
         tracing::debug!("cannot tell the host's network namespace, none will be named \"host\": {e}");
         0
@@ -108,6 +115,8 @@ pub fn discover() -> Vec<Namespace> {
     for pid in proc_pids() {
         match std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| u32::try_from(m.ino())) {
             Ok(Ok(inode)) => pids.entry(inode).or_default().push(pid),
+            // Kernel threads live in the initial namespace; another user's process may not.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !is_kthread(pid) => hidden += 1,
             // Gone, or a kernel thread / zombie without namespaces.
             _ => continue,
         }
@@ -141,7 +150,16 @@ pub fn discover() -> Vec<Namespace> {
         })
         .collect();
     out.sort_by_key(|ns| (ns.inode != host, ns.inode));
-    out
+    (out, hidden)
+}
+
+fn is_kthread(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| stat_flags(&s)).is_some_and(|f| f & PF_KTHREAD != 0)
+}
+
+/// Inode of the calling thread's network namespace.
+pub fn own_inode() -> io::Result<u32> {
+    inode_of(Path::new("/proc/thread-self/ns/net"))
 }
 
 /// Inode of the host's network namespace: PID 1's. When PID 1's cannot be read (the agent
@@ -150,13 +168,7 @@ pub fn discover() -> Vec<Namespace> {
 /// initial network namespace.
 pub fn host_inode() -> io::Result<u32> {
     inode_of(Path::new("/proc/1/ns/net")).or_else(|first| {
-        let kthread = std::fs::read_to_string("/proc/2/stat").ok().and_then(|s| stat_flags(&s));
-        match kthread {
-            Some(flags) if flags & PF_KTHREAD != 0 => {
-                inode_of(Path::new("/proc/2/ns/net")).map_err(|_| first)
-            }
-            _ => Err(first),
-        }
+        if is_kthread(2) { inode_of(Path::new("/proc/2/ns/net")).map_err(|_| first) } else { Err(first) }
     })
 }
 
@@ -440,6 +452,11 @@ pub fn in_namespace<T: Send + 'static>(
         .and_then(|m| check_nsfs(&path, &file, m.ino()))?;
     if found != ns.inode {
         return Err(NetnsError::Replaced { path, expected: ns.inode, found }.into());
+    }
+    // Already there: no setns, which needs CAP_SYS_ADMIN (the agent's own namespace, under a
+    // unit or a hostNetwork pod that grants only what the kernel programs need).
+    if own_inode().is_ok_and(|own| own == found) {
+        return Ok(f());
     }
     let thread_path = path.clone();
     let handle = std::thread::Builder::new()

@@ -41,6 +41,29 @@ fn metrics_healthz_and_index() {
     assert!(status.success(), "twmon exited with {status} on SIGTERM");
 }
 
+/// SIGINT detaches everything: once the agent exited 0, none of its programs is left in the
+/// kernel (an attached program is held by its link, which only the agent holds).
+#[test]
+fn sigint_detaches_and_exits_0() {
+    let ns = Netns::new("sigint");
+    let agent = Agent::start(&ns);
+    let ids = agent.program_ids();
+    // Six tracepoints (three with twins) and the two programs the agent runs itself.
+    assert_eq!(ids.len(), 11, "program ids {ids:?}");
+    assert!(ids.iter().all(|id| common::program_exists(*id)));
+    let status = agent.signal(libc::SIGINT);
+    assert!(status.success(), "twmon exited with {status} on SIGINT");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let left = loop {
+        let left: Vec<u32> = ids.iter().copied().filter(|id| common::program_exists(*id)).collect();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(left, Vec::<u32>::new(), "programs still in the kernel after exit");
+}
+
 trait OutputWith {
     fn output_with(&mut self, stdin: &str) -> (std::process::ExitStatus, String);
 }
@@ -97,4 +120,23 @@ fn unprivileged_user_is_told_to_use_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("sudo") || err.contains("root"), "no hint to run as root: {err}");
+    assert!(err.contains("lacks CAP_BPF, CAP_PERFMON, CAP_SYSLOG"), "missing capabilities not named: {err}");
+}
+
+/// Without one of the three capabilities, the agent names that one.
+#[test]
+fn missing_capability_is_named() {
+    for (without, keep) in [("CAP_PERFMON", "+bpf,+syslog"), ("CAP_BPF", "+perfmon,+syslog"), ("CAP_SYSLOG", "+bpf,+perfmon")] {
+        let caps = format!("-all,{keep}");
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+            .arg(env!("CARGO_BIN_EXE_twmon"))
+            .args(["--web.listen-address", "127.0.0.1:0"])
+            .output()
+            .expect("setpriv (util-linux)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("lacks {without}:")), "without {without}: {err}");
+    }
 }

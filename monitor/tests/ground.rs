@@ -209,6 +209,12 @@ fn close_wait_leak_is_named() {
     assert_eq!(leak["comm"], comm.as_str());
     assert_eq!(leak["sockets"], 5);
     assert!(agent.log().contains("CLOSE_WAIT leak"), "the leak was not logged");
+    // Once per leaked socket: three more leak checks neither log nor count them again.
+    std::thread::sleep(Duration::from_millis(3500));
+    let m = agent.metrics();
+    assert_eq!(leaked(&m), 5.0);
+    assert_eq!(m.get("twmon_close_wait_leaks_total", &[]), 5.0, "leaks counted again");
+    assert_eq!(agent.log().matches("CLOSE_WAIT leak").count(), 5, "leaks logged again:\n{}", agent.log());
 }
 
 /// N connections to one destination hold N local ports: the ratio to the ephemeral range is
@@ -229,7 +235,9 @@ fn port_pressure_ratio() {
     drop(conns);
 }
 
-/// 5000 distinct remote ports: each breakdown keeps at most K+1 ports (K = top_k, plus "other").
+/// 5000 distinct service ports, half of them remote (this host's clients closed first) and half
+/// local (its servers closed first): every breakdown metric keeps at most K+1 series per side
+/// (K = top_k, plus "other"), and folding loses no socket.
 #[test]
 fn breakdown_cardinality_is_bounded() {
     const PORTS: u16 = 5000;
@@ -237,7 +245,10 @@ fn breakdown_cardinality_is_bounded() {
     common::raise_nofile();
     let ns = Netns::new("card");
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 60999"]);
-    let config = Agent::config_file("card", &format!("[reconcile]\ninterval = \"1s\"\n[breakdown]\ntop_k = {K}\n"));
+    let config = Agent::config_file(
+        "card",
+        &format!("[reconcile]\ninterval = \"1s\"\n[breakdown]\ntop_k = {K}\n[pressure]\ntop_k = {K}\n"),
+    );
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     ns.run(|| {
         for p in 0..PORTS {
@@ -246,7 +257,7 @@ fn breakdown_cardinality_is_bounded() {
             let (mut s, _) = l.accept().unwrap();
             c.write_all(b"x").unwrap();
             s.read_exact(&mut [0u8; 1]).unwrap();
-            close_both(c, s);
+            if p % 2 == 0 { close_both(c, s) } else { close_both(s, c) }
         }
     });
     let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == PORTS as f64);
@@ -255,16 +266,23 @@ fn breakdown_cardinality_is_bounded() {
         m.series("twmon_port_sockets").iter().map(|(_, v)| v).sum::<f64>() == PORTS as f64
     });
     let series = m.series("twmon_port_sockets");
-    let remote: HashSet<String> = series
-        .iter()
-        .filter(|(l, _)| l.contains("side=\"remote\""))
-        .filter_map(|(l, _)| l.split(',').find(|kv| kv.starts_with("port=")).map(str::to_string))
-        .collect();
-    assert!(remote.len() <= K + 1, "{} remote ports shown: {remote:?}", remote.len());
-    assert!(remote.contains("port=\"other\""), "{remote:?}");
-    assert_eq!(series.iter().map(|(_, v)| v).sum::<f64>(), PORTS as f64, "folding into other lost sockets");
-    assert!(m.series("twmon_port_pressure_ratio").len() <= 10);
-    for s in STATES {
-        assert!(m.series("twmon_port_sockets").len() <= (K + 1) * STATES.len() * 2, "{s}");
+    for side in ["remote", "local"] {
+        let ports: HashSet<String> = series
+            .iter()
+            .filter(|(l, _)| l.contains(&format!("side=\"{side}\"")))
+            .filter_map(|(l, _)| l.split(',').find(|kv| kv.starts_with("port=")).map(str::to_string))
+            .collect();
+        assert!(ports.len() <= K + 1, "{} {side} ports shown: {ports:?}", ports.len());
+        assert!(ports.contains("port=\"other\""), "{side}: {ports:?}");
     }
+    // One state (time_wait), one role (active): one series per port shown.
+    assert!(series.len() <= 2 * (K + 1), "{} twmon_port_sockets series", series.len());
+    assert_eq!(series.iter().map(|(_, v)| v).sum::<f64>(), PORTS as f64, "folding into other lost sockets");
+    // 2500 destinations hold a local ephemeral port: top-K only.
+    for name in ["twmon_port_pressure_ratio", "twmon_port_pressure_sockets"] {
+        let n = m.series(name).len();
+        assert!((1..=K).contains(&n), "{n} {name} series");
+    }
+    // One namespace, one series per state.
+    assert!(m.series("twmon_netns_sockets").len() <= STATES.len(), "{:?}", m.series("twmon_netns_sockets"));
 }

@@ -160,6 +160,8 @@ fn close_wait_held_then_released() {
     let agent = Agent::start(&ns);
     let pairs = connect(&ns, N, false);
     let mut servers = Vec::new();
+    // Each server enters CLOSE_WAIT between `first` and `since` (when it reads the EOF).
+    let first = std::time::Instant::now();
     for (c, mut s) in pairs {
         drop(c);
         let mut b = [0u8; 1];
@@ -176,7 +178,16 @@ fn close_wait_held_then_released() {
     assert_eq!(m.sockets("fin_wait2"), ns.ss("FIN-WAIT-2").len() as f64, "fin_wait2 gauge vs ss");
     assert_eq!(m.sockets("fin_wait2"), N as f64);
     std::thread::sleep(Duration::from_secs_f64(HOLD).saturating_sub(since.elapsed()));
+    // Still held right before the release.
+    let m = agent.metrics();
+    assert_eq!(m.sockets("close_wait"), N as f64, "close_wait gauge before release");
+    assert_eq!(ns.ss("CLOSE-WAIT").len(), N, "ss close-wait before release");
+    let released = std::time::Instant::now();
     servers.clear();
+    let done = std::time::Instant::now();
+    // What each CLOSE_WAIT lasted, as measured here (the programs' clock is CLOCK_MONOTONIC,
+    // as Instant's), with 20 ms for the scheduling between a close and its clock read.
+    let (shortest, longest) = ((released - since).as_secs_f64() - 0.02, (done - first).as_secs_f64() + 0.02);
     let m = expect_transitions(
         &agent,
         &full_close(N),
@@ -185,16 +196,20 @@ fn close_wait_held_then_released() {
     assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
     assert_eq!(m.sockets("time_wait"), N as f64);
     assert_eq!(m.sockets("fin_wait2"), 0.0);
-    // Durations: every CLOSE_WAIT lasted about HOLD seconds (2.5 < d <= 5 bucket).
+    // Durations: every CLOSE_WAIT lasted what was measured here (at least HOLD seconds).
     let (count, sum) = (m.duration_count("close_wait"), m.duration_sum("close_wait"));
     assert_eq!(count, N as f64);
     let mean = sum / count;
-    assert!((HOLD - 0.5..HOLD + 0.5).contains(&mean), "mean CLOSE_WAIT {mean:.3} s, held {HOLD} s");
+    let held = shortest..=longest;
+    assert!(held.contains(&mean), "mean CLOSE_WAIT {mean:.3} s, held {shortest:.3}-{longest:.3} s");
     assert_eq!(m.bucket("close_wait", "2.5"), 0.0, "no CLOSE_WAIT shorter than 2.5 s");
-    assert_eq!(m.bucket("close_wait", "5"), N as f64, "every CLOSE_WAIT within 5 s");
-    // The orphaned FIN_WAIT2 lasted as long as the CLOSE_WAIT on the other side.
+    if longest <= 5.0 {
+        assert_eq!(m.bucket("close_wait", "5"), N as f64, "every CLOSE_WAIT within 5 s");
+    }
+    // The orphaned FIN_WAIT2 lasted as long as the CLOSE_WAIT on the other side, less the time
+    // the ACK of the client's FIN took (a delayed ACK: at most 200 ms).
     let fw2 = m.duration_sum("fin_wait2") / m.duration_count("fin_wait2");
-    assert!((HOLD - 0.5..HOLD + 0.5).contains(&fw2), "mean FIN_WAIT2 {fw2:.3} s");
+    assert!((shortest - 0.2..=longest).contains(&fw2), "mean FIN_WAIT2 {fw2:.3} s, held {shortest:.3}-{longest:.3} s");
 }
 
 /// 5. The final ACK is lost (nftables drops it): the passive closer retransmits its FIN from

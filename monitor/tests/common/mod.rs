@@ -195,12 +195,50 @@ impl Agent {
     }
 
     /// SIGTERM, and the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Sends `sig` and returns the exit status.
+    pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, sig) };
         child.wait().unwrap()
     }
+
+    /// Ids of the BPF programs the agent holds (from its file descriptors).
+    pub fn program_ids(&self) -> Vec<u32> {
+        let pid = self.child.as_ref().unwrap().id();
+        let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Whether the kernel still has a BPF program with this id.
+pub fn program_exists(id: u32) -> bool {
+    #[repr(C)]
+    struct Attr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    let attr = Attr { id, next_id: 0, open_flags: 0 };
+    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size given.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, &attr as *const Attr, size_of::<Attr>() as u32) };
+    if fd >= 0 {
+        // SAFETY: a descriptor the call above returned.
+        unsafe { libc::close(fd as i32) };
+    }
+    fd >= 0
 }
 
 impl Drop for Agent {

@@ -160,6 +160,8 @@ struct Sandboxed {
     log: String,
     status: String,
     attached: f64,
+    /// `twmon_sysctl{name="tcp_max_tw_buckets"}` over the namespaces it read.
+    tw_buckets: f64,
 }
 
 /// A uid from systemd's DynamicUser range, owning nothing on the host.
@@ -209,6 +211,7 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut attached = 0.0;
+    let mut tw_buckets = 0.0;
     let mut status = String::new();
     if healthy {
         // The process is the agent itself (unshare, sh and setpriv exec into it).
@@ -224,10 +227,12 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
         status = format!("uid {DYNAMIC_UID}, CapEff {eff:#x}, NoNewPrivs 1");
         let (code, body) = http_get(addr, "/metrics")?;
         ensure!(code == 200, "/metrics answered {code}");
-        attached = super::e2e::Scrape::parse(body)?.get("twmon_bpf_programs_attached", &[]);
+        let scrape = super::e2e::Scrape::parse(body)?;
+        attached = scrape.get("twmon_bpf_programs_attached", &[]);
+        tw_buckets = scrape.get("twmon_sysctl", &[("name", "tcp_max_tw_buckets")]);
     }
     agent.stop()?;
-    Ok(Sandboxed { healthy, log: agent.log_tail(6), status, attached })
+    Ok(Sandboxed { healthy, log: agent.log_tail(6), status, attached, tw_buckets })
 }
 
 fn least_capabilities(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String> {
@@ -246,6 +251,13 @@ fn least_capabilities(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String
     let full = sandboxed(&bin, &ambient, &logs.join("all.log"), Duration::from_secs(30))?;
     ensure!(full.healthy, "the agent did not become healthy with {ambient:?}:\n{}", full.log);
     ensure!(full.attached == 6.0, "{} programs attached with {ambient:?}", full.attached);
+    // Its own namespace (the host's) is read without entering it: the kernel's view works too.
+    let host: f64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")?.trim().parse()?;
+    ensure!(
+        full.tw_buckets == host,
+        "with {ambient:?} the agent read tcp_max_tw_buckets {} (host: {host}): it does not read its own namespace",
+        full.tw_buckets
+    );
     // Each capability is needed: without any one of them the agent must fail to start.
     let mut needed = Vec::new();
     for cap in &ambient {
@@ -494,8 +506,8 @@ fn manifests(base: &[Value], privileged: &[Value]) -> Result<String> {
     need(strings(&sc["capabilities"]["drop"]) == BTreeSet::from(["ALL".to_string()]), "capabilities.drop: [ALL]");
     let add = strings(&sc["capabilities"]["add"]);
     need(
-        add == ["BPF", "PERFMON", "SYSLOG"].into_iter().map(String::from).collect(),
-        "capabilities.add: exactly BPF, PERFMON, SYSLOG",
+        add == ["BPF", "PERFMON", "SYSLOG", "SYS_ADMIN", "SYS_PTRACE"].into_iter().map(String::from).collect(),
+        "capabilities.add: exactly BPF, PERFMON, SYSLOG (the programs), SYS_ADMIN, SYS_PTRACE (pods' namespaces)",
     );
     for r in ["requests", "limits"] {
         for k in ["cpu", "memory"] {
