@@ -400,8 +400,10 @@ impl Metrics {
                     Opts::new(
                         "twmon_kernel_tcpext_total",
                         "The kernel's own teardown counters from /proc/net/netstat per namespace: \
-                         TW (timewait sockets ended by their timer), TWRecycled, TWKilled, \
-                         TCPTimeWaitOverflow (tcp_max_tw_buckets hit), TCPAbortOn*.",
+                         TW (timewait sockets created, on a timer over 4 s), TWKilled (on a \
+                         timer of 4 s or less), TWRecycled (4-tuples taken over under \
+                         tcp_tw_reuse), TCPTimeWaitOverflow (tcp_max_tw_buckets hit), \
+                         TCPAbortOn*.",
                     ),
                     &["netns", "counter"],
                 )?,
@@ -537,6 +539,19 @@ impl Metrics {
             self.netns_sockets.with_label_values(&[ns, state_name(*state)]).set(*n as i64);
         }
         self.sysctl.reset();
+        // The counters of namespaces that are gone go with them (pods come and go).
+        let present: std::collections::HashSet<&str> =
+            kernel.iter().filter(|(_, t, _)| t.is_some()).map(|(ns, ..)| ns.as_str()).collect();
+        for family in self.tcpext.collect() {
+            for m in family.get_metric() {
+                let label = |k: &str| m.get_label().iter().find(|l| l.name() == k).map(|l| l.value().to_string());
+                if let (Some(ns), Some(counter)) = (label("netns"), label("counter"))
+                    && !present.contains(ns.as_str())
+                {
+                    let _ = self.tcpext.remove_label_values(&[&ns, &counter]);
+                }
+            }
+        }
         for (ns, tcpext, sysctls) in kernel {
             if let Some(t) = tcpext {
                 for (name, v) in [
@@ -560,6 +575,8 @@ impl Metrics {
             if let Some(s) = sysctls {
                 for (name, v) in [
                     ("tcp_max_tw_buckets", s.tcp_max_tw_buckets as i64),
+                    ("ip_local_port_range_min", s.ip_local_port_range.0 as i64),
+                    ("ip_local_port_range_max", s.ip_local_port_range.1 as i64),
                     ("ephemeral_ports", s.ephemeral_ports() as i64),
                     ("tcp_fin_timeout", s.tcp_fin_timeout as i64),
                     ("tcp_tw_reuse", s.tcp_tw_reuse as i64),

@@ -177,10 +177,50 @@ fn per_namespace_counts_match_ss() {
     assert_eq!(get(&m, &b, "close_wait"), 12.0);
     assert_eq!(get(&m, &b, "fin_wait2"), ss_state(&b, "FIN-WAIT-2"));
     assert_eq!(get(&m, &b, "time_wait"), 0.0);
-    // Kernel counters and limits per namespace.
-    let tw_limit = m.get("twmon_sysctl", &[("netns", &name(&a)), ("name", "tcp_max_tw_buckets")]);
-    let want: f64 = a.exec(&["sysctl", "-n", "net.ipv4.tcp_max_tw_buckets"]).trim().parse().unwrap();
-    assert_eq!(tw_limit, want, "tcp_max_tw_buckets of namespace a");
+    // Kernel counters and limits per namespace, as the kernel shows them inside it (b has its
+    // own limits).
+    b.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=33", "net.ipv4.ip_local_port_range=40000 49999"]);
+    let sysctl = |m: &Metrics, ns: &Netns, name: &str| m.get("twmon_sysctl", &[("netns", &format!("netns/{}", ns.name)), ("name", name)]);
+    let m = agent.wait_for(SETTLE, |m| sysctl(m, &b, "tcp_fin_timeout") == 33.0);
+    for ns in [&a, &b] {
+        let read = |key: &str| ns.exec(&["sysctl", "-n", key]);
+        let range: Vec<f64> = read("net.ipv4.ip_local_port_range").split_whitespace().map(|v| v.parse().unwrap()).collect();
+        for (name, want) in [
+            ("tcp_max_tw_buckets", read("net.ipv4.tcp_max_tw_buckets").trim().parse::<f64>().unwrap()),
+            ("tcp_fin_timeout", read("net.ipv4.tcp_fin_timeout").trim().parse().unwrap()),
+            ("tcp_tw_reuse", read("net.ipv4.tcp_tw_reuse").trim().parse().unwrap()),
+            ("ip_local_port_range_min", range[0]),
+            ("ip_local_port_range_max", range[1]),
+        ] {
+            assert_eq!(sysctl(&m, ns, name), want, "{name} of {}", ns.name);
+        }
+    }
+    assert_eq!(sysctl(&m, &b, "ephemeral_ports"), 10000.0);
+    // The namespace's TcpExt counters: 30 timewait sockets created in a, 12 in b (the orphaned
+    // FIN_WAIT2 clients, kept as timewait sockets on a tcp_fin_timeout timer).
+    let netstat = |ns: &Netns, key: &str| -> f64 {
+        let text = ns.exec(&["cat", "/proc/net/netstat"]);
+        let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+        let i = names.split_whitespace().position(|n| n == key).unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    };
+    let tcpext = |ns: &Netns, key: &str| m.get("twmon_kernel_tcpext_total", &[("netns", &name(ns)), ("counter", key)]);
+    assert_eq!(tcpext(&a, "TW"), 30.0);
+    assert_eq!(tcpext(&b, "TW"), 12.0);
+    for key in ["TW", "TWRecycled", "TWKilled", "TCPTimeWaitOverflow", "TCPAbortOnClose", "TCPAbortOnData", "TCPAbortOnLinger", "TCPAbortOnTimeout"] {
+        for ns in [&a, &b] {
+            assert_eq!(tcpext(ns, key), netstat(ns, key), "{key} of {}", ns.name);
+        }
+    }
+    // A namespace that is gone takes its series with it.
+    drop(_held);
+    drop(_lb);
+    let gone = name(&b);
+    drop(b);
+    let m = agent.wait_for(SETTLE, |m| !m.text.contains(&format!("netns=\"{gone}\"")));
+    let left: Vec<&str> = m.text.lines().filter(|l| l.contains(&format!("netns=\"{gone}\""))).collect();
+    assert!(left.is_empty(), "series of a deleted namespace: {left:?}");
 }
 
 /// A process that leaks CLOSE_WAIT is named with its pid and command, in metrics, the JSON
