@@ -102,6 +102,8 @@ pub struct Agent {
     logged: Mutex<HashSet<Tuple>>,
     /// Whether the agent said it cannot read every network namespace.
     warned_unreadable: std::sync::atomic::AtomicBool,
+    /// Records lost to a full ring buffer, as of the last reconcile.
+    lost_seen: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -273,6 +275,15 @@ impl Agent {
             let _ = kernel.run_sweep();
             kernel.read()
         };
+        let lost = readout.counter(monitor_common::counter::EVENTS_LOST);
+        let before = self.lost_seen.swap(lost, Ordering::Relaxed);
+        if lost > before {
+            tracing::warn!(
+                lost = lost - before,
+                "kernel records lost: the ring buffer was full (early timewait ends among them are \
+                 not counted); raise --bpf.ring-buffer-size"
+            );
+        }
         let mut drift = [0i64; monitor_common::tcp::MAX_STATES as usize];
         for s in GAUGE_STATES {
             let s = s as usize;
@@ -474,6 +485,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         report: Mutex::new(Report::default()),
         logged: Mutex::new(HashSet::new()),
         warned_unreadable: Default::default(),
+        lost_seen: AtomicU64::new(0),
     });
     let seeded = agent.seed();
     trim();

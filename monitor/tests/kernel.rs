@@ -429,3 +429,32 @@ fn full_maps_are_counted() {
     assert!(agent.log().contains("map full"), "the kernel programs' warning reached the log");
     drop(held);
 }
+
+/// A full ring buffer loses records and says so: 1000 timewait sockets killed at once (their
+/// namespace deleted) through a 4 KiB ring buffer. Every lost record is counted, the kernel-side
+/// gauge stays exact, and the early ends received plus the records lost make up the 1000.
+#[test]
+fn lost_events_are_counted() {
+    const M: usize = 1000;
+    common::raise_nofile();
+    let ns = Netns::new("lost");
+    let agent = Agent::start_with(&ns, &["--bpf.ring-buffer-size", "4096"]);
+    for (c, s) in connect(&ns, M, false) {
+        close_pair(c, s);
+    }
+    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == M as f64);
+    assert_eq!(m.sockets("time_wait"), M as f64);
+    assert_eq!(m.get("twmon_events_lost_total", &[]), 0.0);
+    // `ip netns del`: the kernel kills every timewait socket of the namespace in one go.
+    drop(ns);
+    let killed = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "killed")]);
+    let lost = |m: &Metrics| m.get("twmon_events_lost_total", &[]);
+    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == 0.0 && killed(m) + lost(m) == M as f64);
+    eprintln!("killed {}, records lost {}", killed(&m), lost(&m));
+    assert!(lost(&m) > 0.0, "a 4 KiB ring buffer took {M} records at once");
+    assert_eq!(killed(&m) + lost(&m), M as f64, "killed {} + lost {}", killed(&m), lost(&m));
+    assert_eq!(m.sockets("time_wait"), 0.0, "the gauge is counted in the kernel, lost records or not");
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    let log = agent.wait_log(SETTLE, "raise --bpf.ring-buffer-size");
+    assert!(log.contains("kernel records lost"), "the loss was not logged:\n{log}");
+}

@@ -170,6 +170,18 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once it contains `text`, or after `timeout`.
+    pub fn wait_log(&self, timeout: Duration, text: &str) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(text) || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// A plain HTTP/1.0 GET: status and body.
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
         http_get(self.addr, path)
