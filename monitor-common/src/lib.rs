@@ -330,3 +330,55 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Lifecycle {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transitions(l: &Lifecycle, from: u8, to: u8) -> u64 {
+        l.transitions[from as usize * STATES + to as usize]
+    }
+
+    /// The kernel programs and the agent count with the same code: a transition, its duration in
+    /// the right bucket and in the sum; sums over CPUs add up.
+    #[test]
+    fn lifecycle_counts_and_adds() {
+        let mut cpu0 = Lifecycle::default();
+        cpu0.count(tcp::FIN_WAIT2, tcp::TIME_WAIT, Some(2_000_000));
+        cpu0.count(tcp::TIME_WAIT, tcp::CLOSE, Some(60_500_000_000));
+        cpu0.count(tcp::ESTABLISHED, tcp::CLOSE, None);
+        let mut cpu1 = Lifecycle::default();
+        cpu1.count(tcp::TIME_WAIT, tcp::CLOSE, Some(61_000_000_000));
+        // Out of range: ignored, not a panic (the verifier would refuse a panicking index).
+        cpu1.count(200, tcp::CLOSE, Some(1));
+        cpu1.count(tcp::TIME_WAIT, 16, Some(1));
+
+        let mut sum = Lifecycle::default();
+        sum.add(&cpu0);
+        sum.add(&cpu1);
+        assert_eq!(transitions(&sum, tcp::TIME_WAIT, tcp::CLOSE), 2);
+        assert_eq!(transitions(&sum, tcp::FIN_WAIT2, tcp::TIME_WAIT), 1);
+        assert_eq!(transitions(&sum, tcp::ESTABLISHED, tcp::CLOSE), 1);
+        assert_eq!(sum.transitions.iter().sum::<u64>(), 4);
+
+        let tw = &sum.durations[tcp::TIME_WAIT as usize * DURATION_SLOTS..][..DURATION_SLOTS];
+        // Both in the (60, 61] s bucket; the last slot is the sum in ns.
+        assert_eq!(tw[duration_bucket(60_500_000_000)], 2);
+        assert_eq!(DURATION_BOUNDS_NS[duration_bucket(60_500_000_000)], 61_000_000_000);
+        assert_eq!(tw[..DURATION_SLOTS - 1].iter().sum::<u64>(), 2);
+        assert_eq!(tw[DURATION_SLOTS - 1], 121_500_000_000);
+        // No duration, no observation.
+        let est = &sum.durations[tcp::ESTABLISHED as usize * DURATION_SLOTS..][..DURATION_SLOTS];
+        assert!(est.iter().all(|n| *n == 0));
+    }
+
+    #[test]
+    fn teardown_states() {
+        for s in [tcp::FIN_WAIT1, tcp::FIN_WAIT2, tcp::CLOSE_WAIT, tcp::CLOSING, tcp::LAST_ACK, tcp::TIME_WAIT] {
+            assert!(tcp::is_teardown(s), "{s}");
+        }
+        for s in [tcp::ESTABLISHED, tcp::SYN_SENT, tcp::SYN_RECV, tcp::CLOSE, tcp::LISTEN, tcp::NEW_SYN_RECV] {
+            assert!(!tcp::is_teardown(s), "{s}");
+        }
+    }
+}
