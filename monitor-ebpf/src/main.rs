@@ -343,9 +343,20 @@ pub fn twmon_state(ctx: BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn nested_state(ctx: BtfTracePointContext) -> u32 {
+    // It runs for every state change: the cheap test first.
+    if !state_wanted(ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8) {
+        return 0;
+    }
     nested(twin::STATE, || {
         let _ = try_state(&ctx);
     })
+}
+
+/// The state changes `try_state` looks at: a connect() (for tcp_tw_reuse), and what the close
+/// path is made of: into a teardown state or CLOSE, not from CLOSE or LISTEN (bind, listen).
+#[inline(always)]
+fn state_wanted(old: u8, new: u8) -> bool {
+    new == tcp::SYN_SENT || ((tcp::is_teardown(new) || new == tcp::CLOSE) && old != tcp::CLOSE && old != tcp::LISTEN)
 }
 
 #[inline(always)]
@@ -354,15 +365,13 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let old = ctx.arg::<i32>(1) as u8;
     let new = ctx.arg::<i32>(2) as u8;
 
+    if !state_wanted(old, new) {
+        return Ok(());
+    }
     if new == tcp::SYN_SENT {
         if let Some(p) = CONNECTING.get_ptr_mut(0) {
             unsafe { *p = sk };
         }
-        return Ok(());
-    }
-    // Only what the close path is made of: into a teardown state or CLOSE, not from CLOSE or
-    // LISTEN (bind, listen, connect).
-    if !(tcp::is_teardown(new) || new == tcp::CLOSE) || old == tcp::CLOSE || old == tcp::LISTEN {
         return Ok(());
     }
     let protocol: u16 = field(sk, layout!(sk_protocol));
@@ -476,6 +485,10 @@ pub fn twmon_timer_start(ctx: BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "timer_start")]
 pub fn nested_timer_start(ctx: BtfTracePointContext) -> u32 {
+    // Every timer in the system passes here: the callback first.
+    if field::<u64>(ctx.arg(0), layout!(timer_function)) != layout!(tw_timer_handler) {
+        return 0;
+    }
     nested(twin::TIMER_START, || {
         let _ = try_timer_start(&ctx);
     })
@@ -621,6 +634,10 @@ pub fn twmon_timer_cancel(ctx: BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn nested_timer_cancel(ctx: BtfTracePointContext) -> u32 {
+    let function: u64 = field(ctx.arg(0), layout!(timer_function));
+    if function != layout!(tw_timer_handler) && function != 0 {
+        return 0;
+    }
     nested(twin::TIMER_CANCEL, || {
         let _ = try_timer_cancel(&ctx);
     })
