@@ -159,12 +159,17 @@ pub fn kallsyms(symbol: &str) -> Result<u64, LayoutError> {
 }
 
 /// Everything the kernel programs need to know about this kernel.
-pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
-    // Read at once: parsing from the file seeks once per type (over 100000 system calls).
-    let btf = fs::read(BTF_PATH)
+/// The kernel's BTF, read at once: parsing from the file seeks once per type (over 100000
+/// system calls).
+fn parse_btf(path: &str) -> Result<Btf, LayoutError> {
+    fs::read(path)
         .map_err(|e| e.to_string())
         .and_then(|bytes| Btf::from_bytes(&bytes).map_err(|e| e.to_string()))
-        .map_err(|e| LayoutError::Btf(BTF_PATH.to_string(), e))?;
+        .map_err(|e| LayoutError::Btf(path.to_string(), e))
+}
+
+pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
+    let btf = parse_btf(BTF_PATH)?;
     let mut retransmit_args = Vec::new();
     for (_, tp, first, count) in TRACEPOINTS {
         let args = check_tracepoint(&btf, tp, first, *count)?;
@@ -218,5 +223,17 @@ mod tests {
         let err = check_tracepoint(&btf, "timer_cancel", "sock", 1).unwrap_err().to_string();
         assert!(err.contains("passes (struct timer_list *)"), "{err}");
         assert!(member_offset(&btf, "sock_common", "skc_v6_rcv_saddr").unwrap() < 96);
+    }
+
+    /// A kernel without BTF (no file, or not BTF) is told what it needs.
+    #[test]
+    fn no_btf_says_what_is_needed() {
+        let garbage = std::env::temp_dir().join(format!("twmon-not-btf-{}", std::process::id()));
+        fs::write(&garbage, b"not BTF").unwrap();
+        for path in ["/nonexistent/vmlinux", garbage.to_str().unwrap()] {
+            let err = parse_btf(path).err().expect("an error").to_string();
+            assert!(err.contains(path) && err.contains("CONFIG_DEBUG_INFO_BTF=y"), "{err}");
+        }
+        let _ = fs::remove_file(garbage);
     }
 }
