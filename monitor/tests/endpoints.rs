@@ -108,17 +108,25 @@ fn port_in_use_fails_before_attaching() {
     assert!(!err.contains("kernel programs attached"), "attached before failing: {err}");
 }
 
-#[test]
-fn unprivileged_user_is_told_to_use_root() {
-    // nobody, with every capability dropped.
+/// Runs the agent as nobody with exactly `caps` (setpriv's syntax, e.g. ",+bpf,+syslog"): it
+/// must fail; returns its stderr.
+fn as_nobody_with(caps: &str) -> String {
+    let caps = format!("-all{caps}");
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
         .arg(env!("CARGO_BIN_EXE_twmon"))
         .args(["--web.listen-address", "127.0.0.1:0"])
         .output()
         .expect("setpriv (util-linux)");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");
+    err
+}
+
+#[test]
+fn unprivileged_user_is_told_to_use_root() {
+    let err = as_nobody_with("");
     assert!(err.contains("sudo") || err.contains("root"), "no hint to run as root: {err}");
     assert!(err.contains("lacks CAP_BPF, CAP_PERFMON, CAP_SYSLOG"), "missing capabilities not named: {err}");
 }
@@ -126,17 +134,8 @@ fn unprivileged_user_is_told_to_use_root() {
 /// Without one of the three capabilities, the agent names that one.
 #[test]
 fn missing_capability_is_named() {
-    for (without, keep) in [("CAP_PERFMON", "+bpf,+syslog"), ("CAP_BPF", "+perfmon,+syslog"), ("CAP_SYSLOG", "+bpf,+perfmon")] {
-        let caps = format!("-all,{keep}");
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
-            .arg(env!("CARGO_BIN_EXE_twmon"))
-            .args(["--web.listen-address", "127.0.0.1:0"])
-            .output()
-            .expect("setpriv (util-linux)");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
+    for (without, keep) in [("CAP_PERFMON", ",+bpf,+syslog"), ("CAP_BPF", ",+perfmon,+syslog"), ("CAP_SYSLOG", ",+bpf,+perfmon")] {
+        let err = as_nobody_with(keep);
         assert!(err.contains(&format!("lacks {without}:")), "without {without}: {err}");
     }
 }
