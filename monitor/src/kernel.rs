@@ -94,8 +94,8 @@ pub struct ProgramStats {
     /// tracepoint hit inside an interrupt that came while the program ran) and its twin did
     /// not handle: lost events.
     pub missed: u64,
-    /// Nested events the program's twin handled.
-    pub nested: u64,
+    /// Nested events the program's twin handled, for programs that have one.
+    pub nested: Option<u64>,
 }
 
 /// The capabilities the programs need that `cap_eff` (CapEff of /proc/self/status) lacks.
@@ -326,11 +326,12 @@ impl Kernel {
             .filter(|name| !twin::PROGRAMS.iter().any(|(_, t)| t == name))
             .filter_map(|name| {
                 let (run_count, mut run_time, mut missed) = stats(name)?;
-                let mut nested = 0;
+                let mut nested = None;
                 if let Some(i) = twin::PROGRAMS.iter().position(|(p, _)| *p == name) {
                     run_time += stats(twin::PROGRAMS[i].1).map(|s| s.1).unwrap_or_default();
-                    nested = self.counter(counter::NESTED + i as u32);
-                    missed = missed.saturating_sub(nested);
+                    let handled = self.counter(counter::NESTED + i as u32);
+                    missed = missed.saturating_sub(handled);
+                    nested = Some(handled);
                 }
                 Some(ProgramStats { name: name.to_string(), run_count, run_time, missed, nested })
             })

@@ -190,8 +190,8 @@ impl Agent {
         Ok(())
     }
 
-    /// The network namespaces the kernel programs watch: the --netns one, or all reachable.
-    /// The namespaces to read, and how many processes' namespaces could not be seen.
+    /// The network namespaces the kernel programs watch (the --netns one, or all reachable),
+    /// and how many processes' namespaces could not be seen.
     pub fn namespaces(&self) -> (Vec<Namespace>, usize) {
         let (all, hidden) = netns::discover_counting_hidden();
         let found = match &self.config.netns_path {

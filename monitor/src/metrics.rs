@@ -492,8 +492,8 @@ impl Metrics {
         for p in programs {
             sync(&self.program_runs.with_label_values(&[&p.name]), p.run_count);
             sync(&self.program_missed.with_label_values(&[&p.name]), p.missed);
-            if monitor_common::twin::PROGRAMS.iter().any(|(name, _)| *name == p.name) {
-                sync(&self.program_nested.with_label_values(&[&p.name]), p.nested);
+            if let Some(n) = p.nested {
+                sync(&self.program_nested.with_label_values(&[&p.name]), n);
             }
             let c = self.program_run_seconds.with_label_values(&[&p.name]);
             c.inc_by((p.run_time.as_secs_f64() - c.get()).max(0.0));

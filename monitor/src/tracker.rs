@@ -108,6 +108,15 @@ pub struct Decided {
     pub ends: [u64; reason::COUNT as usize],
 }
 
+/// A socket seeded from sock_diag.
+#[derive(Clone, Copy, Debug)]
+struct Seeded {
+    state: u8,
+    /// For a timewait socket: when its timer runs out (CLOCK_MONOTONIC ns), from the time
+    /// sock_diag said was left; `None` once its state changed (the timer was set anew).
+    due: Option<u64>,
+}
+
 pub struct Tracker {
     decided: Decided,
     /// Timewait sockets whose timer was cancelled before it was due, by address.
@@ -115,10 +124,7 @@ pub struct Tracker {
     events: IntCounter,
     /// Sockets that were in a teardown state before the agent started, which the kernel
     /// programs do not follow: their state, until an event or a reconcile says they left it.
-    seed: HashMap<Tuple, u8>,
-    /// For seeded timewait sockets: when their timer runs out (CLOCK_MONOTONIC ns), from the
-    /// time sock_diag said was left.
-    seed_due: HashMap<Tuple, u64>,
+    seed: HashMap<Tuple, Seeded>,
     /// While seeding: connections events have spoken of since the programs were attached.
     window: Option<HashSet<Tuple>>,
     /// When seeding happened: seeded CLOSE_WAIT sockets are at least this old.
@@ -137,7 +143,6 @@ impl Tracker {
             pending: HashMap::new(),
             events,
             seed: HashMap::new(),
-            seed_due: HashMap::new(),
             window: None,
             seeded_at: 0,
             close_wait_since: HashMap::new(),
@@ -205,12 +210,10 @@ impl Tracker {
         if let Some(w) = self.window.as_mut() {
             w.insert(t);
         }
-        let state = self.seed.remove(&t);
-        let due = self.seed_due.remove(&t);
-        if let Some(state) = state
+        if let Some(seeded) = self.seed.remove(&t)
             && ev.kind == kind::UNTRACKED_END
         {
-            self.seeded_timer_end(state, due, ev);
+            self.seeded_timer_end(seeded, ev);
         }
     }
 
@@ -219,12 +222,12 @@ impl Tracker {
     /// socket: not counted). Time in TIME_WAIT: from the time left at seeding (its timer
     /// ends 2MSL after it entered the state), or, when the socket changed since (an orphaned
     /// FIN_WAIT2 got its FIN), from its timer as the kernel program read it.
-    fn seeded_timer_end(&mut self, seeded: u8, due: Option<u64>, ev: &Event) {
+    fn seeded_timer_end(&mut self, seeded: Seeded, ev: &Event) {
         if !matches!((ev.from, ev.reason), (tcp::TIME_WAIT, reason::EXPIRED) | (tcp::FIN_WAIT2, reason::FIN_TIMEOUT)) {
             return;
         }
-        let duration = match (ev.from, due) {
-            (tcp::TIME_WAIT, Some(due)) if seeded == tcp::TIME_WAIT && ev.ts_ns >= due => {
+        let duration = match (ev.from, seeded.due) {
+            (tcp::TIME_WAIT, Some(due)) if seeded.state == tcp::TIME_WAIT && ev.ts_ns >= due => {
                 Some(ev.ts_ns - due + TIMEWAIT_LEN_NS)
             }
             (tcp::TIME_WAIT, _) => (ev.flags & flags::DURATION != 0).then_some(ev.duration_ns),
@@ -257,10 +260,7 @@ impl Tracker {
             if seen.contains(&t) || !tcp::is_teardown(state) {
                 continue;
             }
-            self.seed.insert(t, state);
-            if let Some(left) = left {
-                self.seed_due.insert(t, at + left.as_nanos() as u64);
-            }
+            self.seed.insert(t, Seeded { state, due: left.map(|l| at + l.as_nanos() as u64) });
         }
         // A seeded CLOSE_WAIT socket's age is at least this; when it entered is not known.
         self.seeded_at = at;
@@ -270,20 +270,15 @@ impl Tracker {
     /// Brings seeded sockets in line with the kernel's current view of them: gone ones are
     /// dropped, changed ones (an orphaned FIN_WAIT2 that got its FIN) take their new state.
     pub fn reconcile_seed(&mut self, now: &HashMap<Tuple, u8>) {
-        let due = &mut self.seed_due;
-        self.seed.retain(|t, state| match now.get(t) {
+        self.seed.retain(|t, seeded| match now.get(t) {
             Some(s) if tcp::is_teardown(*s) => {
-                if *s != *state {
+                if *s != seeded.state {
                     // An orphaned FIN_WAIT2 that got its FIN: its timer was set anew.
-                    due.remove(t);
+                    *seeded = Seeded { state: *s, due: None };
                 }
-                *state = *s;
                 true
             }
-            _ => {
-                due.remove(t);
-                false
-            }
+            _ => false,
         });
     }
 
@@ -291,20 +286,20 @@ impl Tracker {
     pub fn seeded(&self) -> [i64; tcp::MAX_STATES as usize] {
         let mut out = [0i64; tcp::MAX_STATES as usize];
         for s in self.seed.values() {
-            out[*s as usize] += 1;
+            out[s.state as usize] += 1;
         }
         out
     }
 
     /// Whether seeded timewait sockets remain (the kernel programs then report their end).
     pub fn seeded_timewait(&self) -> bool {
-        self.seed.values().any(|s| *s == tcp::TIME_WAIT || *s == tcp::FIN_WAIT2)
+        self.seed.values().any(|s| s.state == tcp::TIME_WAIT || s.state == tcp::FIN_WAIT2)
     }
 
     /// CLOSE_WAIT sockets that entered the state at or before `before` (ns), oldest first:
     /// those of the last leak scan and the seeded ones.
     pub fn close_wait_older_than(&self, before: u64) -> Vec<(Tuple, u64)> {
-        let seeded = self.seed.iter().filter(|(_, s)| **s == tcp::CLOSE_WAIT).map(|(t, _)| (*t, self.seeded_at));
+        let seeded = self.seed.iter().filter(|(_, s)| s.state == tcp::CLOSE_WAIT).map(|(t, _)| (*t, self.seeded_at));
         let mut v: Vec<(Tuple, u64)> =
             self.close_wait_since.iter().map(|(k, t)| (*k, *t)).chain(seeded).filter(|(_, t)| *t <= before).collect();
         v.sort_by_key(|(_, t)| *t);
