@@ -35,7 +35,6 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::{bpf_for_each_map_elem, bpf_jiffies64}},
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -78,9 +77,11 @@ static TIMEWAIT: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, 0)
 
 /// The timewait sockets still in FIN_WAIT2 (orphans waiting for the peer's FIN): the only
 /// ones whose state the kernel changes without any event, so the only ones the sweep visits.
-/// Small on purpose: the sweep's cost is the number of buckets.
+/// Small on purpose: the sweep's cost is the number of buckets. Preallocated like the others:
+/// allocating from a timer tracepoint is unsafe before Linux 6.1 (5.10 warns with a kernel
+/// backtrace, "trace type BPF program uses run-time allocation").
 #[map]
-static ORPHANS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+static ORPHANS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -343,10 +344,9 @@ pub fn twmon_state(ctx: BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn nested_state(ctx: BtfTracePointContext) -> u32 {
-    // It runs for every state change: the cheap test first.
-    if !state_wanted(ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8) {
-        return 0;
-    }
+    // Every nested state change counts as handled, the ones `try_state` ignores too: the kernel
+    // counts a skipped run of `twmon_state` for each, and the agent takes those handled here off
+    // it, so that what remains is what was lost.
     nested(twin::STATE, || {
         let _ = try_state(&ctx);
     })
@@ -752,17 +752,15 @@ fn reused(tw: u64) -> bool {
 /// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings the orphaned FIN_WAIT2
 /// timewait sockets up to date (those that got their FIN are TIME_WAIT now), and records a clock
 /// pair so the agent can measure HZ. Silent re-arms of TIME_WAIT sockets are found at their end.
+/// Needs `bpf_for_each_map_elem` (Linux 5.13); before that the agent walks ORPHANS itself and
+/// runs `twmon_sweep_one` for each key.
 #[raw_tracepoint(tracepoint = "twmon_sweep")]
 pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let jiffies = unsafe { bpf_jiffies64() };
-    if let Some(c) = CLOCK.get_ptr_mut(0) {
-        unsafe { *c = ClockSample { ktime_ns: now, jiffies } };
-    }
+    sample_clock();
     let visited = unsafe {
         bpf_for_each_map_elem(
             &ORPHANS as *const _ as *mut c_void,
-            sweep_one as *mut c_void,
+            sweep_cb as *mut c_void,
             core::ptr::null_mut(),
             0,
         )
@@ -770,19 +768,45 @@ pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
     visited as i32
 }
 
+/// `twmon_sweep` for one orphan, its address the first argument (0: only the clock pair), for
+/// kernels without `bpf_for_each_map_elem`.
+#[raw_tracepoint(tracepoint = "twmon_sweep_one")]
+pub fn twmon_sweep_one(ctx: RawTracePointContext) -> i32 {
+    sample_clock();
+    let tw: u64 = ctx.arg(0);
+    if tw != 0 {
+        sweep_one(tw);
+    }
+    0
+}
+
+#[inline(always)]
+fn sample_clock() {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let jiffies = unsafe { bpf_jiffies64() };
+    if let Some(c) = CLOCK.get_ptr_mut(0) {
+        unsafe { *c = ClockSample { ktime_ns: now, jiffies } };
+    }
+}
+
 #[inline(never)]
-extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, _value: *mut u8, _ctx: *mut c_void) -> i64 {
-    let tw = unsafe { *key };
+extern "C" fn sweep_cb(_map: *mut c_void, key: *const u64, _value: *mut u8, _ctx: *mut c_void) -> i64 {
+    sweep_one(unsafe { *key });
+    0
+}
+
+#[inline(always)]
+fn sweep_one(tw: u64) {
     let Some(entry) = TIMEWAIT.get_ptr_mut(tw) else {
         // Ended meanwhile (its end was reported where it happened), or cancelled for a re-arm
         // that has not put it back yet: the re-arm adds it again if it is still an orphan.
         let _ = ORPHANS.remove(tw);
-        return 0;
+        return;
     };
     let entry = unsafe { &mut *entry };
     if entry.state != tcp::FIN_WAIT2 {
         let _ = ORPHANS.remove(tw);
-        return 0;
+        return;
     }
     let timer = tw + layout!(tw_timer) as u64;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -797,24 +821,25 @@ extern "C" fn sweep_one(_map: *mut c_void, key: *const u64, _value: *mut u8, _ct
             end(entry, tw, reason::KILLED, now, flags::SILENT);
             let _ = TIMEWAIT.remove(tw);
             let _ = ORPHANS.remove(tw);
-            return 0;
+            return;
         }
     }
-    let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return 0 };
+    let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return };
     let _ = refresh(entry, tw, expires, now, unsafe { bpf_jiffies64() });
-    0
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN) before it looks for leaks, never attached: reports the
 /// CLOSE_WAIT sockets that entered the state before `Settings::close_wait_before`, with when.
 /// CLOSE_WAIT entries and exits stay in the kernel; only sockets past the threshold cross.
+/// Needs `bpf_for_each_map_elem` (Linux 5.13); before that the agent walks SOCKS itself and
+/// runs `twmon_close_wait_one` for each socket past the threshold.
 #[raw_tracepoint(tracepoint = "twmon_close_wait")]
 pub fn twmon_close_wait(_ctx: RawTracePointContext) -> i32 {
     let mut found: u64 = 0;
     unsafe {
         bpf_for_each_map_elem(
             &SOCKS as *const _ as *mut c_void,
-            close_wait_one as *mut c_void,
+            close_wait_cb as *mut c_void,
             &mut found as *mut u64 as *mut c_void,
             0,
         )
@@ -822,19 +847,34 @@ pub fn twmon_close_wait(_ctx: RawTracePointContext) -> i32 {
     found as i32
 }
 
+/// `twmon_close_wait` for one socket, its address the first argument: 1 if it was reported.
+#[raw_tracepoint(tracepoint = "twmon_close_wait_one")]
+pub fn twmon_close_wait_one(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let Some(e) = (unsafe { SOCKS.get(sk) }) else { return 0 };
+    let mut found = 0u64;
+    close_wait_check(sk, *e, &mut found);
+    found as i32
+}
+
 #[inline(never)]
-extern "C" fn close_wait_one(_map: *mut c_void, key: *const u64, value: *mut SockEntry, found: *mut c_void) -> i64 {
-    let e = unsafe { *value };
+extern "C" fn close_wait_cb(_map: *mut c_void, key: *const u64, value: *mut SockEntry, found: *mut c_void) -> i64 {
+    let found = unsafe { &mut *(found as *mut u64) };
+    close_wait_check(unsafe { *key }, unsafe { *value }, found)
+}
+
+/// Reports `sk` if it has been in CLOSE_WAIT since before the threshold and fewer than the scan
+/// limit were reported so far (`found`). Returns 1 to stop a walk at the limit.
+#[inline(always)]
+fn close_wait_check(sk: u64, e: SockEntry, found: &mut u64) -> i64 {
     let s = settings();
     if e.state != tcp::CLOSE_WAIT || e.entered_ns > s.close_wait_before {
         return 0;
     }
-    let found = found as *mut u64;
-    if unsafe { *found } >= s.scan_limit {
+    if *found >= s.scan_limit {
         return 1;
     }
-    unsafe { *found += 1 };
-    let sk = unsafe { *key };
+    *found += 1;
     let _ = report(&Live(sk), sk, kind::CLOSE_WAIT_AGE, tcp::CLOSE_WAIT, tcp::CLOSE_WAIT, e.entered_ns, 0);
     0
 }

@@ -32,8 +32,9 @@ exclude = []
 [reconcile]
 # How often to compare with the kernel's own view (sock_diag, /proc/net) and refresh the
 # breakdowns that come from it. Stretched when a reconcile is slow (many sockets), so that
-# reconciling takes at most 1 % of a core.
+# reconciling takes at most `max_cpu` of a core.
 interval = "10s"
+max_cpu = 0.01
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +99,9 @@ pub enum NamespaceRef {
 pub struct Reconcile {
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
+    /// The share of one core reconciling may take on average (0.01 is 1 %).
+    #[serde(deserialize_with = "share")]
+    pub max_cpu: f64,
 }
 
 impl Default for Breakdown {
@@ -117,7 +121,7 @@ impl Default for CloseWait {
 }
 impl Default for Reconcile {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(10) }
+        Self { interval: Duration::from_secs(10), max_cpu: 0.01 }
     }
 }
 impl Default for Config {
@@ -140,6 +144,14 @@ fn top_k<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     Ok(k)
 }
 
+fn share<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !(v > 0.0 && v <= 1.0) {
+        return Err(serde::de::Error::custom(format!("max_cpu = {v}: must be above 0 and at most 1 (a share of one core)")));
+    }
+    Ok(v)
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     let parsed = parse_duration(&s).map_err(serde::de::Error::custom)?;
@@ -148,6 +160,9 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     }
     Ok(parsed)
 }
+
+/// The largest configuration file read: a complete one is about 2 KiB.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// `500ms`, `10s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -161,7 +176,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(bad()),
     };
-    Ok(Duration::from_secs_f64(secs))
+    // At most a day: longer is a typo, and would not fit the timers anyway.
+    if secs > 86_400.0 {
+        return Err(format!("\"{s}\" is too long: at most 24h"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 impl Config {
@@ -171,8 +190,19 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        use std::io::Read as _;
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(p.clone(), e))?;
+        // Read at most one byte past the limit: /dev/zero or a huge file is refused, not read.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| ConfigError::Read(p.clone(), e))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                path: p,
+                message: format!("larger than {} KiB; is it the right file?", MAX_CONFIG_BYTES / 1024),
+            });
+        }
         Self::parse(&p, &text)
     }
 

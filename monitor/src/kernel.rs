@@ -6,10 +6,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramFd, RawTracePoint},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramFd, RawTracePoint, RawTracePointRunOptions, TestRun},
 };
-use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, counter, tcp, twin};
+use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, tcp, twin};
 
 use crate::layout::{self, LayoutError};
 
@@ -17,8 +17,13 @@ use crate::layout::{self, LayoutError};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 pub use crate::layout::TRACEPOINTS;
+/// The programs the agent runs itself (BPF_PROG_TEST_RUN): the sweep and the CLOSE_WAIT scan
+/// walk their map in one run where the kernel has `bpf_for_each_map_elem` (5.13+); before
+/// that, the agent walks the map and runs the `_one` variant per entry.
 const SWEEP: &str = "twmon_sweep";
+const SWEEP_ONE: &str = "twmon_sweep_one";
 const CLOSE_WAIT_SCAN: &str = "twmon_close_wait";
+const CLOSE_WAIT_ONE: &str = "twmon_close_wait_one";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -60,8 +65,8 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     gauges: PerCpuArray<MapData, i64>,
     lifecycle: PerCpuArray<MapData, Lifecycle>,
-    sweep: ProgramFd,
-    close_wait_scan: ProgramFd,
+    /// Whether the sweep and the scan walk their maps in the kernel (`bpf_for_each_map_elem`).
+    walk_in_kernel: bool,
     settings_map: Array<MapData, Settings>,
     settings: Settings,
     pub hz: u32,
@@ -157,8 +162,15 @@ impl Kernel {
     {
         check_capabilities()?;
         raise_memlock();
-        let layout: KernelLayout = layout::read(netns_only)?;
-        tracing::debug!(?layout, "kernel layout");
+        let (layout, features): (KernelLayout, _) = layout::read(netns_only)?;
+        tracing::debug!(?layout, ?features, "kernel layout");
+        let walk_in_kernel = features.for_each_map_elem;
+        if !walk_in_kernel {
+            tracing::info!(
+                "this kernel has no bpf_for_each_map_elem (5.13+): the agent walks the orphan and \
+                 socket maps itself for the sweep and the CLOSE_WAIT scan (one program run per entry)"
+            );
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &layout, true)
             .map_max_entries("SOCKS", limits.max_sockets)
@@ -189,16 +201,17 @@ impl Kernel {
             PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
 
-        let sweep = load_test_run(&mut ebpf, SWEEP)?;
-        let close_wait_scan = load_test_run(&mut ebpf, CLOSE_WAIT_SCAN)?;
+        let own = if walk_in_kernel { [SWEEP, CLOSE_WAIT_SCAN] } else { [SWEEP_ONE, CLOSE_WAIT_ONE] };
+        for name in own {
+            load_test_run(&mut ebpf, name)?;
+        }
 
         let mut kernel = Kernel {
             ebpf,
             counters,
             gauges,
             lifecycle,
-            sweep,
-            close_wait_scan,
+            walk_in_kernel,
             settings_map,
             settings: Settings {
                 // Half the ring buffer, so that a scan leaves room for everything else.
@@ -236,7 +249,8 @@ impl Kernel {
     /// turn jiffies into nanoseconds.
     fn calibrate(&mut self) -> Result<(), KernelError> {
         let sample = |k: &mut Self| -> Result<ClockSample, KernelError> {
-            k.run_sweep().map_err(|e| KernelError::Load(anyhow::anyhow!("running {SWEEP}: {e}")))?;
+            let name = if k.walk_in_kernel { SWEEP } else { SWEEP_ONE };
+            k.test_run(name, 0).map_err(|e| KernelError::Load(anyhow::anyhow!("running {name}: {e}")))?;
             let clock: Array<&MapData, ClockSample> =
                 Array::try_from(k.ebpf.map("CLOCK").expect("CLOCK map")).map_err(|e| KernelError::Load(e.into()))?;
             clock.get(&0, 0).map_err(|e| KernelError::Load(e.into()))
@@ -286,13 +300,59 @@ impl Kernel {
     pub fn scan_close_wait(&mut self, before: u64) -> std::io::Result<u32> {
         self.settings.close_wait_before = before;
         self.write_settings().map_err(std::io::Error::other)?;
-        test_run(&self.close_wait_scan)
+        if self.walk_in_kernel {
+            return self.test_run(CLOSE_WAIT_SCAN, 0);
+        }
+        let (socks, capacity) = self.map::<SockEntry>("SOCKS")?;
+        // At most `capacity` steps: a walk that meets a key deleted meanwhile starts over.
+        let old: Vec<u64> = socks
+            .iter()
+            .take(capacity)
+            .filter_map(Result::ok)
+            .filter(|(_, e)| e.state == tcp::CLOSE_WAIT && e.entered_ns <= before)
+            .map(|(sk, _)| sk)
+            .take(self.settings.scan_limit as usize)
+            .collect();
+        old.into_iter().try_fold(0, |n, sk| Ok(n + self.test_run(CLOSE_WAIT_ONE, sk)?))
     }
 
-    /// Runs the sweep program once: brings timewait entries up to date. Returns how many
-    /// timewait sockets it visited.
+    /// Runs the sweep once: brings timewait entries up to date. Returns how many timewait
+    /// sockets it visited.
     pub fn run_sweep(&self) -> std::io::Result<u32> {
-        test_run(&self.sweep)
+        if self.walk_in_kernel {
+            return self.test_run(SWEEP, 0);
+        }
+        let (orphans, capacity) = self.map::<u8>("ORPHANS")?;
+        // Collected first: the program deletes entries, and a walk resumed from a deleted key
+        // starts over.
+        let keys: Vec<u64> = orphans.keys().take(capacity).filter_map(Result::ok).collect();
+        for &tw in &keys {
+            self.test_run(SWEEP_ONE, tw)?;
+        }
+        Ok(keys.len() as u32)
+    }
+
+    /// Runs one of the agent's own programs with `arg` as its first argument.
+    fn test_run(&self, name: &str, arg: u64) -> std::io::Result<u32> {
+        let prog: &RawTracePoint = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| std::io::Error::other(format!("program {name} missing")))?
+            .try_into()
+            .map_err(std::io::Error::other)?;
+        let mut opts = RawTracePointRunOptions::new();
+        opts.args[0] = arg;
+        prog.test_run(opts).map(|r| r.return_value).map_err(std::io::Error::other)
+    }
+
+    /// A hash map of the programs' keyed by kernel address, and its capacity.
+    fn map<V: aya::Pod>(&self, name: &str) -> std::io::Result<(HashMap<&MapData, u64, V>, usize)> {
+        let map = self.ebpf.map(name).ok_or_else(|| std::io::Error::other(format!("map {name} missing")))?;
+        let aya::maps::Map::HashMap(data) = map else {
+            return Err(std::io::Error::other(format!("map {name} is not a hash map")));
+        };
+        let capacity = data.info().map_err(std::io::Error::other)?.max_entries() as usize;
+        Ok((HashMap::try_from(map).map_err(std::io::Error::other)?, capacity))
     }
 
     pub fn read(&self) -> Readout {
@@ -338,7 +398,8 @@ impl Kernel {
             .collect()
     }
 
-    fn counter(&self, idx: u32) -> u64 {
+    /// One of the programs' counters (`monitor_common::counter`), summed over CPUs.
+    pub fn counter(&self, idx: u32) -> u64 {
         self.counters.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 }
@@ -399,54 +460,14 @@ fn raise_memlock() {
     }
 }
 
-/// Runs a program that is never attached once (BPF_PROG_TEST_RUN) and returns its result.
-fn test_run(prog: &ProgramFd) -> std::io::Result<u32> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRun {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    let mut attr = TestRun { prog_fd: prog.as_fd().as_raw_fd() as u32, ..Default::default() };
-    // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRun,
-            std::mem::size_of::<TestRun>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(attr.retval)
-}
-
 /// Loads a program the agent runs itself (BPF_PROG_TEST_RUN), never attached.
-fn load_test_run(ebpf: &mut Ebpf, name: &str) -> Result<ProgramFd, KernelError> {
+fn load_test_run(ebpf: &mut Ebpf, name: &str) -> Result<(), KernelError> {
     let prog: &mut RawTracePoint = ebpf
         .program_mut(name)
         .ok_or_else(|| KernelError::Load(anyhow::anyhow!("program {name} missing")))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
-    prog.load().map_err(|e| load_error(name, e))?;
-    prog.fd().and_then(|fd| fd.try_clone().map_err(Into::into)).map_err(|e| KernelError::Load(e.into()))
+    prog.load().map_err(|e| load_error(name, e))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use monitor_common::KernelLayout;
 pub enum LayoutError {
     #[error(
         "tracepoint {0} is missing from this kernel's BTF; twmon needs CONFIG_TRACEPOINTS and \
-         the sock, tcp and timer trace events (Linux 5.15 or newer)"
+         the sock, tcp and timer trace events (Linux 5.10 or newer)"
     )]
     Tracepoint(String),
     #[error(
@@ -23,6 +23,11 @@ pub enum LayoutError {
          CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 2020)"
     )]
     Btf(String, String),
+    #[error(
+        "this kernel ({release}) has no {missing}; twmon needs Linux 5.10 or newer (or a \
+         kernel with these BPF features backported)"
+    )]
+    TooOld { release: String, missing: String },
     #[error("kernel BTF has no {0}; please report the kernel version")]
     Member(String),
     #[error(
@@ -158,7 +163,52 @@ pub fn kallsyms(symbol: &str) -> Result<u64, LayoutError> {
         .ok_or_else(|| LayoutError::Symbol(symbol.to_string()))
 }
 
-/// Everything the kernel programs need to know about this kernel.
+/// What twmon needs of the kernel's BPF, by the enumerator its BTF has when the kernel has it:
+/// (enum, enumerator, what it is and the version that brought it).
+const REQUIRED: &[(&str, &str, &str)] = &[
+    ("bpf_attach_type", "BPF_TRACE_RAW_TP", "BTF tracepoints (BPF_TRACE_RAW_TP, 5.5+)"),
+    ("bpf_map_type", "BPF_MAP_TYPE_RINGBUF", "BPF ring buffer (5.8+)"),
+    // Test runs of raw tracepoint programs (the sweep, the leak scan, the clock) came in 5.10
+    // with no enumerator of their own; bpf_d_path came in the same release.
+    ("bpf_func_id", "BPF_FUNC_d_path", "BPF_PROG_TEST_RUN for raw tracepoints (5.10+)"),
+];
+
+/// Optional features, used when the kernel has them.
+#[derive(Clone, Copy, Debug)]
+pub struct Features {
+    /// `bpf_for_each_map_elem` (5.13+): the sweep and the leak scan walk their map in one
+    /// program run; without it the agent walks the map and runs the program per entry.
+    pub for_each_map_elem: bool,
+}
+
+/// Whether `enum name` in the kernel's BTF has `enumerator`.
+fn has_enumerator(btf: &Btf, name: &str, enumerator: &str) -> bool {
+    btf.resolve_types_by_name(name).unwrap_or_default().iter().any(|t| match t {
+        Type::Enum(e) => e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == enumerator)),
+        Type::Enum64(e) => e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == enumerator)),
+        _ => false,
+    })
+}
+
+/// The features in `required` this kernel lacks, by their description.
+fn missing_features(btf: &Btf, required: &[(&str, &str, &str)]) -> Vec<String> {
+    required
+        .iter()
+        .filter(|(ty, e, _)| !has_enumerator(btf, ty, e))
+        .map(|(_, _, what)| what.to_string())
+        .collect()
+}
+
+/// Fails with one line naming what this kernel lacks and which version brings it.
+fn check_features(btf: &Btf) -> Result<Features, LayoutError> {
+    let missing = missing_features(btf, REQUIRED);
+    if !missing.is_empty() {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        return Err(LayoutError::TooOld { release, missing: missing.join(", nor ") });
+    }
+    Ok(Features { for_each_map_elem: has_enumerator(btf, "bpf_func_id", "BPF_FUNC_for_each_map_elem") })
+}
+
 /// The kernel's BTF, read at once: parsing from the file seeks once per type (over 100000
 /// system calls).
 fn parse_btf(path: &str) -> Result<Btf, LayoutError> {
@@ -168,8 +218,10 @@ fn parse_btf(path: &str) -> Result<Btf, LayoutError> {
         .map_err(|e| LayoutError::Btf(path.to_string(), e))
 }
 
-pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
+/// Everything the kernel programs need to know about this kernel, and what it can do.
+pub fn read(netns_only: u32) -> Result<(KernelLayout, Features), LayoutError> {
     let btf = parse_btf(BTF_PATH)?;
+    let features = check_features(&btf)?;
     let mut retransmit_args = Vec::new();
     for (_, tp, first, count) in TRACEPOINTS {
         let args = check_tracepoint(&btf, tp, first, *count)?;
@@ -202,7 +254,7 @@ pub fn read(netns_only: u32) -> Result<KernelLayout, LayoutError> {
         netns_only,
         _pad: 0,
     };
-    Ok(layout)
+    Ok((layout, features))
 }
 
 #[cfg(test)]
@@ -223,6 +275,18 @@ mod tests {
         let err = check_tracepoint(&btf, "timer_cancel", "sock", 1).unwrap_err().to_string();
         assert!(err.contains("passes (struct timer_list *)"), "{err}");
         assert!(member_offset(&btf, "sock_common", "skc_v6_rcv_saddr").unwrap() < 96);
+    }
+
+    /// Features are found by their enumerators; a missing one is named with its version.
+    #[test]
+    fn features_from_btf_enums() {
+        let btf = parse_btf(BTF_PATH).unwrap();
+        assert!(missing_features(&btf, REQUIRED).is_empty());
+        assert!(check_features(&btf).unwrap().for_each_map_elem, "this machine's kernel is 6.x");
+        let old = [("bpf_map_type", "BPF_MAP_TYPE_NO_SUCH_MAP", "BPF ring buffer (5.8+)")];
+        assert_eq!(missing_features(&btf, &old), ["BPF ring buffer (5.8+)"]);
+        let err = LayoutError::TooOld { release: "4.19.0".into(), missing: "BPF ring buffer (5.8+)".into() };
+        assert!(err.to_string().starts_with("this kernel (4.19.0) has no BPF ring buffer (5.8+); twmon needs Linux 5.10"));
     }
 
     /// A kernel without BTF (no file, or not BTF) is told what it needs.

@@ -275,15 +275,7 @@ impl Agent {
             let _ = kernel.run_sweep();
             kernel.read()
         };
-        let lost = readout.counter(monitor_common::counter::EVENTS_LOST);
-        let before = self.lost_seen.swap(lost, Ordering::Relaxed);
-        if lost > before {
-            tracing::warn!(
-                lost = lost - before,
-                "kernel records lost: the ring buffer was full (early timewait ends among them are \
-                 not counted); raise --bpf.ring-buffer-size"
-            );
-        }
+        self.note_lost(readout.counter(monitor_common::counter::EVENTS_LOST));
         let mut drift = [0i64; monitor_common::tcp::MAX_STATES as usize];
         for s in GAUGE_STATES {
             let s = s as usize;
@@ -344,12 +336,18 @@ impl Agent {
         self.drain();
         lock(&self.tracker).begin_close_wait_scan();
         if let Err(e) = lock(&self.kernel).scan_close_wait(before) {
+            // What was logged stays logged: nothing is known about those sockets this time.
             tracing::warn!("CLOSE_WAIT scan failed: {e}");
+            return Vec::new();
         }
         self.drain();
         let old = lock(&self.tracker).close_wait_older_than(before);
+        // A leak is logged and counted once for as long as the kernel programs see the socket in
+        // CLOSE_WAIT, even when a reconcile's sock_diag view misses it.
+        let mut logged = lock(&self.logged);
+        let still: HashSet<Tuple> = old.iter().map(|(t, _)| *t).collect();
+        logged.retain(|t| still.contains(t));
         if old.is_empty() {
-            lock(&self.logged).clear();
             return Vec::new();
         }
         let mut sockets: HashMap<Tuple, (u64, &str)> = HashMap::new();
@@ -361,8 +359,6 @@ impl Agent {
         let inodes: HashSet<u64> = old.iter().filter_map(|(t, _)| sockets.get(t).map(|(i, _)| *i)).collect();
         let owners = procfs::socket_owners(&inodes);
         let mut by_process: BTreeMap<(String, i32, String), Leak> = BTreeMap::new();
-        let mut logged = lock(&self.logged);
-        let mut still = HashSet::new();
         for (t, since) in old {
             let Some((inode, ns)) = sockets.get(&t) else { continue };
             let age = now.saturating_sub(since) as f64 / 1e9;
@@ -380,7 +376,7 @@ impl Agent {
                 if leak.examples.len() < 3 {
                     leak.examples.push(format!("{} <- {}", t.local_addr(), t.remote_addr()));
                 }
-                if !logged.contains(&t) {
+                if logged.insert(t) {
                     self.metrics.leaks_total.inc();
                     tracing::warn!(
                         pid, comm = %comm, netns = %ns, local = %t.local_addr(), remote = %t.remote_addr(),
@@ -389,9 +385,7 @@ impl Agent {
                     );
                 }
             }
-            still.insert(t);
         }
-        *logged = still;
         let mut leaks: Vec<Leak> = by_process.into_values().collect();
         leaks.sort_by(|a, b| b.sockets.cmp(&a.sockets).then(a.pid.cmp(&b.pid)));
         leaks.truncate(cfg.top_k);
@@ -414,6 +408,18 @@ impl Agent {
         serde_json::json!({ "sockets": sockets, "reconcile": report })
     }
 
+    /// Logs records lost since the last call (`lost` is the kernel's running count).
+    fn note_lost(&self, lost: u64) {
+        let before = self.lost_seen.swap(lost, Ordering::Relaxed);
+        if lost > before {
+            tracing::warn!(
+                lost = lost - before,
+                "kernel records lost: the ring buffer was full (early timewait ends among them are \
+                 not counted); raise --bpf.ring-buffer-size"
+            );
+        }
+    }
+
     /// Takes every record off the ring buffer into the tracker, then settles cancelled timewait
     /// timers that no re-arm followed.
     fn drain(&self) {
@@ -434,17 +440,15 @@ impl Agent {
     }
 }
 
-/// The share of one core the reconcile may take on average: it reads every socket of every
-/// namespace through sock_diag, whose cost grows with the sockets the host holds (the kernel
-/// walks its whole connection table once per namespace), not with the connections it churns.
-pub const RECONCILE_MAX_CPU: f64 = 0.01;
-
 /// How long to wait before the next reconcile: the configured interval, stretched so that
-/// reconciling takes at most RECONCILE_MAX_CPU of a core (a 200 ms reconcile waits 19.8 s).
-pub fn reconcile_wait(interval: Duration, took: Duration) -> Duration {
-    let stretched = took.div_f64(RECONCILE_MAX_CPU).saturating_sub(took);
+/// reconciling takes at most `max_cpu` of a core on average (at the default 1 %, a 200 ms
+/// reconcile waits 19.8 s). A reconcile reads every socket of every namespace through sock_diag,
+/// whose cost grows with the sockets the host holds (the kernel walks its whole connection table
+/// once per namespace), not with the connections it churns.
+pub fn reconcile_wait(interval: Duration, took: Duration, max_cpu: f64) -> Duration {
+    let stretched = took.div_f64(max_cpu).saturating_sub(took);
     if stretched > interval {
-        tracing::debug!(?took, wait = ?stretched, "reconcile is slow; waiting longer so it stays under 1 % of a core");
+        tracing::debug!(?took, wait = ?stretched, max_cpu, "reconcile is slow; waiting longer to stay within reconcile.max_cpu");
     }
     interval.max(stretched)
 }
@@ -505,9 +509,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             a.drain();
             if last_sweep.elapsed() >= sweep_every {
                 last_sweep = Instant::now();
-                if let Err(e) = lock(&a.kernel).run_sweep() {
-                    tracing::warn!("timewait sweep failed: {e}");
-                }
+                let lost = {
+                    let kernel = lock(&a.kernel);
+                    if let Err(e) = kernel.run_sweep() {
+                        tracing::warn!("timewait sweep failed: {e}");
+                    }
+                    kernel.counter(monitor_common::counter::EVENTS_LOST)
+                };
+                // Said within a sweep interval, not at the next reconcile (which may be minutes
+                // away on a busy host).
+                a.note_lost(lost);
                 trim();
             }
         }
@@ -523,20 +534,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     let a = agent.clone();
-    let every = config.settings.reconcile.interval;
+    let (every, max_cpu) = (config.settings.reconcile.interval, config.settings.reconcile.max_cpu);
     tasks.spawn(async move {
         let mut wait = every;
         loop {
             tokio::time::sleep(wait).await;
             let a = a.clone();
             match tokio::task::spawn_blocking(move || a.reconcile()).await {
-                Ok(took) => wait = reconcile_wait(every, took),
+                Ok(took) => wait = reconcile_wait(every, took, max_cpu),
                 Err(e) => tracing::warn!("reconcile failed: {e}"),
             }
         }
     });
 
-    tracing::info!(address = %config.listen, "serving /metrics");
+    // The address bound, not the one asked for: with port 0 the kernel picks it.
+    let address = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(%address, "serving /metrics");
     axum::serve(listener, http::router(agent.clone()))
         .with_graceful_shutdown(shutdown())
         .await
@@ -563,8 +576,9 @@ mod tests {
     #[test]
     fn slow_reconciles_wait_longer() {
         let s = Duration::from_secs;
-        assert_eq!(reconcile_wait(s(10), Duration::from_millis(20)), s(10));
-        assert_eq!(reconcile_wait(s(10), Duration::from_millis(200)), Duration::from_millis(19_800));
-        assert_eq!(reconcile_wait(s(60), Duration::from_millis(200)), s(60));
+        assert_eq!(reconcile_wait(s(10), Duration::from_millis(20), 0.01), s(10));
+        assert_eq!(reconcile_wait(s(10), Duration::from_millis(200), 0.01), Duration::from_millis(19_800));
+        assert_eq!(reconcile_wait(s(60), Duration::from_millis(200), 0.01), s(60));
+        assert_eq!(reconcile_wait(s(1), Duration::from_millis(1500), 0.5), Duration::from_millis(1500));
     }
 }

@@ -50,22 +50,16 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_ring(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
-    if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} must be a power of two of at least 4096 (e.g. 4194304)"));
+    let n: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if !(4096..=1 << 31).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n} must be a power of two from 4096 to 2 GiB (2147483648), e.g. 4194304"));
     }
-    Ok(n)
+    Ok(n as u32)
 }
 
+/// The configuration file's durations (`500ms`, `2s`, `1m`), at least 10 ms.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("`{s}` is not a duration such as 500ms or 2s");
-    let d = if let Some(ms) = s.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().map_err(|_| bad())?)
-    } else if let Some(sec) = s.strip_suffix('s') {
-        Duration::from_secs_f64(sec.parse().map_err(|_| bad())?)
-    } else {
-        return Err(bad());
-    };
+    let d = twmon::config::parse_duration(s)?;
     if d < Duration::from_millis(10) {
         return Err(format!("{s} is too short: at least 10ms"));
     }
@@ -133,9 +127,14 @@ mod tests {
         assert!(Args::try_parse_from(["twmon", "--log.level", "loud"]).is_err());
         let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "5000"]).unwrap_err().to_string();
         assert!(e.contains("power of two"), "{e}");
+        let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "1099511627776"]).unwrap_err().to_string();
+        assert!(e.contains("to 2 GiB"), "{e}");
         let e = Args::try_parse_from(["twmon", "--web.listen-address", "nowhere"]).unwrap_err().to_string();
         assert!(e.contains(":PORT"), "{e}");
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("1ms").is_err());
+        // Values that do not fit a duration are refused, not a panic.
+        let e = parse_duration("99999999999999999999s").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
     }
 }

@@ -186,8 +186,9 @@ fn close_wait_held_then_released() {
     servers.clear();
     let done = std::time::Instant::now();
     // What each CLOSE_WAIT lasted, as measured here (the programs' clock is CLOCK_MONOTONIC,
-    // as Instant's), with 20 ms for the scheduling between a close and its clock read.
-    let (shortest, longest) = ((released - since).as_secs_f64() - 0.02, (done - first).as_secs_f64() + 0.02);
+    // as Instant's), with 50 ms for the scheduling between a close and its clock read (20 ms
+    // was exceeded once by 28 ms in a software-emulated VM, cause not found).
+    let (shortest, longest) = ((released - since).as_secs_f64() - 0.05, (done - first).as_secs_f64() + 0.05);
     let m = expect_transitions(
         &agent,
         &full_close(N),
@@ -393,7 +394,7 @@ fn full_maps_are_counted() {
     const ROOM: usize = 1024;
     common::raise_nofile();
     let ns = Netns::new("full");
-    let config = Agent::config_file("full", "[reconcile]\ninterval = \"1s\"\n");
+    let config = Agent::config_file("full", common::FAST_RECONCILE);
     let agent = Agent::start_with(
         &ns,
         &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config],

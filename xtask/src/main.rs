@@ -4,6 +4,7 @@
 mod bench;
 mod checks;
 mod setup;
+mod vm;
 
 use std::{path::PathBuf, process::Command};
 
@@ -34,6 +35,20 @@ enum Task {
         /// Only tests whose name contains this (passed to cargo test).
         filter: Option<String>,
     },
+    /// Run the real-kernel tests on other kernels: Debian's 5.10, 6.1 and 6.12 under qemu
+    /// (virtme-ng), or `host` for this machine's own. Prints one pass/fail line per kernel.
+    Vm {
+        /// Kernel series to boot (5.10, 6.1, 6.12) or `host`; repeat for several. Default: 5.10,
+        /// 6.1 and 6.12.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Test suites (monitor/tests/NAME.rs) to run; repeat for several. Default: kernel, ground.
+        #[arg(long = "suite")]
+        suites: Vec<String>,
+        /// Only tests whose name contains this (passed to the test binaries).
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
     /// Measure the agent's overhead: churn with the agent off and on, per-event kernel cost,
     /// agent CPU and memory, scrape latency. Prints numbers; see BENCHMARKS.md.
     Bench {
@@ -54,6 +69,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// A command's standard output, when it ran and succeeded.
+pub fn output(cmd: &mut Command) -> Option<String> {
+    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 pub fn is_root() -> bool {
@@ -91,6 +111,17 @@ fn main() -> Result<()> {
                 bail!("the benchmark loads kernel programs and creates network namespaces: run as root");
             }
             bench::run(&bin, &args)
+        }
+        Task::Vm { kernels, suites, filter } => {
+            if !is_root() {
+                bail!("the VM runner downloads kernels with apt and boots them: run as root");
+            }
+            let or = |v: Vec<String>, d: &[&str]| if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v };
+            vm::run_matrix(&vm::Options {
+                kernels: or(kernels, vm::DEFAULT_KERNELS),
+                suites: or(suites, vm::DEFAULT_SUITES),
+                filter,
+            })
         }
         Task::Test { filter } => {
             build()?;

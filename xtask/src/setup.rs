@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run;
+use crate::{output, run};
 
 /// Debian packages: LLVM 22 for bpf-linker, and the real tools the tests drive.
 const APT: &[&str] = &[
@@ -21,7 +21,7 @@ const APT: &[&str] = &[
 ];
 const BPF_LINKER: &str = "0.13.0";
 
-fn installed(pkg: &str) -> bool {
+pub fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
@@ -29,23 +29,24 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
-    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+/// Installs Debian packages (as root; says what to do otherwise).
+pub fn apt_install(missing: &[&str]) -> Result<()> {
+    if !crate::is_root() {
+        bail!("missing Debian packages {missing:?}: run `sudo cargo xtask setup` or install them");
+    }
+    eprintln!("setup: installing {missing:?}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(missing))
+    .context("apt-get install failed; check the package sources")
 }
 
 pub fn ensure() -> Result<()> {
     let missing: Vec<&str> = APT.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
-        if !crate::is_root() {
-            bail!("missing Debian packages {missing:?}: run `sudo cargo xtask setup` or install them");
-        }
-        eprintln!("setup: installing {missing:?}");
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing))
-        .context("apt-get install failed; check the package sources")?;
+        apt_install(&missing)?;
     }
 
     let src = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]));

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -100,14 +100,29 @@ pub fn raise_nofile() {
     // SAFETY: plain syscalls on our own process with a valid struct.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0, "getrlimit");
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
+        // Root may raise the hard limit too (some hosts and VMs start with 4096).
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max.max(1 << 20), rlim_max: lim.rlim_max.max(1 << 20) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            lim = raised;
+        } else {
+            lim.rlim_cur = lim.rlim_max;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
+        }
     }
     assert!(lim.rlim_cur >= 20_000, "RLIMIT_NOFILE hard limit {} is too low for this test", lim.rlim_max);
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+
+/// A `[reconcile]` section for tests that read what reconciles produce (drift, breakdowns,
+/// leaks, per-namespace counters): every second, and never spaced out for CPU, so that a slow
+/// machine (a test VM in software emulation) only makes them slower, not later than the test
+/// waits.
+pub const FAST_RECONCILE: &str = "[reconcile]\ninterval = \"1s\"\nmax_cpu = 1.0\n";
+
+/// The address in the agent's `serving /metrics address=...` log line.
+fn listening_on(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+    line.split_whitespace().find_map(|w| w.strip_prefix("address=")?.parse().ok())
 }
 
 /// The real agent, watching one namespace.
@@ -142,20 +157,28 @@ impl Agent {
         path.display().to_string()
     }
 
+    /// Starts the agent on a port the kernel picks (no other test can take it meanwhile) and
+    /// waits until it says where it listens and is healthy.
     fn spawn(tag: &str, args: &[String]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::env::temp_dir().join(format!("twmon-{tag}-{}.log", std::process::id()));
         let child = Command::new(env!("CARGO_BIN_EXE_twmon"))
-            .args(["--web.listen-address", &addr.to_string(), "--log.level", "debug"])
+            .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "debug"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("start twmon");
-        let mut agent = Self { child: Some(child), addr, log };
+        let mut agent = Self { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], 0)), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, _)) = agent.get("/healthz") {
+            if agent.addr.port() == 0
+                && let Some(addr) = listening_on(&agent.log())
+            {
+                agent.addr = addr;
+            }
+            if agent.addr.port() != 0
+                && let Ok((200, _)) = agent.get("/healthz")
+            {
                 return agent;
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
