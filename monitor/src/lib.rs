@@ -3,7 +3,7 @@
 //! Modules, one concern each: [`layout`] reads the running kernel's offsets, [`kernel`] loads
 //! and attaches the programs and reads their maps, [`event`] decodes ring-buffer records,
 //! [`tracker`] turns events into counters and histograms (no BPF in it), [`metrics`] holds the
-//! registry, [`http`] serves it.
+//! registry, [`http`] has the routes and [`serve`] the listener they run under.
 pub mod config;
 pub mod diag;
 pub mod event;
@@ -14,6 +14,7 @@ pub mod layout;
 pub mod metrics;
 pub mod netns;
 pub mod procfs;
+pub mod serve;
 pub mod tracker;
 
 use std::{
@@ -21,15 +22,17 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     ground::NsView,
@@ -50,6 +53,17 @@ pub struct Config {
     /// The namespace file given with --netns, if any.
     pub netns_path: Option<PathBuf>,
     pub settings: config::Config,
+    /// The file `settings` came from, read again on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    pub web: Web,
+}
+
+/// The HTTP side's settings (`--web.*`).
+#[derive(Clone, Debug)]
+pub struct Web {
+    pub telemetry_path: String,
+    pub max_requests: usize,
+    pub limits: serve::Limits,
 }
 
 /// What `/api/v1/snapshot` returns besides the live socket counts: the last reconcile.
@@ -104,6 +118,10 @@ pub struct Agent {
     warned_unreadable: std::sync::atomic::AtomicBool,
     /// Records lost to a full ring buffer, as of the last reconcile.
     lost_seen: AtomicU64,
+    /// Tracepoints with programs attached (fixed after start-up; read by /healthz without a lock).
+    attached: AtomicUsize,
+    /// `config.settings`, as reloaded on SIGHUP.
+    settings: RwLock<Arc<config::Config>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,6 +167,12 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Whether the agent runs as root (effective uid 0).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
 }
@@ -178,8 +202,33 @@ impl Agent {
         Ok(out)
     }
 
+    /// The configuration file's settings now in force.
+    fn settings(&self) -> Arc<config::Config> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads `--config.file` again (SIGHUP). A file that does not parse leaves the running
+    /// configuration as it is, and says why.
+    pub fn reload(&self) {
+        let Some(path) = &self.config.config_file else {
+            tracing::info!("SIGHUP: no --config.file to reload");
+            return;
+        };
+        match config::Config::load(path) {
+            Ok(new) => {
+                *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+                self.metrics.reloads.with_label_values(&["success"]).inc();
+                tracing::info!(file = %path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                self.metrics.reloads.with_label_values(&["failure"]).inc();
+                tracing::error!("configuration not reloaded, the previous one stays: {e}");
+            }
+        }
+    }
+
     pub fn health(&self) -> Result<(), String> {
-        let attached = self.kernel.lock().unwrap_or_else(|e| e.into_inner()).attached;
+        let attached = self.attached.load(Ordering::Relaxed);
         if attached != kernel::TRACEPOINTS.len() {
             return Err(format!("{attached} of {} kernel programs attached", kernel::TRACEPOINTS.len()));
         }
@@ -221,13 +270,21 @@ impl Agent {
         let views = ground::read(&namespaces, &mut denied);
         self.metrics.set_unreadable(denied, hidden);
         if (denied > 0 || hidden > 0) && !self.warned_unreadable.swap(true, Ordering::Relaxed) {
+            // Root that still cannot read them runs in a sandbox: capabilities are not the cure.
+            let cure = if is_root() {
+                "twmon runs as root but in a sandbox that hides them (a container without the \
+                 host's PID namespace, a systemd unit with ProtectProc= or PrivatePIDs=, a user \
+                 namespace): run it in the host's PID namespace (hostPID: true in Kubernetes)"
+            } else {
+                "entering a namespace needs CAP_SYS_ADMIN, seeing another user's process's \
+                 namespace CAP_SYS_PTRACE (or run twmon as root)"
+            };
             tracing::warn!(
                 namespaces_not_entered = denied,
                 processes_not_seen = hidden,
                 "cannot read every network namespace: per-namespace counts, breakdowns, leaks and \
                  seeding cover only those read, and twmon_reconcile_drift counts the sockets of \
-                 the others; entering a namespace needs CAP_SYS_ADMIN, seeing another user's \
-                 process's namespace CAP_SYS_PTRACE (or run twmon as root)"
+                 the others; {cure}"
             );
         }
         views
@@ -282,8 +339,8 @@ impl Agent {
             drift[s] = readout.sockets[s] + seeded[s] - totals[s];
         }
         let watched: Vec<NsView> =
-            views.into_iter().filter(|v| self.config.settings.watches(v.inode, &v.name)).collect();
-        let b = ground::breakdown(&watched, &self.config.settings);
+            views.into_iter().filter(|v| self.settings().watches(v.inode, &v.name)).collect();
+        let b = ground::breakdown(&watched, &self.settings());
         let leaks = self.leaks(&watched);
         let kernel: Vec<_> = watched.iter().map(|v| (v.name.clone(), v.tcpext.clone(), v.sysctls.clone())).collect();
         let took = start.elapsed();
@@ -329,7 +386,8 @@ impl Agent {
 
     /// CLOSE_WAIT sockets older than the threshold, attributed to the processes that hold them.
     fn leaks(&self, views: &[NsView]) -> Vec<Leak> {
-        let cfg = &self.config.settings.close_wait;
+        let settings = self.settings();
+        let cfg = &settings.close_wait;
         let now = monotonic_ns();
         let before = now.saturating_sub(cfg.leak_threshold.as_nanos() as u64);
         // The kernel programs know when each socket entered CLOSE_WAIT; ask for the old ones.
@@ -453,8 +511,30 @@ pub fn reconcile_wait(interval: Duration, took: Duration, max_cpu: f64) -> Durat
     interval.max(stretched)
 }
 
+/// `--config.check`: the flags and the configuration file were read already; this loads and
+/// attaches the kernel programs, detaches them and says what it found.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    let (kernel, _ring, _logger) = Kernel::load(config.netns, &config.limits)?;
+    println!(
+        "twmon: configuration and kernel ok: {} of {} tracepoints attached (HZ {}, kernel {}){}",
+        kernel.attached,
+        kernel::TRACEPOINTS.len(),
+        kernel.hz,
+        kernel_release(),
+        config.config_file.as_ref().map(|p| format!(", {} read", p.display())).unwrap_or_default()
+    );
+    if kernel.attached != kernel::TRACEPOINTS.len() {
+        anyhow::bail!("not every kernel program attached");
+    }
+    Ok(())
+}
+
 /// Runs the agent until SIGINT or SIGTERM, then detaches everything.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Signals first: from here on SIGHUP reloads rather than kills (its default), and SIGINT or
+    // SIGTERM stop the agent through its shutdown.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let stop = shutdown()?;
     // Bind first: a busy port should fail before anything is attached to the kernel.
     let mut bound = tokio::net::TcpListener::bind(config.listen).await;
     if let Err(e) = &bound
@@ -463,12 +543,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         bound = tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, config.listen.port())).await;
     }
-    let listener = bound.with_context(|| {
-        format!(
-            "cannot listen on {}; is another twmon or exporter using it? Pick another with \
-             --web.listen-address",
-            config.listen
-        )
+    let listener = bound.map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => "the port is taken: is another twmon or exporter using it?",
+            Some(libc::EADDRNOTAVAIL) => "that address is not one of this host's: give one it has, or :PORT for all",
+            Some(libc::EACCES) => "ports below 1024 need CAP_NET_BIND_SERVICE",
+            _ => "",
+        };
+        anyhow::anyhow!("cannot listen on {}: {e}; {why} (--web.listen-address)", config.listen)
     })?;
     let (kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
     let metrics = Metrics::new(&kernel_release(), kernel.hz)?;
@@ -479,6 +561,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         netns = config.netns,
         "kernel programs attached"
     );
+    let attached = kernel.attached;
     let agent = Arc::new(Agent {
         ring: Mutex::new(ring),
         kernel: Mutex::new(kernel),
@@ -490,6 +573,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         logged: Mutex::new(HashSet::new()),
         warned_unreadable: Default::default(),
         lost_seen: AtomicU64::new(0),
+        attached: AtomicUsize::new(attached),
+        settings: RwLock::new(Arc::new(config.settings.clone())),
     });
     let seeded = agent.seed();
     trim();
@@ -534,38 +619,53 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     let a = agent.clone();
-    let (every, max_cpu) = (config.settings.reconcile.interval, config.settings.reconcile.max_cpu);
     tasks.spawn(async move {
-        let mut wait = every;
+        let mut wait = a.settings().reconcile.interval;
         loop {
             tokio::time::sleep(wait).await;
-            let a = a.clone();
-            match tokio::task::spawn_blocking(move || a.reconcile()).await {
-                Ok(took) => wait = reconcile_wait(every, took, max_cpu),
+            let r = a.clone();
+            let took = tokio::task::spawn_blocking(move || r.reconcile()).await;
+            // Read each time: a reload may have changed them.
+            let s = a.settings();
+            match took {
+                Ok(took) => wait = reconcile_wait(s.reconcile.interval, took, s.reconcile.max_cpu),
                 Err(e) => tracing::warn!("reconcile failed: {e}"),
             }
+        }
+    });
+    let a = agent.clone();
+    tasks.spawn(async move {
+        while hangup.recv().await.is_some() {
+            a.reload();
         }
     });
 
     // The address bound, not the one asked for: with port 0 the kernel picks it.
     let address = listener.local_addr().unwrap_or(config.listen);
-    tracing::info!(%address, "serving /metrics");
-    axum::serve(listener, http::router(agent.clone()))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("HTTP server failed")?;
+    tracing::info!(%address, path = %config.web.telemetry_path, "serving /metrics");
+    let app = http::router(agent.clone(), &config.web.telemetry_path, config.web.max_requests);
+    serve::serve(listener, app, config.web.limits, agent.clone(), stop).await;
     tasks.shutdown().await;
     drop(agent);
     tracing::info!("kernel programs detached; exiting");
     Ok(())
 }
 
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+/// Completes at the first SIGINT or SIGTERM.
+fn shutdown() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+    })
+}
+
+impl serve::Counters for Agent {
+    fn refused(&self) {
+        self.metrics.http_refused.with_label_values(&["connections"]).inc();
     }
 }
 

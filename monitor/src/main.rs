@@ -1,17 +1,46 @@
 //! `twmon`: the agent's command line.
-use std::{net::SocketAddr, os::unix::fs::MetadataExt, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::Parser;
-use twmon::{Config, kernel::Limits};
+use twmon::{Config, Web, kernel::Limits, serve};
+
+/// The most entries a kernel map may be given: 2^24, about 1.5 GiB of kernel memory reserved at
+/// start-up (96 bytes an entry). The kernel's own bound is higher, the memory rarely there.
+const MAX_MAP_ENTRIES: u32 = 1 << 24;
 
 /// How TCP connections end, as Prometheus metrics: teardown states, TIME_WAIT and its end,
 /// retransmitted FINs, from eBPF programs on kernel tracepoints.
 #[derive(Parser, Debug)]
 #[command(name = "twmon", version)]
 struct Args {
-    /// Address to serve /metrics on (`:PORT` means all interfaces).
+    /// Address to serve /metrics on: HOST:PORT (a name such as localhost is resolved), or
+    /// :PORT for every interface. Port 0 lets the kernel pick one; the log says which.
     #[arg(long = "web.listen-address", default_value = ":9864", value_parser = parse_listen)]
     listen: SocketAddr,
+    /// Path the metrics are served at.
+    #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = parse_path)]
+    telemetry_path: String,
+    /// Scrapes (and snapshots) served at once; more get 503 (counted in twmon_http_refused_total).
+    #[arg(long = "web.max-requests", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_requests: u32,
+    /// HTTP connections open at once; more are closed when accepted (counted in
+    /// twmon_http_refused_total).
+    #[arg(long = "web.max-connections", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_connections: u32,
+    /// Time a client has to send a request's headers, and the longest a kept-alive connection
+    /// waits for its next request (e.g. `10s`).
+    #[arg(long = "web.read-header-timeout", default_value = "10s", value_parser = parse_duration)]
+    read_header_timeout: Duration,
+    /// Parse the configuration, load and attach the kernel programs, detach them and exit: 0 when
+    /// all is well, 1 with the reason otherwise (for deployment pipelines).
+    #[arg(long = "config.check")]
+    config_check: bool,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long = "log.level", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
@@ -27,11 +56,11 @@ struct Args {
     netns: Option<PathBuf>,
     /// Most full sockets in teardown states followed at once (kernel memory is reserved for
     /// all of them: about 96 bytes each).
-    #[arg(long = "bpf.max-sockets", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..))]
+    #[arg(long = "bpf.max-sockets", default_value_t = 65_536, value_parser = parse_entries)]
     max_sockets: u32,
     /// Most timewait sockets followed at once, over all namespaces (tcp_max_tw_buckets is up to
     /// 262144 per namespace; kernel memory is reserved for all of them: about 96 bytes each).
-    #[arg(long = "bpf.max-timewait", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
+    #[arg(long = "bpf.max-timewait", default_value_t = 262_144, value_parser = parse_entries)]
     max_timewait: u32,
     /// Size of the kernel-to-agent ring buffer in bytes: a power of two, at least 4096.
     #[arg(long = "bpf.ring-buffer-size", default_value_t = 4 << 20, value_parser = parse_ring)]
@@ -46,7 +75,47 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     // `:PORT` is every interface, IPv6 and IPv4 (a dual-stack socket; IPv4 alone where the
     // kernel has no IPv6).
     let full = if s.starts_with(':') { format!("[::]{s}") } else { s.to_string() };
-    full.parse().map_err(|_| format!("`{s}` is not HOST:PORT or :PORT (e.g. 127.0.0.1:9864 or :9864)"))
+    let bad = || format!("`{s}` is not HOST:PORT or :PORT (e.g. 127.0.0.1:9864, localhost:9864 or :9864)");
+    if let Ok(addr) = full.parse() {
+        return Ok(addr);
+    }
+    // A host name: the first address it resolves to (localhost: 127.0.0.1 or ::1).
+    let (host, port) = full.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    let mut addrs = full.to_socket_addrs().map_err(|e| format!("`{s}`: cannot resolve {host}: {e}"))?;
+    addrs.next().ok_or_else(|| format!("`{s}`: {host} has no address"))
+}
+
+fn parse_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.contains(char::is_whitespace) {
+        return Err(format!("`{s}` is not a path such as /metrics"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_entries(s: &str) -> Result<u32, String> {
+    let n: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of entries"))?;
+    if !(1024..=MAX_MAP_ENTRIES as u64).contains(&n) {
+        return Err(format!(
+            "{n} is out of range: from 1024 to {MAX_MAP_ENTRIES} (each entry reserves about 96 bytes of \
+             kernel memory at start-up; {MAX_MAP_ENTRIES} is 1.5 GiB)"
+        ));
+    }
+    Ok(n as u32)
+}
+
+/// The inode of the network namespace at `path`, or why it is not one.
+fn netns_inode(path: &Path) -> anyhow::Result<u32> {
+    let what = || format!("--netns {}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}; give a namespace file such as /run/netns/NAME", what()))?;
+    match twmon::netns::namespace_type(&file) {
+        Ok(t) if t == libc::CLONE_NEWNET => {}
+        Ok(_) => anyhow::bail!("{}: a namespace, but not a network namespace; give /run/netns/NAME or /proc/PID/ns/net", what()),
+        Err(_) => anyhow::bail!("{}: not a network namespace; give /run/netns/NAME or /proc/PID/ns/net", what()),
+    }
+    Ok(file.metadata()?.ino() as u32)
 }
 
 fn parse_ring(s: &str) -> Result<u32, String> {
@@ -94,9 +163,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let netns = match &args.netns {
         None => 0,
-        Some(p) => std::fs::metadata(p)
-            .map_err(|e| anyhow::anyhow!("--netns {}: {e}; give a namespace file such as /run/netns/NAME", p.display()))?
-            .ino() as u32,
+        Some(p) => netns_inode(p)?,
     };
     let config = Config {
         listen: args.listen,
@@ -109,7 +176,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         sweep_interval: args.sweep_interval,
         netns_path: args.netns.clone(),
         settings,
+        config_file: args.config_file.clone(),
+        web: Web {
+            telemetry_path: args.telemetry_path.clone(),
+            max_requests: args.max_requests as usize,
+            limits: serve::Limits {
+                max_connections: args.max_connections as usize,
+                read_header_timeout: args.read_header_timeout,
+                shutdown_grace: Duration::from_secs(3),
+            },
+        },
     };
+    if args.config_check {
+        return twmon::check(&config);
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(twmon::run(config))
 }
@@ -131,6 +211,10 @@ mod tests {
         assert!(e.contains("to 2 GiB"), "{e}");
         let e = Args::try_parse_from(["twmon", "--web.listen-address", "nowhere"]).unwrap_err().to_string();
         assert!(e.contains(":PORT"), "{e}");
+        let local = parse_listen("localhost:9864").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 9864, "{local}");
+        assert!(parse_listen("localhost:http").is_err());
+        assert_eq!(parse_listen("127.0.0.1:0").unwrap().port(), 0);
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("1ms").is_err());
         // Values that do not fit a duration are refused, not a panic.

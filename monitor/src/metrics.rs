@@ -66,6 +66,10 @@ pub struct Metrics {
     sysctl: IntGaugeVec,
     leaked: IntGaugeVec,
     pub leaks_total: IntCounter,
+    /// HTTP requests and connections turned away (`reason`: `connections`, `requests`).
+    pub http_refused: IntCounterVec,
+    /// Configuration reloads (SIGHUP) by `result`: `success`, `failure`.
+    pub reloads: IntCounterVec,
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
@@ -430,8 +434,40 @@ impl Metrics {
                     "Sockets found in CLOSE_WAIT past the leak threshold (each counted and logged once).",
                 )?,
             )?,
+            http_refused: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_http_refused_total",
+                        "HTTP clients turned away: `connections` closed at once because \
+                         --web.max-connections were open, `requests` answered 503 because \
+                         --web.max-requests scrapes were running.",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            reloads: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "twmon_config_reloads_total",
+                        "Reloads of --config.file on SIGHUP, by result (`success`, `failure`: the \
+                         previous configuration stays).",
+                    ),
+                    &["result"],
+                )?,
+            )?,
             registry: r,
         };
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_start_time_seconds: the names every exporter uses.
+        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        for reason in ["connections", "requests"] {
+            m.http_refused.with_label_values(&[reason]);
+        }
+        for result in ["success", "failure"] {
+            m.reloads.with_label_values(&[result]);
+        }
         for s in GAUGE_STATES {
             m.sockets.with_label_values(&[state_name(s)]);
         }

@@ -477,6 +477,15 @@ pub fn in_namespace<T: Send + 'static>(
     }
 }
 
+/// The kind of namespace `file` is (`libc::CLONE_NEWNET` for a network namespace), from the
+/// NS_GET_NSTYPE ioctl (Linux 4.11); an error for a file that is not a namespace.
+pub fn namespace_type(file: &File) -> io::Result<i32> {
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703; // _IO(0xb7, 0x3)
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads which namespace the fd is.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
 /// Inode of the namespace at a path (a /run/netns/NAME bind mount or a /proc/PID/ns/* link).
 /// Fails with `InvalidInput` when the path is not a namespace file (for example a /run/netns
 /// entry whose namespace was unmounted).

@@ -234,6 +234,17 @@ impl Agent {
         self.signal(libc::SIGTERM)
     }
 
+    /// Sends `sig` and does not wait.
+    pub fn send(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, sig) };
+    }
+
+    /// Whether the agent is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
     /// Sends `sig` and returns the exit status.
     pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();

@@ -1,0 +1,174 @@
+//! The agent as a network service: slow, idle and excess clients, signals, compression,
+//! process metrics, and the flags and files an operator can get wrong. Each test runs the real
+//! agent and talks to it over real TCP.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Netns};
+
+fn twmon(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twmon")).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+}
+
+/// Whether the server closed `s` (a read returns end of file or a reset) within `within`.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Idle clients, clients that send a header a byte at a time, and more connections than the
+/// limit: the excess is closed at once and counted, the slow and idle ones after the header
+/// timeout, and the service answers throughout once they are gone.
+#[test]
+fn slow_idle_and_excess_clients_are_closed() {
+    const LIMIT: usize = 20;
+    let ns = Netns::new("slow");
+    let agent =
+        Agent::start_with(&ns, &["--web.max-connections", &LIMIT.to_string(), "--web.read-header-timeout", "2s"]);
+    let start = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..LIMIT - 5).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
+    let mut slow: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
+    for s in &mut slow {
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    }
+    // The limit is reached: 15 more are closed as soon as they are accepted.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut excess: Vec<TcpStream> = (0..15).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
+    for s in &mut excess {
+        assert!(closed_by_server(s, Duration::from_secs(1)), "a connection over the limit was kept");
+    }
+    // A slowloris keeps sending header bytes; it is closed at the header timeout all the same.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        for s in &mut slow {
+            let _ = s.write_all(b"X");
+        }
+    }
+    for s in idle.iter_mut().chain(slow.iter_mut()) {
+        assert!(closed_by_server(s, Duration::from_secs(4)), "a slow or idle client kept its connection");
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "closing took {:?}", start.elapsed());
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    let m = agent.metrics();
+    assert_eq!(m.get("twmon_http_refused_total", &[("reason", "connections")]), 15.0);
+    assert_eq!(m.get("twmon_http_refused_total", &[("reason", "requests")]), 0.0);
+    // A kept-alive scraper that goes quiet is closed at the same timeout.
+    let mut keep = TcpStream::connect(agent.addr).unwrap();
+    keep.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = [0u8; 64];
+    let n = keep.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..n]));
+    assert!(closed_by_server(&mut keep, Duration::from_secs(4)), "an idle kept-alive connection stayed open");
+}
+
+/// SIGTERM while a client has sent half a request: exit 0 within the 3 s grace.
+#[test]
+fn sigterm_with_a_half_sent_request_exits_promptly() {
+    let ns = Netns::new("halfreq");
+    let agent = Agent::start(&ns);
+    let mut s = TcpStream::connect(agent.addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    let status = agent.stop();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(start.elapsed() < Duration::from_secs(5), "exit took {:?}", start.elapsed());
+}
+
+/// SIGHUP reloads the configuration file; a file that does not parse is reported and the
+/// running configuration stays; the agent keeps running either way.
+#[test]
+fn sighup_reloads_the_configuration() {
+    let ns = Netns::new("hup");
+    let config = Agent::config_file("hup", "[breakdown]\ntop_k = 10\n");
+    let mut agent = Agent::start_with(&ns, &["--config.file", &config]);
+    let reloads = |m: &common::Metrics, r: &str| m.get("twmon_config_reloads_total", &[("result", r)]);
+    std::fs::write(&config, "[breakdown]\ntop_k = 3\n").unwrap();
+    agent.send(libc::SIGHUP);
+    let m = agent.wait_for(Duration::from_secs(5), |m| reloads(m, "success") == 1.0);
+    assert_eq!(reloads(&m, "success"), 1.0);
+    std::fs::write(&config, "[breakdown]\ntop_k = \"many\"\n").unwrap();
+    agent.send(libc::SIGHUP);
+    let m = agent.wait_for(Duration::from_secs(5), |m| reloads(m, "failure") == 1.0);
+    assert_eq!((reloads(&m, "success"), reloads(&m, "failure")), (1.0, 1.0));
+    assert!(agent.alive(), "SIGHUP ended the agent");
+    let log = agent.wait_log(Duration::from_secs(2), "configuration not reloaded");
+    assert!(log.contains("configuration not reloaded") && log.contains("top_k"), "{log}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Prometheus asks for gzip and gets it; the telemetry path moves; the process metrics every
+/// exporter has are there.
+#[test]
+fn gzip_telemetry_path_and_process_metrics() {
+    let ns = Netns::new("gzip");
+    let agent = Agent::start_with(&ns, &["--web.telemetry-path", "/prom"]);
+    let mut s = TcpStream::connect(agent.addr).unwrap();
+    s.write_all(b"GET /prom HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers") + 4;
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.0 200") && head.contains("content-encoding: gzip"), "{head}");
+    assert_eq!(&raw[split..split + 2], [0x1f, 0x8b], "the body is not gzip");
+    assert_eq!(agent.get("/metrics").unwrap().0, 404, "metrics still at /metrics");
+    let (status, body) = agent.get("/prom").unwrap();
+    assert_eq!(status, 200);
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_max_fds", "process_start_time_seconds"] {
+        assert!(body.lines().any(|l| l.starts_with(name)), "{name} missing");
+    }
+    let (status, index) = agent.get("/").unwrap();
+    assert!(status == 200 && index.contains("href=\"prom\""), "{index}");
+}
+
+/// `--config.check` loads and attaches the programs, detaches them and says so.
+#[test]
+fn config_check_attaches_and_exits() {
+    let (code, out) = twmon(&["--config.check"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("configuration and kernel ok: 6 of 6 tracepoints attached"), "{out}");
+    let bad = Agent::config_file("check", "[close_wait]\nleak_threshold = \"99999999999999999999s\"\n");
+    let (code, out) = twmon(&["--config.check", "--config.file", &bad]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("too long: at most 24h"), "{out}");
+}
+
+/// What an operator can get wrong, each refused with what is wrong and no panic.
+#[test]
+fn bad_values_are_refused_with_the_reason() {
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["--netns", "/etc/passwd"], 1, "not a network namespace"),
+        (&["--netns", "/dev/null"], 1, "not a network namespace"),
+        (&["--netns", "/proc/self/ns/mnt"], 1, "not a network namespace"),
+        (&["--bpf.max-sockets", "4294967295"], 2, "from 1024 to 16777216"),
+        (&["--bpf.max-timewait", "100"], 2, "from 1024 to 16777216"),
+        (&["--bpf.ring-buffer-size", "1099511627776"], 2, "to 2 GiB"),
+        (&["--timewait.sweep-interval", "99999999999999999999s"], 2, "too long"),
+        (&["--config.file", "/dev/zero"], 1, "larger than 1024 KiB"),
+        (&["--web.listen-address", "192.0.2.1:9864"], 1, "not one of this host's"),
+        (&["--web.telemetry-path", "metrics"], 2, "not a path"),
+    ];
+    for (args, want, text) in cases {
+        let (code, out) = twmon(args);
+        assert_eq!(code, Some(*want), "{args:?}: {out}");
+        assert!(out.contains(text), "{args:?}: {out}");
+        assert!(!out.contains("panicked"), "{args:?}: {out}");
+    }
+}
