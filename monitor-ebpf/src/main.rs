@@ -35,14 +35,17 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::{bpf_for_each_map_elem, bpf_jiffies64}},
+    helpers::{
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_for_each_map_elem, bpf_jiffies64},
+    },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    counter, flags, kind, reason, tcp, twin, ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry,
+    ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry, counter, flags, kind, reason, tcp, twin,
 };
 
 const AF_INET6: u16 = 10;
@@ -758,12 +761,7 @@ fn reused(tw: u64) -> bool {
 pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
     sample_clock();
     let visited = unsafe {
-        bpf_for_each_map_elem(
-            &ORPHANS as *const _ as *mut c_void,
-            sweep_cb as *mut c_void,
-            core::ptr::null_mut(),
-            0,
-        )
+        bpf_for_each_map_elem(&ORPHANS as *const _ as *mut c_void, sweep_cb as *mut c_void, core::ptr::null_mut(), 0)
     };
     visited as i32
 }

@@ -45,7 +45,7 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub breakdown: Breakdown,
@@ -124,17 +124,6 @@ impl Default for Reconcile {
         Self { interval: Duration::from_secs(10), max_cpu: 0.01 }
     }
 }
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            breakdown: Breakdown::default(),
-            pressure: Pressure::default(),
-            close_wait: CloseWait::default(),
-            namespaces: Namespaces::default(),
-            reconcile: Reconcile::default(),
-        }
-    }
-}
 
 fn top_k<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let k = usize::deserialize(d)?;
@@ -147,7 +136,9 @@ fn top_k<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 fn share<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     let v = f64::deserialize(d)?;
     if !(v > 0.0 && v <= 1.0) {
-        return Err(serde::de::Error::custom(format!("max_cpu = {v}: must be above 0 and at most 1 (a share of one core)")));
+        return Err(serde::de::Error::custom(format!(
+            "max_cpu = {v}: must be above 0 and at most 1 (a share of one core)"
+        )));
     }
     Ok(v)
 }

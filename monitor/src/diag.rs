@@ -82,8 +82,8 @@ fn dump_family(family: u8, states: u32, out: &mut Vec<DiagSocket>) -> Result<(),
         let mut offset = 0;
         while offset < n {
             let bytes = &rx[offset..n];
-            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(bytes)
-                .map_err(|e| DiagError::Dump(e.to_string()))?;
+            let msg =
+                <NetlinkMessage<SockDiagMessage>>::deserialize(bytes).map_err(|e| DiagError::Dump(e.to_string()))?;
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(()),

@@ -156,8 +156,7 @@ pub fn breakdown(views: &[NsView], cfg: &Config) -> Breakdowns {
     let mut pressure: HashMap<(usize, SocketAddr), u64> = HashMap::new();
     let mut namespaces: BTreeMap<(String, u8), u64> = BTreeMap::new();
     for (i, v) in views.iter().enumerate() {
-        let listening: HashSet<u16> =
-            v.sockets.iter().filter(|s| s.state == tcp::LISTEN).map(|s| s.local.1).collect();
+        let listening: HashSet<u16> = v.sockets.iter().filter(|s| s.state == tcp::LISTEN).map(|s| s.local.1).collect();
         for s in &v.sockets {
             if s.state == tcp::LISTEN {
                 continue;

@@ -51,6 +51,9 @@ pub enum KernelError {
     Attach(String, String, String),
 }
 
+/// Forwards the kernel programs' log records; kept alive as long as the programs.
+pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// Sizes of the kernel maps.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -127,10 +130,8 @@ pub fn missing_capabilities(cap_eff: u64) -> Vec<&'static str> {
 /// Fails, naming them, when this process lacks capabilities the programs need.
 fn check_capabilities() -> Result<(), KernelError> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    let eff =
+        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
     match eff.map(missing_capabilities) {
         Some(missing) if !missing.is_empty() => Err(KernelError::Capabilities(missing)),
         // Unreadable: let loading say what is wrong.
@@ -155,11 +156,7 @@ fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
 
 impl Kernel {
     /// Loads, calibrates and attaches everything. On error nothing stays attached.
-    pub fn load(
-        netns_only: u32,
-        limits: &Limits,
-    ) -> Result<(Self, RingBuf<MapData>, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), KernelError>
-    {
+    pub fn load(netns_only: u32, limits: &Limits) -> Result<(Self, RingBuf<MapData>, Option<Logger>), KernelError> {
         check_capabilities()?;
         raise_memlock();
         let (layout, features): (KernelLayout, _) = layout::read(netns_only)?;
@@ -178,11 +175,7 @@ impl Kernel {
             .map_max_entries("EVENTS", limits.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(|e| {
-                if is_permission(&e) {
-                    KernelError::Permission(e.to_string())
-                } else {
-                    KernelError::Load(e.into())
-                }
+                if is_permission(&e) { KernelError::Permission(e.to_string()) } else { KernelError::Load(e.into()) }
             })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -215,16 +208,17 @@ impl Kernel {
             settings_map,
             settings: Settings {
                 // Half the ring buffer, so that a scan leaves room for everything else.
-                scan_limit: limits.ring_buffer_bytes as u64 / 2 / (std::mem::size_of::<monitor_common::Event>() as u64 + 8),
+                scan_limit: limits.ring_buffer_bytes as u64
+                    / 2
+                    / (std::mem::size_of::<monitor_common::Event>() as u64 + 8),
                 ..Settings::default()
             },
             hz: 0,
             attached: 0,
         };
         kernel.calibrate()?;
-        let btf = aya::Btf::from_sys_fs().map_err(|e| {
-            KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string()))
-        })?;
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|e| KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string())))?;
         for (name, tp, _, _) in TRACEPOINTS {
             // A program's twin goes right after it: the kernel runs a tracepoint's programs in
             // the order they were attached.
@@ -237,8 +231,7 @@ impl Kernel {
                     .try_into()
                     .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
                 prog.load(tp, &btf).map_err(|e| load_error(name, e))?;
-                prog.attach()
-                    .map_err(|e| KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}")))?;
+                prog.attach().map_err(|e| KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}")))?;
             }
             kernel.attached += 1;
         }
@@ -422,7 +415,12 @@ fn prog_info(fd: &ProgramFd) -> std::io::Result<aya_obj::generated::bpf_prog_inf
     };
     // SAFETY: attr points at `info`, of the length given; the kernel writes at most that much.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoByFd, std::mem::size_of::<InfoByFd>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoByFd,
+            std::mem::size_of::<InfoByFd>() as u32,
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
@@ -495,4 +493,3 @@ mod tests {
         assert_eq!(hz_from(&a, &b), 100);
     }
 }
-

@@ -151,8 +151,7 @@ fn strip(btf: &Btf, mut ty: Type) -> Option<Type> {
 
 /// Address of a kernel symbol from /proc/kallsyms.
 pub fn kallsyms(symbol: &str) -> Result<u64, LayoutError> {
-    let text = fs::read_to_string("/proc/kallsyms")
-        .map_err(|_| LayoutError::Symbol(symbol.to_string()))?;
+    let text = fs::read_to_string("/proc/kallsyms").map_err(|_| LayoutError::Symbol(symbol.to_string()))?;
     text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
@@ -192,11 +191,7 @@ fn has_enumerator(btf: &Btf, name: &str, enumerator: &str) -> bool {
 
 /// The features in `required` this kernel lacks, by their description.
 fn missing_features(btf: &Btf, required: &[(&str, &str, &str)]) -> Vec<String> {
-    required
-        .iter()
-        .filter(|(ty, e, _)| !has_enumerator(btf, ty, e))
-        .map(|(_, _, what)| what.to_string())
-        .collect()
+    required.iter().filter(|(ty, e, _)| !has_enumerator(btf, ty, e)).map(|(_, _, what)| what.to_string()).collect()
 }
 
 /// Fails with one line naming what this kernel lacks and which version brings it.
@@ -286,7 +281,9 @@ mod tests {
         let old = [("bpf_map_type", "BPF_MAP_TYPE_NO_SUCH_MAP", "BPF ring buffer (5.8+)")];
         assert_eq!(missing_features(&btf, &old), ["BPF ring buffer (5.8+)"]);
         let err = LayoutError::TooOld { release: "4.19.0".into(), missing: "BPF ring buffer (5.8+)".into() };
-        assert!(err.to_string().starts_with("this kernel (4.19.0) has no BPF ring buffer (5.8+); twmon needs Linux 5.10"));
+        assert!(
+            err.to_string().starts_with("this kernel (4.19.0) has no BPF ring buffer (5.8+); twmon needs Linux 5.10")
+        );
     }
 
     /// A kernel without BTF (no file, or not BTF) is told what it needs.

@@ -338,8 +338,7 @@ impl Agent {
             let s = s as usize;
             drift[s] = readout.sockets[s] + seeded[s] - totals[s];
         }
-        let watched: Vec<NsView> =
-            views.into_iter().filter(|v| self.settings().watches(v.inode, &v.name)).collect();
+        let watched: Vec<NsView> = views.into_iter().filter(|v| self.settings().watches(v.inode, &v.name)).collect();
         let b = ground::breakdown(&watched, &self.settings());
         let leaks = self.leaks(&watched);
         let kernel: Vec<_> = watched.iter().map(|v| (v.name.clone(), v.tcpext.clone(), v.sysctls.clone())).collect();
@@ -458,10 +457,8 @@ impl Agent {
             let _ = kernel.run_sweep();
             kernel.read()
         };
-        let sockets: BTreeMap<&str, i64> = GAUGE_STATES
-            .iter()
-            .map(|s| (state_name(*s), readout.sockets[*s as usize] + seeded[*s as usize]))
-            .collect();
+        let sockets: BTreeMap<&str, i64> =
+            GAUGE_STATES.iter().map(|s| (state_name(*s), readout.sockets[*s as usize] + seeded[*s as usize])).collect();
         let report = lock(&self.report).clone();
         serde_json::json!({ "sockets": sockets, "reconcile": report })
     }
@@ -555,12 +552,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
     let metrics = Metrics::new(&kernel_release(), kernel.hz)?;
     let tracker = Tracker::new(&metrics.registry)?;
-    tracing::info!(
-        programs = kernel.attached,
-        hz = kernel.hz,
-        netns = config.netns,
-        "kernel programs attached"
-    );
+    tracing::info!(programs = kernel.attached, hz = kernel.hz, netns = config.netns, "kernel programs attached");
     let attached = kernel.attached;
     let agent = Arc::new(Agent {
         ring: Mutex::new(ring),

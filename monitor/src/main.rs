@@ -109,10 +109,14 @@ fn parse_entries(s: &str) -> Result<u32, String> {
 /// The inode of the network namespace at `path`, or why it is not one.
 fn netns_inode(path: &Path) -> anyhow::Result<u32> {
     let what = || format!("--netns {}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}; give a namespace file such as /run/netns/NAME", what()))?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}; give a namespace file such as /run/netns/NAME", what()))?;
     match twmon::netns::namespace_type(&file) {
         Ok(t) if t == libc::CLONE_NEWNET => {}
-        Ok(_) => anyhow::bail!("{}: a namespace, but not a network namespace; give /run/netns/NAME or /proc/PID/ns/net", what()),
+        Ok(_) => anyhow::bail!(
+            "{}: a namespace, but not a network namespace; give /run/netns/NAME or /proc/PID/ns/net",
+            what()
+        ),
         Err(_) => anyhow::bail!("{}: not a network namespace; give /run/netns/NAME or /proc/PID/ns/net", what()),
     }
     Ok(file.metadata()?.ino() as u32)
@@ -202,7 +206,8 @@ mod tests {
     fn flags_parse_like_an_exporter() {
         let a = Args::try_parse_from(["twmon"]).unwrap();
         assert_eq!(a.listen, "[::]:9864".parse().unwrap());
-        let a = Args::try_parse_from(["twmon", "--web.listen-address", "127.0.0.1:9000", "--log.level", "debug"]).unwrap();
+        let a =
+            Args::try_parse_from(["twmon", "--web.listen-address", "127.0.0.1:9000", "--log.level", "debug"]).unwrap();
         assert_eq!(a.listen.port(), 9000);
         assert!(Args::try_parse_from(["twmon", "--log.level", "loud"]).is_err());
         let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "5000"]).unwrap_err().to_string();

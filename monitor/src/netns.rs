@@ -66,9 +66,9 @@ impl From<NetnsError> for io::Error {
     /// `PermissionDenied`; the message is [`NetnsError`]'s, which says what to do.
     fn from(e: NetnsError) -> Self {
         let kind = match &e {
-            NetnsError::Open { source, .. }
-            | NetnsError::Enter { source, .. }
-            | NetnsError::Thread { source, .. } => source.kind(),
+            NetnsError::Open { source, .. } | NetnsError::Enter { source, .. } | NetnsError::Thread { source, .. } => {
+                source.kind()
+            }
             NetnsError::NotNamespace { .. } => io::ErrorKind::InvalidInput,
             NetnsError::Replaced { .. } => io::ErrorKind::NotFound,
         };
@@ -154,7 +154,10 @@ pub fn discover_counting_hidden() -> (Vec<Namespace>, usize) {
 }
 
 fn is_kthread(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| stat_flags(&s)).is_some_and(|f| f & PF_KTHREAD != 0)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stat_flags(&s))
+        .is_some_and(|f| f & PF_KTHREAD != 0)
 }
 
 /// Inode of the calling thread's network namespace.
@@ -238,8 +241,7 @@ fn name_from_pids(pids: &[i32], named: Option<&str>, inode: u32, host_inode: u32
             }
             let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
             if pod_name.is_none() {
-                pod_name =
-                    environ_get(&environ, "HOSTNAME").filter(|n| is_dns_subdomain(n)).map(String::from);
+                pod_name = environ_get(&environ, "HOSTNAME").filter(|n| is_dns_subdomain(n)).map(String::from);
             }
             if k8s_namespace.is_none() {
                 k8s_namespace = environ_get(&environ, "POD_NAMESPACE")
@@ -271,16 +273,13 @@ fn name_from_pids(pids: &[i32], named: Option<&str>, inode: u32, host_inode: u32
 /// path (the agent's own, when it runs in a pod) would give a wrong answer.
 fn service_account_namespace(pid: i32) -> Option<String> {
     let root = File::open(format!("/proc/{pid}/root")).ok()?;
-    [
-        "var/run/secrets/kubernetes.io/serviceaccount/namespace",
-        "run/secrets/kubernetes.io/serviceaccount/namespace",
-    ]
-    .into_iter()
-    .find_map(|path| {
-        let text = read_in_root(&root, path).ok()?;
-        let ns = text.trim();
-        is_dns_label(ns).then(|| ns.to_string())
-    })
+    ["var/run/secrets/kubernetes.io/serviceaccount/namespace", "run/secrets/kubernetes.io/serviceaccount/namespace"]
+        .into_iter()
+        .find_map(|path| {
+            let text = read_in_root(&root, path).ok()?;
+            let ns = text.trim();
+            is_dns_label(ns).then(|| ns.to_string())
+        })
 }
 
 fn read_in_root(root: &File, path: &str) -> io::Result<String> {
@@ -440,10 +439,7 @@ fn is_dns_label(s: &str) -> bool {
 ///
 /// Note that /proc/net (= /proc/self/net) follows the *process's* first thread, not the calling
 /// thread: code in `f` must read /proc/thread-self/net/*, as [`crate::procfs`] does.
-pub fn in_namespace<T: Send + 'static>(
-    ns: &Namespace,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<T> {
+pub fn in_namespace<T: Send + 'static>(ns: &Namespace, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
     let path = ns.path.clone();
     let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
     let found = file
@@ -558,10 +554,7 @@ mod tests {
     fn docker_systemd_v2() {
         assert_eq!(workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope\n")), container());
         // systemd running inside the container moves itself into a child cgroup.
-        assert_eq!(
-            workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope/init.scope\n")),
-            container()
-        );
+        assert_eq!(workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope/init.scope\n")), container());
     }
 
     #[test]
@@ -626,10 +619,7 @@ mod tests {
         let text = format!(
             "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice/cri-containerd-{ID}.scope\n"
         );
-        assert_eq!(
-            workload_from_cgroup(&text),
-            Some(Workload::Pod { uid: hash.into(), container: Some(ID.into()) })
-        );
+        assert_eq!(workload_from_cgroup(&text), Some(Workload::Pod { uid: hash.into(), container: Some(ID.into()) }));
     }
 
     #[test]

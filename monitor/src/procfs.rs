@@ -166,8 +166,8 @@ pub fn read_sysctls() -> io::Result<Sysctls> {
         text.trim().parse().map_err(|_| format_error(path, "not a number", &text))
     }
     let range_text = read(PORT_RANGE)?;
-    let ip_local_port_range = parse_port_range(&range_text)
-        .ok_or_else(|| format_error(PORT_RANGE, "not two port numbers", &range_text))?;
+    let ip_local_port_range =
+        parse_port_range(&range_text).ok_or_else(|| format_error(PORT_RANGE, "not two port numbers", &range_text))?;
     let reserved_text = read(RESERVED_PORTS)?;
     let reserved = parse_port_list(&reserved_text)
         .ok_or_else(|| format_error(RESERVED_PORTS, "not a list of ports and port ranges", &reserved_text))?;

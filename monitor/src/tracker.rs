@@ -492,7 +492,10 @@ mod tests {
         // Its timer was set anew when the FIN came: the kernel program measured its time in
         // TIME_WAIT from the timer.
         t.t.apply(&conn(timed(expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 62_000)), 60_100), 1003));
-        assert_eq!((t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED), t.ends(reason::FIN_TIMEOUT)), (2, 2, 0));
+        assert_eq!(
+            (t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED), t.ends(reason::FIN_TIMEOUT)),
+            (2, 2, 0)
+        );
         assert_eq!(t.hist(tcp::TIME_WAIT).0, 2);
         t.t.reconcile_seed(&HashMap::new());
         assert_eq!(t.t.seeded().iter().sum::<i64>(), 0);

@@ -21,7 +21,10 @@ fn metrics_healthz_and_index() {
     let m = agent.metrics();
     // twmon's own, and the process metrics every exporter has under their standard names.
     for line in m.text.lines().filter(|l| !l.starts_with('#')) {
-        assert!(line.starts_with("twmon_") || line.starts_with("process_"), "metric outside the twmon_ namespace: {line}");
+        assert!(
+            line.starts_with("twmon_") || line.starts_with("process_"),
+            "metric outside the twmon_ namespace: {line}"
+        );
     }
     assert_eq!(m.get("twmon_bpf_programs_attached", &[]), 6.0);
     for state in ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"] {
@@ -30,10 +33,8 @@ fn metrics_healthz_and_index() {
     assert!(m.text.contains("twmon_build_info{"), "build info missing");
 
     // Debian's promtool lints the exposition exactly as Prometheus will parse it.
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with(&m.text);
+    let mut child =
+        Command::new("promtool").args(["check", "metrics"]).stdin(std::process::Stdio::piped()).output_with(&m.text);
     assert!(child.0.success(), "promtool check metrics failed:\n{}", child.1);
     child.1.clear();
 
@@ -135,7 +136,9 @@ fn unprivileged_user_is_told_to_use_root() {
 /// Without one of the three capabilities, the agent names that one.
 #[test]
 fn missing_capability_is_named() {
-    for (without, keep) in [("CAP_PERFMON", ",+bpf,+syslog"), ("CAP_BPF", ",+perfmon,+syslog"), ("CAP_SYSLOG", ",+bpf,+perfmon")] {
+    for (without, keep) in
+        [("CAP_PERFMON", ",+bpf,+syslog"), ("CAP_BPF", ",+perfmon,+syslog"), ("CAP_SYSLOG", ",+bpf,+perfmon")]
+    {
         let err = as_nobody_with(keep);
         assert!(err.contains(&format!("lacks {without}:")), "without {without}: {err}");
     }

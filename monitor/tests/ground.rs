@@ -88,7 +88,8 @@ fn first_scrape_shows_sockets_from_before_start() {
     assert_eq!(drift(&m), vec![], "drift on the first scrape");
 
     drop(held);
-    let m = agent.wait_for(SETTLE, |m| m.sockets("close_wait") == 0.0 && m.sockets("time_wait") == 220.0 && drift(m).is_empty());
+    let m = agent
+        .wait_for(SETTLE, |m| m.sockets("close_wait") == 0.0 && m.sockets("time_wait") == 220.0 && drift(m).is_empty());
     assert_eq!(m.sockets("close_wait"), 0.0);
     assert_eq!(m.sockets("time_wait"), 220.0, "the released FIN_WAIT2 peers are in TIME_WAIT now");
     assert_eq!(m.sockets("time_wait"), ss_state(&ns, "TIME-WAIT"));
@@ -168,9 +169,15 @@ fn per_namespace_counts_match_ss() {
     let (_lb, cb) = pairs(&b, 12);
     let _held: Vec<TcpStream> = cb.into_iter().map(|(c, s)| half_close(c, s)).collect();
     let name = |ns: &Netns| format!("netns/{}", ns.name);
-    let get = |m: &Metrics, ns: &Netns, state: &str| m.get("twmon_netns_sockets", &[("netns", &name(ns)), ("state", state)]);
+    let get =
+        |m: &Metrics, ns: &Netns, state: &str| m.get("twmon_netns_sockets", &[("netns", &name(ns)), ("state", state)]);
     let m = agent.wait_for(SETTLE, |m| get(m, &a, "time_wait") == 30.0 && get(m, &b, "close_wait") == 12.0);
-    assert_eq!(get(&m, &a, "time_wait"), ss_state(&a, "TIME-WAIT"), "namespace a, time_wait:\n{:?}", m.series("twmon_netns_sockets"));
+    assert_eq!(
+        get(&m, &a, "time_wait"),
+        ss_state(&a, "TIME-WAIT"),
+        "namespace a, time_wait:\n{:?}",
+        m.series("twmon_netns_sockets")
+    );
     assert_eq!(get(&m, &a, "time_wait"), 30.0);
     assert_eq!(get(&m, &a, "close_wait"), 0.0);
     assert_eq!(get(&m, &b, "close_wait"), ss_state(&b, "CLOSE-WAIT"));
@@ -180,11 +187,14 @@ fn per_namespace_counts_match_ss() {
     // Kernel counters and limits per namespace, as the kernel shows them inside it (b has its
     // own limits).
     b.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=33", "net.ipv4.ip_local_port_range=40000 49999"]);
-    let sysctl = |m: &Metrics, ns: &Netns, name: &str| m.get("twmon_sysctl", &[("netns", &format!("netns/{}", ns.name)), ("name", name)]);
+    let sysctl = |m: &Metrics, ns: &Netns, name: &str| {
+        m.get("twmon_sysctl", &[("netns", &format!("netns/{}", ns.name)), ("name", name)])
+    };
     let m = agent.wait_for(SETTLE, |m| sysctl(m, &b, "tcp_fin_timeout") == 33.0);
     for ns in [&a, &b] {
         let read = |key: &str| ns.exec(&["sysctl", "-n", key]);
-        let range: Vec<f64> = read("net.ipv4.ip_local_port_range").split_whitespace().map(|v| v.parse().unwrap()).collect();
+        let range: Vec<f64> =
+            read("net.ipv4.ip_local_port_range").split_whitespace().map(|v| v.parse().unwrap()).collect();
         for (name, want) in [
             ("tcp_max_tw_buckets", read("net.ipv4.tcp_max_tw_buckets").trim().parse::<f64>().unwrap()),
             ("tcp_fin_timeout", read("net.ipv4.tcp_fin_timeout").trim().parse().unwrap()),
@@ -211,7 +221,16 @@ fn per_namespace_counts_match_ss() {
     let at_creation = netstat(&a, "TW") > 0.0;
     assert_eq!(tcpext(&a, "TW"), if at_creation { 30.0 } else { 0.0 });
     assert_eq!(tcpext(&b, "TW"), if at_creation { 12.0 } else { 0.0 });
-    for key in ["TW", "TWRecycled", "TWKilled", "TCPTimeWaitOverflow", "TCPAbortOnClose", "TCPAbortOnData", "TCPAbortOnLinger", "TCPAbortOnTimeout"] {
+    for key in [
+        "TW",
+        "TWRecycled",
+        "TWKilled",
+        "TCPTimeWaitOverflow",
+        "TCPAbortOnClose",
+        "TCPAbortOnData",
+        "TCPAbortOnLinger",
+        "TCPAbortOnTimeout",
+    ] {
         for ns in [&a, &b] {
             assert_eq!(tcpext(ns, key), netstat(ns, key), "{key} of {}", ns.name);
         }
@@ -231,13 +250,19 @@ fn per_namespace_counts_match_ss() {
 #[test]
 fn close_wait_leak_is_named() {
     let ns = Netns::new("leak");
-    let config = Agent::config_file("leak", &format!("{}[close_wait]\nleak_threshold = \"2s\"\n", common::FAST_RECONCILE));
+    let config =
+        Agent::config_file("leak", &format!("{}[close_wait]\nleak_threshold = \"2s\"\n", common::FAST_RECONCILE));
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     let (_l, conns) = pairs(&ns, 5);
     let _held: Vec<TcpStream> = conns.into_iter().map(|(c, s)| half_close(c, s)).collect();
     let pid = std::process::id().to_string();
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap().trim().to_string();
-    let leaked = |m: &Metrics| m.get("twmon_close_wait_leaked_sockets", &[("netns", &format!("netns/{}", ns.name)), ("pid", &pid), ("comm", &comm)]);
+    let leaked = |m: &Metrics| {
+        m.get(
+            "twmon_close_wait_leaked_sockets",
+            &[("netns", &format!("netns/{}", ns.name)), ("pid", &pid), ("comm", &comm)],
+        )
+    };
     let m = agent.metrics();
     assert_eq!(leaked(&m), 0.0, "a leak before the threshold");
     let m = agent.wait_for(SETTLE, |m| leaked(m) == 5.0);
@@ -271,10 +296,17 @@ fn port_pressure_ratio() {
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     let (l, conns) = pairs(&ns, N);
     let dst = l.local_addr().unwrap().to_string();
-    let ratio = |m: &Metrics| m.get("twmon_port_pressure_ratio", &[("netns", &format!("netns/{}", ns.name)), ("destination", &dst)]);
+    let ratio = |m: &Metrics| {
+        m.get("twmon_port_pressure_ratio", &[("netns", &format!("netns/{}", ns.name)), ("destination", &dst)])
+    };
     let m = agent.wait_for(SETTLE, |m| (ratio(m) - N as f64 / 1000.0).abs() < 0.01 * N as f64 / 1000.0);
     let want = N as f64 / 1000.0;
-    assert!((ratio(&m) - want).abs() <= 0.01 * want, "pressure {} vs {want}: {:?}", ratio(&m), m.series("twmon_port_pressure_ratio"));
+    assert!(
+        (ratio(&m) - want).abs() <= 0.01 * want,
+        "pressure {} vs {want}: {:?}",
+        ratio(&m),
+        m.series("twmon_port_pressure_ratio")
+    );
     drop(conns);
 }
 
@@ -305,9 +337,8 @@ fn breakdown_cardinality_is_bounded() {
     });
     let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == PORTS as f64);
     assert_eq!(m.sockets("time_wait"), PORTS as f64);
-    let m = agent.wait_for(SETTLE, |m| {
-        m.series("twmon_port_sockets").iter().map(|(_, v)| v).sum::<f64>() == PORTS as f64
-    });
+    let m =
+        agent.wait_for(SETTLE, |m| m.series("twmon_port_sockets").iter().map(|(_, v)| v).sum::<f64>() == PORTS as f64);
     let series = m.series("twmon_port_sockets");
     for side in ["remote", "local"] {
         let ports: HashSet<String> = series

@@ -84,10 +84,7 @@ fn four_way(v6: bool, client_first: bool) {
     for (c, s) in pairs {
         if client_first { close_pair(c, s) } else { close_pair(s, c) }
     }
-    let m = expect_transitions(
-        &agent,
-        &full_close(N),
-    );
+    let m = expect_transitions(&agent, &full_close(N));
     // Only the active closer holds TIME_WAIT, and the kernel agrees on how many.
     let tw = ns.ss("TIME-WAIT");
     assert_eq!(tw.len(), N, "ss TIME-WAIT: {tw:?}");
@@ -126,7 +123,7 @@ fn active_close_by_client_ipv6() {
     four_way(true, true);
 }
 
-/// 3. Abort with RST (SO_LINGER 0): no TIME_WAIT, counted as resets on both sides. The kernel
+/// Test 3: abort with RST (SO_LINGER 0): no TIME_WAIT, counted as resets on both sides. The kernel
 /// moves an aborting socket to CLOSE before it sends the RST, so the sender's state is `close`.
 #[test]
 fn abort_with_rst() {
@@ -142,7 +139,9 @@ fn abort_with_rst() {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     }
     expect_transitions(&agent, &[("established", "close", 2 * N)]);
-    let m = agent.wait_for(SETTLE, |m| m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]) == N as f64);
+    let m = agent.wait_for(SETTLE, |m| {
+        m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]) == N as f64
+    });
     assert_eq!(m.get("twmon_resets_total", &[("direction", "sent"), ("state", "close")]), N as f64, "{}", m.text);
     assert_eq!(m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]), N as f64);
     assert_eq!(m.sockets("time_wait"), 0.0);
@@ -189,10 +188,7 @@ fn close_wait_held_then_released() {
     // as Instant's), with 50 ms for the scheduling between a close and its clock read (20 ms
     // was exceeded once by 28 ms in a software-emulated VM, cause not found).
     let (shortest, longest) = ((released - since).as_secs_f64() - 0.05, (done - first).as_secs_f64() + 0.05);
-    let m = expect_transitions(
-        &agent,
-        &full_close(N),
-    );
+    let m = expect_transitions(&agent, &full_close(N));
     assert_eq!(m.sockets("close_wait"), 0.0, "close_wait gauge after release");
     assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
     assert_eq!(m.sockets("time_wait"), N as f64);
@@ -213,7 +209,7 @@ fn close_wait_held_then_released() {
     assert!((shortest - 0.2..=longest).contains(&fw2), "mean FIN_WAIT2 {fw2:.3} s, held {shortest:.3}-{longest:.3} s");
 }
 
-/// 5. The final ACK is lost (nftables drops it): the passive closer retransmits its FIN from
+/// Test 5: the final ACK is lost (nftables drops it): the passive closer retransmits its FIN from
 /// LAST_ACK, and the active closer's TIME_WAIT timer is re-armed by each retransmission.
 #[test]
 fn lost_final_ack() {
@@ -254,7 +250,7 @@ fn lost_final_ack() {
     assert_eq!(ns.ss("TIME-WAIT").len(), 1);
 }
 
-/// 7. TIME_WAIT expiry: timewait sockets end as `expired` after 2MSL (60 s on Linux, +- the
+/// Test 7: TIME_WAIT expiry: timewait sockets end as `expired` after 2MSL (60 s on Linux, +- the
 /// timer wheel's slack) and the time_wait histogram records it.
 #[test]
 fn time_wait_expires_after_2msl() {
@@ -321,7 +317,11 @@ fn time_wait_reused_by_connect() {
         1.0,
         "ss: {:?}\n{:?}\n{}",
         ns.ss("TIME-WAIT"),
-        m.text.lines().filter(|l| l.starts_with("twmon_") && !l.contains("bucket") && !l.contains("bpf_program")).collect::<Vec<_>>().join("\n"),
+        m.text
+            .lines()
+            .filter(|l| l.starts_with("twmon_") && !l.contains("bucket") && !l.contains("bpf_program"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         agent.log().lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
     );
     assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), 0.0);
@@ -371,9 +371,8 @@ fn orphaned_fin_wait2_ends_at_fin_timeout() {
     close_pair(c1, s1);
     drop(c2);
     assert_eq!(s2.read(&mut [0u8; 1]).unwrap(), 0);
-    let m = agent.wait_for(Duration::from_secs(15), |m| {
-        m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]) == 1.0
-    });
+    let m = agent
+        .wait_for(Duration::from_secs(15), |m| m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]) == 1.0);
     assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]), 1.0, "{}", m.text);
     assert_eq!(m.transitions("fin_wait2", "close"), 1.0, "the orphan's end");
     assert_eq!(m.transitions("fin_wait2", "time_wait"), 1.0, "the one that got its FIN");
@@ -395,10 +394,8 @@ fn full_maps_are_counted() {
     common::raise_nofile();
     let ns = Netns::new("full");
     let config = Agent::config_file("full", common::FAST_RECONCILE);
-    let agent = Agent::start_with(
-        &ns,
-        &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config],
-    );
+    let agent =
+        Agent::start_with(&ns, &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config]);
     let over = (M - ROOM) as f64;
     // `state` (as ss names it, `ss_name`) has M sockets; the map `map` has room for ROOM entries.
     let overflows = |state: &str, ss_name: &str, map: &str| {

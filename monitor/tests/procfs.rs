@@ -311,8 +311,7 @@ impl Drop for Cgroup {
 /// `args` run in the background with exactly `env`; waits until it lives in the network
 /// namespace `ns` (an inode), then moves it into `cgroup`.
 fn start_in(args: &[&str], env: &[(&str, &str)], ns: Option<u32>, cgroup: &Cgroup) -> Reaped {
-    let child =
-        Reaped(Command::new(args[0]).args(&args[1..]).env_clear().envs(env.iter().copied()).spawn().unwrap());
+    let child = Reaped(Command::new(args[0]).args(&args[1..]).env_clear().envs(env.iter().copied()).spawn().unwrap());
     let pid = child.0.id();
     let deadline = Instant::now() + Duration::from_secs(5);
     let host = netns::inode_of(Path::new("/proc/self/ns/net")).unwrap();
@@ -359,8 +358,7 @@ fn discover_names_pods_and_containers() {
     );
     // A Docker container (systemd driver) in a namespace with no name.
     let docker_cg = Cgroup::new(&format!("docker-{}.scope", id(3)));
-    let container =
-        start_in(&["unshare", "--net", "sleep", "60"], &[("PATH", "/usr/bin:/bin")], None, &docker_cg);
+    let container = start_in(&["unshare", "--net", "sleep", "60"], &[("PATH", "/usr/bin:/bin")], None, &docker_cg);
     let container_pid = container.0.id() as i32;
     let container_inode = netns::inode_of(Path::new(&format!("/proc/{container_pid}/ns/net"))).unwrap();
 

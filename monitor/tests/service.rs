@@ -131,7 +131,13 @@ fn gzip_telemetry_path_and_process_metrics() {
     assert_eq!(agent.get("/metrics").unwrap().0, 404, "metrics still at /metrics");
     let (status, body) = agent.get("/prom").unwrap();
     assert_eq!(status, 200);
-    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_max_fds", "process_start_time_seconds"] {
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
         assert!(body.lines().any(|l| l.starts_with(name)), "{name} missing");
     }
     let (status, index) = agent.get("/").unwrap();

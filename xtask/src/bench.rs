@@ -324,7 +324,8 @@ fn run_with_agent(
         lost: m1.get("twmon_events_lost_total", &[]) - m0.get("twmon_events_lost_total", &[]),
         cpu: c1.since(c0).percent(churn.elapsed.as_secs_f64()),
         misses: x1.saturating_sub(x0),
-        reconcile_seconds: m1.get("twmon_reconcile_cpu_seconds_total", &[]) - m0.get("twmon_reconcile_cpu_seconds_total", &[]),
+        reconcile_seconds: m1.get("twmon_reconcile_cpu_seconds_total", &[])
+            - m0.get("twmon_reconcile_cpu_seconds_total", &[]),
         churn,
     })
 }
@@ -517,7 +518,11 @@ const REFERENCE_LABEL: &str = "reference: bpftrace, per-socket entry times and d
 
 impl Bpftrace {
     fn start(tracepoint: &str) -> Result<Self> {
-        Self::script(tracepoint, "floor: bpftrace `@c = count()`", &format!("tracepoint:{tracepoint} {{ @c = count(); }}"))
+        Self::script(
+            tracepoint,
+            "floor: bpftrace `@c = count()`",
+            &format!("tracepoint:{tracepoint} {{ @c = count(); }}"),
+        )
     }
 
     fn script(tracepoint: &str, label: &'static str, program: &str) -> Result<Self> {

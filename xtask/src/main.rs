@@ -49,6 +49,8 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Check formatting (rustfmt.toml) and lints (clippy, warnings are errors), as CI does.
+    Lint,
     /// Measure the agent's overhead: churn with the agent off and on, per-event kernel cost,
     /// agent CPU and memory, scrape latency. Prints numbers; see BENCHMARKS.md.
     Bench {
@@ -112,11 +114,19 @@ fn main() -> Result<()> {
             }
             bench::run(&bin, &args)
         }
+        Task::Lint => {
+            // The agent's build script builds the kernel programs: the toolchain first.
+            setup::ensure()?;
+            run(Command::new("cargo").args(["fmt", "--all", "--check"]))
+                .context("formatting differs: run `cargo fmt --all`")?;
+            run(Command::new("cargo").args(["clippy", "--all-targets", "--release", "--", "-D", "warnings"]))
+        }
         Task::Vm { kernels, suites, filter } => {
             if !is_root() {
                 bail!("the VM runner downloads kernels with apt and boots them: run as root");
             }
-            let or = |v: Vec<String>, d: &[&str]| if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v };
+            let or =
+                |v: Vec<String>, d: &[&str]| if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v };
             vm::run_matrix(&vm::Options {
                 kernels: or(kernels, vm::DEFAULT_KERNELS),
                 suites: or(suites, vm::DEFAULT_SUITES),

@@ -51,9 +51,9 @@ pub fn ensure() -> Result<()> {
 
     let src = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]));
     match src {
-        None => bail!(
-            "the nightly toolchain is missing; the kernel programs need it: `rustup toolchain install nightly`"
-        ),
+        None => {
+            bail!("the nightly toolchain is missing; the kernel programs need it: `rustup toolchain install nightly`")
+        }
         Some(list) if !list.lines().any(|l| l.starts_with("rust-src")) => {
             eprintln!("setup: adding rust-src to the nightly toolchain");
             run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;

@@ -105,9 +105,9 @@ fn ensure_tools() -> Result<()> {
     }
     if output(Command::new("vng").arg("--version")).is_none() {
         eprintln!("vm: installing virtme-ng {VIRTME_NG}");
-        run(Command::new("python3").args(["-m", "pip", "install", "-q", "--break-system-packages"]).arg(format!(
-            "virtme-ng=={VIRTME_NG}"
-        )))
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--break-system-packages"])
+            .arg(format!("virtme-ng=={VIRTME_NG}")))
         .context("installing virtme-ng with pip failed")?;
     }
     Ok(())
@@ -288,7 +288,10 @@ fn guest_script(bins: &[(String, PathBuf)], filter: &[String], out: &Path) -> St
     // Kernel warnings and oopses during the run (a program the verifier warns about, a crash):
     // the agent must leave a kernel's log clean.
     s += &format!("dmesg | grep -A3 -e 'cut here' -e 'BUG:' -e 'Oops' > {}/dmesg-warnings.log\n", out.display());
-    s += &format!("echo \"{MARK}-DMESG $(grep -c -e 'cut here' -e 'BUG:' -e 'Oops' {}/dmesg-warnings.log)\"\n", out.display());
+    s += &format!(
+        "echo \"{MARK}-DMESG $(grep -c -e 'cut here' -e 'BUG:' -e 'Oops' {}/dmesg-warnings.log)\"\n",
+        out.display()
+    );
     s
 }
 
@@ -323,25 +326,20 @@ fn run_guest(
         }
     }
     fs::write(out.join("console.log"), &console)?;
-    let mut outcome = Outcome {
-        kernel: release.to_string(),
-        passed: 0,
-        failed: 0,
-        ok: true,
-        secs: 0.0,
-        note: String::new(),
-    };
+    let mut outcome =
+        Outcome { kernel: release.to_string(), passed: 0, failed: 0, ok: true, secs: 0.0, note: String::new() };
     for (suite, _) in bins {
         let code = console
             .lines()
-            .filter_map(|l| l.trim().strip_prefix(MARK)?.strip_prefix(' ')?.strip_prefix(suite.as_str())?.strip_prefix(' '))
+            .filter_map(|l| {
+                l.trim().strip_prefix(MARK)?.strip_prefix(' ')?.strip_prefix(suite.as_str())?.strip_prefix(' ')
+            })
             .next()
             .and_then(|c| c.trim().parse::<i32>().ok());
         tally(&mut outcome, suite, code, &out.join(format!("{suite}.log")));
     }
-    let warnings = console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("{MARK}-DMESG "))?.trim().parse::<u32>().ok());
+    let warnings =
+        console.lines().find_map(|l| l.trim().strip_prefix(&format!("{MARK}-DMESG "))?.trim().parse::<u32>().ok());
     match warnings {
         Some(0) => {}
         Some(n) => outcome.fail(format!("{n} kernel warnings (see {})", out.join("dmesg-warnings.log").display())),

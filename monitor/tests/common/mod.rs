@@ -18,12 +18,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -111,7 +106,6 @@ pub fn raise_nofile() {
     }
     assert!(lim.rlim_cur >= 20_000, "RLIMIT_NOFILE hard limit {} is too low for this test", lim.rlim_max);
 }
-
 
 /// A `[reconcile]` section for tests that read what reconciles produce (drift, breakdowns,
 /// leaks, per-namespace counters): every second, and never spaced out for CPU, so that a slow
@@ -260,7 +254,9 @@ impl Agent {
             .unwrap()
             .flatten()
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok()))
+            .filter_map(|info| {
+                info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok())
+            })
             .collect();
         ids.sort_unstable();
         ids.dedup();
@@ -279,7 +275,8 @@ pub fn program_exists(id: u32) -> bool {
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
     let attr = Attr { id, next_id: 0, open_flags: 0 };
     // SAFETY: attr is a valid bpf_attr prefix for this command, of the size given.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, &attr as *const Attr, size_of::<Attr>() as u32) };
+    let fd =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, &attr as *const Attr, size_of::<Attr>() as u32) };
     if fd >= 0 {
         // SAFETY: a descriptor the call above returned.
         unsafe { libc::close(fd as i32) };

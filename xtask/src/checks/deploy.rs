@@ -546,13 +546,12 @@ fn manifests(base: &[Value], privileged: &[Value]) -> Result<String> {
         .flatten()
         .map(|v| (v["name"].as_str().unwrap_or("").to_string(), v))
         .collect();
-    for path in ["/sys/kernel/btf"] {
-        let ok = mounts.get(path).is_some_and(|m| {
-            m["readOnly"] == true
-                && volumes.get(m["name"].as_str().unwrap_or("")).is_some_and(|v| v["hostPath"]["path"] == path)
-        });
-        need(ok, &format!("{path} from the host, read-only"));
-    }
+    let path = "/sys/kernel/btf";
+    let ok = mounts.get(path).is_some_and(|m| {
+        m["readOnly"] == true
+            && volumes.get(m["name"].as_str().unwrap_or("")).is_some_and(|v| v["hostPath"]["path"] == path)
+    });
+    need(ok, &format!("{path} from the host, read-only"));
     let matches =
         |sel: &Value| sel.as_object().is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels[k] == *v));
     let svc = find(base, "Service")?;

@@ -391,6 +391,7 @@ fn panel_queries(p: &Prometheus, queries: &[Query], instance: &str) -> Result<St
     }
     ensure!(failed.is_empty(), "{} of {} queries failed:\n  {}", failed.len(), queries.len(), failed.join("\n  "));
     let allowed: Vec<&str> = dashboard::MAY_BE_EMPTY.iter().map(|(m, _)| *m).collect();
-    let allowed = if allowed.is_empty() { "none may be".to_string() } else { format!("allowed only on {}", allowed.join(", ")) };
+    let allowed =
+        if allowed.is_empty() { "none may be".to_string() } else { format!("allowed only on {}", allowed.join(", ")) };
     Ok(format!("{} queries: {with_data} returned data, {planned_empty} empty ({allowed})", queries.len()))
 }
