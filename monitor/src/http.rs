@@ -5,15 +5,16 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::State,
+    extract::{Request, State},
     http::{StatusCode, header},
+    middleware::{self, Next},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
 use tokio::sync::Semaphore;
 use tower_http::compression::CompressionLayer;
 
-use crate::Agent;
+use crate::{Agent, webconfig::WebConfig};
 
 /// What the routes share.
 #[derive(Clone)]
@@ -22,16 +23,48 @@ struct Web {
     /// Scrapes (and snapshots) running at once, at most `--web.max-requests`.
     scrapes: Arc<Semaphore>,
     telemetry_path: Arc<str>,
+    config: WebConfig,
 }
 
-pub fn router(agent: Arc<Agent>, telemetry_path: &str, max_requests: usize) -> Router {
-    let web = Web { agent, scrapes: Arc::new(Semaphore::new(max_requests)), telemetry_path: telemetry_path.into() };
+pub fn router(agent: Arc<Agent>, opts: &crate::Web) -> Router {
+    let path = opts.telemetry_path.as_str();
+    let web = Web {
+        agent,
+        scrapes: Arc::new(Semaphore::new(opts.max_requests)),
+        telemetry_path: path.into(),
+        config: opts.config.clone(),
+    };
     let mut router = Router::new().route("/healthz", get(healthz)).route("/api/v1/snapshot", get(snapshot));
-    router = router.route(telemetry_path, get(metrics));
-    if telemetry_path != "/" {
+    router = router.route(path, get(metrics));
+    if path != "/" {
         router = router.route("/", get(index));
     }
-    router.layer(CompressionLayer::new().gzip(true)).with_state(web)
+    router
+        .layer(CompressionLayer::new().gzip(true))
+        .layer(middleware::from_fn_with_state(web.clone(), guard))
+        .with_state(web)
+}
+
+/// Basic authentication (`basic_auth_users`) for every route but `/healthz`, which says only
+/// whether the agent works and must answer a probe that has no password; then the configured
+/// response headers.
+async fn guard(State(web): State<Web>, req: Request, next: Next) -> Response {
+    if !web.config.users.is_empty() && req.uri().path() != "/healthz" {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let config = web.config.clone();
+        // bcrypt takes milliseconds on purpose: off the async threads.
+        let ok = tokio::task::spawn_blocking(move || config.authorized(given.as_deref())).await.unwrap_or(false);
+        if !ok {
+            web.agent.metrics.http_refused.with_label_values(&["unauthorized"]).inc();
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"twmon\"")], "Unauthorized\n")
+                .into_response();
+        }
+    }
+    let mut response = next.run(req).await;
+    for (name, value) in web.config.headers.iter() {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
 }
 
 /// A 503 when `--web.max-requests` scrapes are running already, as node_exporter answers.

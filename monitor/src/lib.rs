@@ -16,6 +16,7 @@ pub mod netns;
 pub mod procfs;
 pub mod serve;
 pub mod tracker;
+pub mod webconfig;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -64,6 +65,8 @@ pub struct Web {
     pub telemetry_path: String,
     pub max_requests: usize,
     pub limits: serve::Limits,
+    /// `--web.config.file`: TLS, basic authentication, headers.
+    pub config: webconfig::WebConfig,
 }
 
 /// What `/api/v1/snapshot` returns besides the live socket counts: the last reconcile.
@@ -634,9 +637,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // The address bound, not the one asked for: with port 0 the kernel picks it.
     let address = listener.local_addr().unwrap_or(config.listen);
-    tracing::info!(%address, path = %config.web.telemetry_path, "serving /metrics");
-    let app = http::router(agent.clone(), &config.web.telemetry_path, config.web.max_requests);
-    serve::serve(listener, app, config.web.limits, agent.clone(), stop).await;
+    tracing::info!(
+        %address,
+        path = %config.web.telemetry_path,
+        tls = config.web.config.tls.is_some(),
+        basic_auth = !config.web.config.users.is_empty(),
+        "serving /metrics"
+    );
+    let app = http::router(agent.clone(), &config.web);
+    serve::serve(listener, app, config.web.limits, config.web.config.tls.clone(), agent.clone(), stop).await;
     tasks.shutdown().await;
     drop(agent);
     tracing::info!("kernel programs detached; exiting");

@@ -37,6 +37,10 @@ struct Args {
     /// waits for its next request (e.g. `10s`).
     #[arg(long = "web.read-header-timeout", default_value = "10s", value_parser = parse_duration)]
     read_header_timeout: Duration,
+    /// TLS, client certificates, basic authentication and response headers, in the format of
+    /// the Prometheus exporter-toolkit (node_exporter's --web.config.file); see README.
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    web_config_file: Option<PathBuf>,
     /// Parse the configuration, load and attach the kernel programs, detach them and exit: 0 when
     /// all is well, 1 with the reason otherwise (for deployment pipelines).
     #[arg(long = "config.check")]
@@ -188,6 +192,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 max_connections: args.max_connections as usize,
                 read_header_timeout: args.read_header_timeout,
                 shutdown_grace: Duration::from_secs(3),
+            },
+            config: match &args.web_config_file {
+                Some(p) => twmon::webconfig::WebConfig::load(p)?,
+                None => Default::default(),
             },
         },
     };

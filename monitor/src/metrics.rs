@@ -441,7 +441,8 @@ impl Metrics {
                         "twmon_http_refused_total",
                         "HTTP clients turned away: `connections` closed at once because \
                          --web.max-connections were open, `requests` answered 503 because \
-                         --web.max-requests scrapes were running.",
+                         --web.max-requests scrapes were running, `unauthorized` answered 401 \
+                         (basic_auth_users in --web.config.file).",
                     ),
                     &["reason"],
                 )?,
@@ -462,7 +463,7 @@ impl Metrics {
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
         // process_max_fds, process_start_time_seconds: the names every exporter uses.
         m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        for reason in ["connections", "requests"] {
+        for reason in ["connections", "requests", "unauthorized"] {
             m.http_refused.with_label_values(&[reason]);
         }
         for result in ["success", "failure"] {

@@ -11,7 +11,13 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
 
 /// How the listener treats its clients.
 #[derive(Clone, Copy, Debug)]
@@ -37,9 +43,11 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     counters: Arc<dyn Counters>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let tls = tls.map(TlsAcceptor::from);
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
@@ -67,19 +75,16 @@ pub async fn serve(
                     drop(stream);
                     continue;
                 };
-                let app = app.clone();
-                let mut stopped = stopped.clone();
+                let (app, stopped, tls) = (app.clone(), stopped.clone(), tls.clone());
                 conns.spawn(async move {
-                    let mut builder = http1::Builder::new();
-                    builder.timer(TokioTimer::new()).header_read_timeout(limits.read_header_timeout);
-                    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = stopped.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
+                    match tls {
+                        None => connection(stream, app, limits, stopped).await,
+                        // The handshake gets the same time as a request's headers.
+                        Some(tls) => match tokio::time::timeout(limits.read_header_timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => connection(stream, app, limits, stopped).await,
+                            Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        },
                     }
                     drop(permit);
                 });
@@ -92,4 +97,22 @@ pub async fn serve(
         tracing::info!(grace = ?limits.shutdown_grace, "dropping connections still open after the shutdown grace period");
     }
     conns.abort_all();
+}
+
+/// One HTTP/1.1 connection, until the client leaves, a timeout closes it, or shutdown.
+async fn connection<IO>(io: IO, app: Router, limits: Limits, mut stopped: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.read_header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }

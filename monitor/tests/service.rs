@@ -178,3 +178,107 @@ fn bad_values_are_refused_with_the_reason() {
         assert!(!out.contains("panicked"), "{args:?}: {out}");
     }
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `--web.config.file` in exporter-toolkit's format, with a real CA made by openssl and real
+/// clients (curl): TLS serves, a client certificate from another CA is refused, a wrong password
+/// gets 401, the right one the metrics, `/healthz` answers without a password, headers are set.
+#[test]
+fn web_config_tls_client_certificates_and_basic_auth() {
+    let dir = std::env::temp_dir().join(format!("twmon-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2";
+    let run = |cmd: String| openssl(&dir, &cmd.split_whitespace().collect::<Vec<_>>());
+    for ca in ["ca", "other-ca"] {
+        run(format!("req -x509 {ec} -keyout {ca}.key -out {ca}.crt -subj /CN=twmon-test-{ca}"));
+    }
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, ca, ext) in [("server", "ca", "server"), ("client", "ca", "client"), ("stranger", "other-ca", "client")]
+    {
+        run(format!("req {ec} -keyout {name}.key -out {name}.csr -subj /CN={name}"));
+        run(format!(
+            "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial -days 2 -extfile {ext}.ext -out {name}.crt"
+        ));
+    }
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n  min_version: TLS12\nhttp_server_config:\n  headers:\n    X-Frame-Options: deny\nbasic_auth_users:\n  alice: {hash}\n"
+        ),
+    )
+    .unwrap();
+
+    let ns = Netns::new("tls");
+    let agent = Agent::start_with(&ns, &["--web.config.file", web.to_str().unwrap()]);
+    let url = |path: &str| format!("https://{}{path}", agent.addr);
+    let curl = |extra: &[&str], path: &str| -> (String, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "5", "--cacert"])
+            .arg(dir.join("ca.crt"))
+            .args(extra)
+            .arg(url(path))
+            .current_dir(&dir)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let client = ["--cert", "client.crt", "--key", "client.key"];
+    // The right certificate and password: the metrics, with the configured header.
+    let (code, body) = curl(&[&client[..], &["-u", "alice:s3cret", "-D", "headers.txt"]].concat(), "/metrics");
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("twmon_sockets{state=\"time_wait\"}"), "{body}");
+    let headers = std::fs::read_to_string(dir.join("headers.txt")).unwrap().to_lowercase();
+    assert!(headers.contains("x-frame-options: deny"), "{headers}");
+    // A wrong password, and none: 401 with a Basic challenge.
+    for auth in [&["-u", "alice:wrong"][..], &[]] {
+        let (code, body) = curl(&[&client[..], auth].concat(), "/metrics");
+        assert_eq!(code, "401", "{auth:?}: {body}");
+    }
+    // /healthz needs the certificate (TLS) but no password: probes have none.
+    let (code, body) = curl(&client, "/healthz");
+    assert_eq!((code.as_str(), body.trim()), ("200", "ok"));
+    // No client certificate, or one from another CA: the handshake fails.
+    for cert in [&[][..], &["--cert", "stranger.crt", "--key", "stranger.key"]] {
+        let (code, body) = curl(&[cert, &["-u", "alice:s3cret"]].concat(), "/metrics");
+        assert_eq!(code, "000", "{cert:?} was let in: {body}");
+    }
+    // Plain HTTP on the TLS port gets nothing.
+    assert!(agent.get("/healthz").map(|(s, _)| s != 200).unwrap_or(true), "plain HTTP answered");
+    let m = {
+        let (_, body) = curl(&[&client[..], &["-u", "alice:s3cret"]].concat(), "/metrics");
+        common::Metrics::parse(&body)
+    };
+    assert_eq!(m.get("twmon_http_refused_total", &[("reason", "unauthorized")]), 2.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A web configuration file with what twmon does not do is refused by name, not ignored.
+#[test]
+fn web_config_mistakes_are_named() {
+    let dir = std::env::temp_dir().join(format!("twmon-webbad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, want) in [
+        ("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n", "cert_file"),
+        ("basic_auth_users:\n  alice: plaintext\n", "not a bcrypt hash"),
+        ("tls_server_config:\n  cipher_suites: [TLS_AES_128_GCM_SHA256]\n", "unknown field `cipher_suites`"),
+        ("tls_servr_config: {}\n", "unknown field `tls_servr_config`"),
+    ] {
+        let path = dir.join("web.yml");
+        std::fs::write(&path, text).unwrap();
+        let (code, out) = twmon(&["--web.config.file", path.to_str().unwrap(), "--web.listen-address", "127.0.0.1:0"]);
+        assert_eq!(code, Some(1), "{text}: {out}");
+        assert!(out.contains("--web.config.file") && out.contains(want), "{text}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

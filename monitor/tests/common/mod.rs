@@ -170,9 +170,10 @@ impl Agent {
             {
                 agent.addr = addr;
             }
-            if agent.addr.port() != 0
-                && let Ok((200, _)) = agent.get("/healthz")
-            {
+            // Behind TLS (--web.config.file) plain HTTP gets no answer: listening is enough,
+            // the caller speaks TLS.
+            let tls = args.iter().any(|a| a == "--web.config.file");
+            if agent.addr.port() != 0 && (tls || matches!(agent.get("/healthz"), Ok((200, _)))) {
                 return agent;
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
