@@ -101,7 +101,7 @@ fn first_scrape_shows_sockets_from_before_start() {
     // ones by the kernel programs, all after 59-66 s in TIME_WAIT.
     let expired = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "expired")]);
     let m = agent.wait_for(Duration::from_secs(75), |m| expired(m) == 220.0 && m.sockets("time_wait") == 0.0);
-    assert_eq!(expired(&m), 220.0, "expired ends:\n{}", m.text);
+    assert_eq!(expired(&m), 220.0, "expired ends:\n{}\nagent log:\n{}", m.text, agent.log());
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert_eq!(ss_state(&ns, "TIME-WAIT"), 0.0);
     assert_eq!(m.transitions("time_wait", "close"), 220.0);

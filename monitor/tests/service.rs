@@ -282,3 +282,60 @@ fn web_config_mistakes_are_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Root without CAP_SYS_PTRACE (a sandbox) cannot see other users' processes' namespaces: the
+/// message says it runs as root in a sandbox, not "run it as root".
+#[test]
+fn root_in_a_sandbox_is_told_so() {
+    // A process of another user, whose namespace root cannot see without CAP_SYS_PTRACE.
+    let mut other = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "30"])
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let log = std::env::temp_dir().join(format!("twmon-sandbox-{}.log", std::process::id()));
+    let mut agent = Command::new("setpriv")
+        .args(["--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"])
+        .arg(env!("CARGO_BIN_EXE_twmon"))
+        .args(["--web.listen-address", "127.0.0.1:0"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut text = String::new();
+    while Instant::now() < deadline && !text.contains("cannot read every network namespace") {
+        std::thread::sleep(Duration::from_millis(200));
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    // SAFETY: signalling children of this test.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(text.contains("twmon runs as root but in a sandbox"), "{text}");
+    assert!(!text.contains("or run twmon as root"), "{text}");
+    assert_eq!(status.code(), Some(0), "{text}");
+    let _ = std::fs::remove_file(log);
+}
+
+/// Past `--web.max-requests` scrapes at once, the rest get 503 and are counted, exactly.
+#[test]
+fn scrapes_past_max_requests_get_503() {
+    let ns = Netns::new("maxreq");
+    let agent = Agent::start_with(&ns, &["--web.max-requests", "1"]);
+    let addr = agent.addr;
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|_| common::http_get(addr, "/api/v1/snapshot").map(|(s, _)| s).unwrap_or(0))
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let busy = codes.iter().filter(|c| **c == 503).count();
+    assert!(codes.iter().all(|c| *c == 200 || *c == 503), "{codes:?}");
+    assert!(busy > 0 && busy < codes.len(), "{busy} of {} answered 503", codes.len());
+    let m = agent.metrics();
+    assert_eq!(m.get("twmon_http_refused_total", &[("reason", "requests")]), busy as f64);
+}

@@ -4,7 +4,6 @@
 //! configuration, the Grafana provisioning files and the Dockerfile.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -16,7 +15,7 @@ use serde_json::{Value, json};
 use super::{
     Report,
     tools::Tools,
-    util::{Proc, first_line, free_port, http_get, must, output, wait_for},
+    util::{Proc, first_line, http_get, must, output, wait_for},
 };
 
 pub fn run(report: &mut Report, tools: &Tools, twmon: &Path) {
@@ -186,11 +185,10 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
             "if mount -o remount,bind,ro '{mp}' 2>/dev/null; then n=$((n+1)); else f=$((f+1)); fi\n"
         ));
     }
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     script.push_str(&format!(
         "echo \"sandbox: $n mounts read-only, $f not remountable\"\n\
          exec setpriv --reuid={DYNAMIC_UID} --regid={DYNAMIC_UID} --clear-groups --no-new-privs \
-         --inh-caps={set} --ambient-caps={set} --bounding-set={set} -- '{}' --web.listen-address {addr}\n",
+         --inh-caps={set} --ambient-caps={set} --bounding-set={set} -- '{}' --web.listen-address 127.0.0.1:0\n",
         bin.display()
     ));
     let mut agent = Proc::spawn(
@@ -200,11 +198,13 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
     )?;
     let deadline = Instant::now() + wait;
     let mut healthy = false;
+    let mut addr = None;
     while Instant::now() < deadline {
         if agent.alive().is_err() {
             break;
         }
-        if http_get(addr, "/healthz").is_ok_and(|(c, _)| c == 200) {
+        addr = agent.served_address();
+        if addr.is_some_and(|a| http_get(a, "/healthz").is_ok_and(|(c, _)| c == 200)) {
             healthy = true;
             break;
         }
@@ -225,7 +225,7 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
         ensure!(uid.split_whitespace().all(|u| u == DYNAMIC_UID.to_string()), "uids {uid}");
         ensure!(nnp == "1", "NoNewPrivs is {nnp}");
         status = format!("uid {DYNAMIC_UID}, CapEff {eff:#x}, NoNewPrivs 1");
-        let (code, body) = http_get(addr, "/metrics")?;
+        let (code, body) = http_get(addr.context("no address")?, "/metrics")?;
         ensure!(code == 200, "/metrics answered {code}");
         let scrape = super::e2e::Scrape::parse(body)?;
         attached = scrape.get("twmon_bpf_programs_attached", &[]);
@@ -323,7 +323,6 @@ fn syscalls(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String> {
     ensure!(allowed.contains("bpf"), "bpf is not allowed");
     let dir = tools.scratch("syscalls")?;
     let summary = dir.join("strace.txt");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let mut traced = Proc::spawn(
         "strace twmon",
         Command::new("strace")
@@ -331,13 +330,10 @@ fn syscalls(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String> {
             .arg(&summary)
             .arg("--")
             .arg(twmon)
-            .args(["--web.listen-address", &addr.to_string()]),
+            .args(["--web.listen-address", "127.0.0.1:0"]),
         &dir.join("twmon.log"),
     )?;
-    wait_for("traced agent /healthz", Duration::from_secs(60), || {
-        traced.alive()?;
-        Ok(http_get(addr, "/healthz").is_ok_and(|(c, _)| c == 200))
-    })?;
+    let addr = traced.wait_healthy(Duration::from_secs(60))?;
     for path in ["/metrics", "/", "/metrics", "/healthz"] {
         http_get(addr, path)?;
     }

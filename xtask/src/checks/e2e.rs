@@ -116,7 +116,6 @@ impl Prometheus {
 
 pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) -> Result<()> {
     let dir = tools.scratch("e2e")?;
-    let agent_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let prom_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
 
     // A short leak threshold, so that CLOSE_WAIT sockets held for the length of the workload
@@ -126,14 +125,11 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
     let mut agent = Proc::spawn(
         "twmon",
         Command::new(twmon)
-            .args(["--web.listen-address", &agent_addr.to_string(), "--log.level", "info", "--config.file"])
+            .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "info", "--config.file"])
             .arg(&config),
         &dir.join("twmon.log"),
     )?;
-    wait_for("twmon /healthz", Duration::from_secs(30), || {
-        agent.alive()?;
-        Ok(http_get(agent_addr, "/healthz").map(|(c, _)| c == 200).unwrap_or(false))
-    })?;
+    let agent_addr = agent.wait_healthy(Duration::from_secs(30))?;
 
     let rules = crate::root().join("deploy/prometheus/twmon.rules.yml");
     let config = format!(

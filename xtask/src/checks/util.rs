@@ -45,6 +45,26 @@ impl Proc {
         Ok(())
     }
 
+    /// The address an agent says it serves on (`serving /metrics address=...`): agents started
+    /// here listen on port 0, so nothing can take their port between a pick and a bind.
+    pub fn served_address(&self) -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        let line = text.lines().find(|l| l.contains("serving /metrics"))?;
+        line.split_whitespace().find_map(|w| w.strip_prefix("address=")?.parse().ok())
+    }
+
+    /// Waits until the agent this is answers /healthz with 200; returns where it listens.
+    pub fn wait_healthy(&mut self, within: Duration) -> Result<SocketAddr> {
+        let name = format!("{} /healthz", self.name);
+        let mut addr = None;
+        wait_for(&name, within, || {
+            self.alive()?;
+            addr = self.served_address();
+            Ok(addr.is_some_and(|a| http_get(a, "/healthz").is_ok_and(|(c, _)| c == 200)))
+        })?;
+        addr.context("no address in the log")
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
