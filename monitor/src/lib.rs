@@ -125,6 +125,9 @@ pub struct Agent {
     attached: AtomicUsize,
     /// `config.settings`, as reloaded on SIGHUP.
     settings: RwLock<Arc<config::Config>>,
+    /// The namespaces the last reconcile read (but the host's): name, a file that opens it, its
+    /// inode. Checked every sweep interval, so that a deleted one's series go within seconds.
+    namespaces_read: Mutex<Vec<(String, PathBuf, u32)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -271,6 +274,12 @@ impl Agent {
         let (namespaces, hidden) = self.namespaces();
         let mut denied = 0;
         let views = ground::read(&namespaces, &mut denied);
+        let read: HashSet<u32> = views.iter().map(|v| v.inode).collect();
+        *lock(&self.namespaces_read) = namespaces
+            .iter()
+            .filter(|n| read.contains(&n.inode) && n.name != "host")
+            .map(|n| (n.name.clone(), n.path.clone(), n.inode))
+            .collect();
         self.metrics.set_unreadable(denied, hidden);
         if (denied > 0 || hidden > 0) && !self.warned_unreadable.swap(true, Ordering::Relaxed) {
             // Root that still cannot read them runs in a sandbox: capabilities are not the cure.
@@ -466,6 +475,24 @@ impl Agent {
         serde_json::json!({ "sockets": sockets, "reconcile": report })
     }
 
+    /// Removes the series of namespaces deleted since the last reconcile: one stat of a file
+    /// that opened each (/run/netns/NAME, or /proc/PID/ns/net of a process in it). A namespace
+    /// whose process exited while others still hold it is dropped until the next reconcile
+    /// finds it again.
+    fn forget_gone_namespaces(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut read = lock(&self.namespaces_read);
+        let (gone, alive): (Vec<_>, Vec<_>) = read
+            .drain(..)
+            .partition(|(_, path, inode)| !std::fs::metadata(path).is_ok_and(|m| m.ino() as u32 == *inode));
+        *read = alive;
+        drop(read);
+        for (name, ..) in gone {
+            tracing::debug!(netns = %name, "network namespace gone: its series are removed");
+            self.metrics.forget_netns(&name);
+        }
+    }
+
     /// Logs records lost since the last call (`lost` is the kernel's running count).
     fn note_lost(&self, lost: u64) {
         let before = self.lost_seen.swap(lost, Ordering::Relaxed);
@@ -570,6 +597,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lost_seen: AtomicU64::new(0),
         attached: AtomicUsize::new(attached),
         settings: RwLock::new(Arc::new(config.settings.clone())),
+        namespaces_read: Mutex::new(Vec::new()),
     });
     let seeded = agent.seed();
     trim();
@@ -599,6 +627,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 // Said within a sweep interval, not at the next reconcile (which may be minutes
                 // away on a busy host).
                 a.note_lost(lost);
+                a.forget_gone_namespaces();
                 trim();
             }
         }

@@ -153,6 +153,19 @@ impl Collector for Durations {
     }
 }
 
+/// Removes the series of `vec` whose label `label` is `value`.
+fn remove_where<T: prometheus::core::MetricVecBuilder>(vec: &prometheus::core::MetricVec<T>, label: &str, value: &str) {
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: std::collections::HashMap<&str, &str> =
+                m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+            if labels.get(label) == Some(&value) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
+}
+
 /// Brings a counter up to a value the kernel counts on its own.
 fn sync(c: &IntCounter, value: u64) {
     c.inc_by(value.saturating_sub(c.get()));
@@ -544,6 +557,17 @@ impl Metrics {
     }
 
     /// Publishes one reconcile: drift per state, breakdowns, kernel counters and limits, leaks.
+    /// Removes every series of network namespace `name` (per-namespace counts, port pressure,
+    /// TcpExt, sysctls, leaks): it is gone.
+    pub fn forget_netns(&self, name: &str) {
+        remove_where(&self.netns_sockets, "netns", name);
+        remove_where(&self.pressure_ratio, "netns", name);
+        remove_where(&self.pressure_sockets, "netns", name);
+        remove_where(&self.tcpext, "netns", name);
+        remove_where(&self.sysctl, "netns", name);
+        remove_where(&self.leaked, "netns", name);
+    }
+
     pub fn refresh_ground(
         &self,
         drift: &[i64],

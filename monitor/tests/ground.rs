@@ -7,7 +7,7 @@ use std::{
     collections::HashSet,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{Agent, Metrics, Netns};
@@ -359,4 +359,27 @@ fn breakdown_cardinality_is_bounded() {
     }
     // One namespace, one series per state.
     assert!(m.series("twmon_netns_sockets").len() <= STATES.len(), "{:?}", m.series("twmon_netns_sockets"));
+}
+
+/// A deleted namespace's series (counts, TcpExt, sysctls) go within seconds, not at the next
+/// reconcile: here reconciles are 5 minutes apart.
+#[test]
+fn deleted_namespace_series_go_within_seconds() {
+    let ns = Netns::new("gone");
+    let name = format!("netns/{}", ns.name);
+    let (_l, conns) = pairs(&ns, 10);
+    for (c, s) in conns {
+        close_both(c, s);
+    }
+    let agent = Agent::start_all("gone", "[reconcile]\ninterval = \"5m\"\n");
+    let series = |m: &Metrics| m.text.lines().filter(|l| l.contains(&format!("netns=\"{name}\""))).count();
+    let m =
+        agent.wait_for(SETTLE, |m| m.get("twmon_netns_sockets", &[("netns", &name), ("state", "time_wait")]) == 10.0);
+    assert_eq!(m.get("twmon_netns_sockets", &[("netns", &name), ("state", "time_wait")]), 10.0);
+    assert!(m.get("twmon_sysctl", &[("netns", &name), ("name", "tcp_fin_timeout")]) > 0.0);
+    assert!(series(&m) > 10, "{} series of {name}", series(&m));
+    drop(ns);
+    let gone = Instant::now();
+    let m = agent.wait_for(Duration::from_secs(5), |m| series(m) == 0);
+    assert_eq!(series(&m), 0, "series of {name} left after {:?}:\n{}", gone.elapsed(), m.text);
 }
