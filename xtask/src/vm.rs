@@ -85,6 +85,15 @@ pub fn run_matrix(opts: &Options) -> Result<()> {
 }
 
 impl Outcome {
+    /// Done: a kernel on which no test ran has not passed.
+    fn finish(mut self, start: Instant) -> Self {
+        self.secs = start.elapsed().as_secs_f64();
+        if self.ok && self.passed == 0 {
+            self.fail("no test ran (does the filter match any?)".into());
+        }
+        self
+    }
+
     fn fail(&mut self, why: String) {
         self.ok = false;
         self.note = if self.note.is_empty() { why } else { format!("{}; {why}", self.note) };
@@ -103,7 +112,7 @@ fn ensure_tools() -> Result<()> {
     if !missing.is_empty() {
         crate::setup::apt_install(&missing)?;
     }
-    if output(Command::new("vng").arg("--version")).is_none() {
+    if output(Command::new(vng()).arg("--version")).is_none() {
         eprintln!("vm: installing virtme-ng {VIRTME_NG}");
         run(Command::new("python3")
             .args(["-m", "pip", "install", "-q", "--break-system-packages"])
@@ -111,6 +120,15 @@ fn ensure_tools() -> Result<()> {
         .context("installing virtme-ng with pip failed")?;
     }
     Ok(())
+}
+
+/// virtme-ng's command, from the scripts directory of the python3 that pip installed it for:
+/// found even where that directory is not on PATH or a version manager's shims are stale.
+fn vng() -> PathBuf {
+    output(Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]))
+        .map(|dir| PathBuf::from(dir.trim()).join("vng"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("vng"))
 }
 
 /// Builds the agent and the test binaries and returns (suite, executable) for each suite.
@@ -345,13 +363,12 @@ fn run_guest(
         Some(n) => outcome.fail(format!("{n} kernel warnings (see {})", out.join("dmesg-warnings.log").display())),
         None => outcome.fail("the guest did not report its kernel log".into()),
     }
-    outcome.secs = start.elapsed().as_secs_f64();
-    Ok(outcome)
+    Ok(outcome.finish(start))
 }
 
 /// One boot of the guest; returns its console output.
 fn boot(image: &Path, script: &Path, out: &Path, kvm: bool) -> Result<String> {
-    let mut cmd = Command::new("vng");
+    let mut cmd = Command::new(vng());
     cmd.arg("--run").arg(image);
     if !kvm {
         cmd.arg("--disable-kvm");
@@ -402,8 +419,7 @@ fn run_host(bins: &[(String, PathBuf)], filter: &[String], out: &Path) -> Result
             .status()?;
         tally(&mut outcome, suite, status.code(), &log);
     }
-    outcome.secs = start.elapsed().as_secs_f64();
-    Ok(outcome)
+    Ok(outcome.finish(start))
 }
 
 /// Adds one suite's result (its exit code, None when it never reported, and its log).
@@ -413,8 +429,9 @@ fn tally(outcome: &mut Outcome, suite: &str, code: Option<i32>, log: &Path) {
     outcome.passed += passed;
     outcome.failed += failed;
     let why = match code {
-        Some(0) if passed > 0 => return,
-        Some(0) => format!("{suite} ran no test"),
+        // A filter may leave a suite with nothing to run; a kernel that ran none at all fails
+        // (see `Outcome::finish`).
+        Some(0) => return,
         Some(c) => {
             let names: Vec<&str> =
                 text.lines().filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED")).collect();
