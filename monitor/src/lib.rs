@@ -330,6 +330,10 @@ impl Agent {
         let cpu_start = process_cpu();
         let views = self.read_ground();
         let totals = ground::totals(&views);
+        // A seeded socket missing from `views` ended before the reading, and the kernel program
+        // wrote its end (say, an expiry) before the kernel unhashed it: drain first, so that end
+        // is counted before the socket is let go of as gone.
+        self.drain();
         let (seeded, timewait) = {
             let mut tracker = lock(&self.tracker);
             if tracker.seeded().iter().any(|n| *n > 0) {

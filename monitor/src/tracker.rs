@@ -269,6 +269,8 @@ impl Tracker {
 
     /// Brings seeded sockets in line with the kernel's current view of them: gone ones are
     /// dropped, changed ones (an orphaned FIN_WAIT2 that got its FIN) take their new state.
+    /// Every record written before `now` was read must have been applied: a gone socket's end
+    /// (an expiry the agent counts) is otherwise lost with it.
     pub fn reconcile_seed(&mut self, now: &HashMap<Tuple, u8>) {
         self.seed.retain(|t, seeded| match now.get(t) {
             Some(s) if tcp::is_teardown(*s) => {
