@@ -248,6 +248,14 @@ pub mod counter {
 /// these programs is attached twice: the twin runs right after it and acts only while the
 /// program's body is running on that CPU, that is, only when the kernel skipped the program
 /// for a nested event.
+/// The first argument of a test run of the sweep programs.
+pub mod sweep {
+    /// Only the orphaned FIN_WAIT2 timewait sockets.
+    pub const ORPHANS: u64 = 0;
+    /// Every timewait entry, ending those whose socket is gone.
+    pub const ALL: u64 = 1;
+}
+
 pub mod twin {
     pub const STATE: u32 = 0;
     pub const TIMER_START: u32 = 1;
@@ -285,9 +293,13 @@ pub struct KernelLayout {
     /// `struct inet_timewait_sock` members.
     pub tw_substate: u32,
     pub tw_timer: u32,
-    /// `struct timer_list` members.
+    /// `struct sock_common` -> `skc_tw_snd_nxt` (`tw_snd_nxt`): fixed for a timewait socket's life, and
+    /// different for a new connection on the same 4-tuple (its own initial sequence number).
+    pub tw_snd_nxt: u32,
+    /// `struct timer_list` members; `entry.pprev` is NULL while the timer is not queued.
     pub timer_expires: u32,
     pub timer_function: u32,
+    pub timer_pprev: u32,
     /// 1 when `tcp_retransmit_skb` passes the transmit result (`err`, since 6.17): the
     /// tracepoint then also fires for retransmits that could not be sent.
     pub retransmit_has_err: u32,
@@ -295,9 +307,10 @@ pub struct KernelLayout {
     pub tw_timer_handler: u64,
     /// Only sockets of this network namespace when not 0.
     pub netns_only: u32,
-    pub _pad: u32,
+    /// `struct sock` -> `sk_err`: set when a connection is aborted (reset, timeout).
+    pub sk_err: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 18 * 4 + 16);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 20 * 4 + 16);
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]
@@ -308,7 +321,10 @@ pub struct SockEntry {
     /// For timewait sockets: the timer's `expires` (jiffies) as last seen.
     pub expires: u64,
     pub state: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// For timewait sockets: the connection's established-hash (`skc_hash`), so that an entry
+    /// is told from another socket that took its memory after its end went unseen.
+    pub hash: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockEntry>() == 24);
 

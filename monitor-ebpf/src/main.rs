@@ -45,7 +45,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry, counter, flags, kind, reason, tcp, twin,
+    ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry, counter, flags, kind, reason, sweep, tcp, twin,
 };
 
 const AF_INET6: u16 = 10;
@@ -97,13 +97,21 @@ static LIFECYCLE: PerCpuArray<Lifecycle> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static GAUGES: PerCpuArray<i64> = PerCpuArray::with_max_entries(tcp::MAX_STATES, 0);
 
-/// The timewait socket this CPU created last, for matching the full socket's hand-off.
+/// The timewait sockets this CPU created last, for matching the full socket's hand-off. More
+/// than one: when the hand-off runs in process context (a segment queued while the application
+/// held the socket, processed when it let go), softirqs may run between the timer's start and
+/// the full socket's `X -> CLOSE`, and do hand-offs of their own (measured under nginx and wrk).
 #[map]
-static HANDOFF: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+static HANDOFF: PerCpuArray<Handoffs> = PerCpuArray::with_max_entries(1, 0);
 
 /// The timewait socket whose timer this CPU cancelled last, kept so a re-arm can restore it.
 #[map]
 static CANCELLED: PerCpuArray<Cancelled> = PerCpuArray::with_max_entries(1, 0);
+
+/// The socket this CPU last sent or took a reset for: its `X -> CLOSE` that follows is an
+/// abort, not a hand-off to a timewait socket that failed.
+#[map]
+static RESET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The socket this CPU last saw `connect()` (CLOSE -> SYN_SENT), for telling tcp_tw_reuse.
 #[map]
@@ -130,14 +138,27 @@ struct Handoff {
     _pad: [u8; 7],
 }
 
+/// Hand-offs that nest on one CPU: one per level of softirq that can run in between, and spare.
+const HANDOFF_SLOTS: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Handoffs {
+    slots: [Handoff; HANDOFF_SLOTS],
+    /// The slot the next hand-off overwrites when none is free (one never taken: the oldest).
+    next: u32,
+    _pad: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Cancelled {
     tw: u64,
     entry: SockEntry,
     /// The socket's identity: a freed timewait socket's memory is soon another one's, with
-    /// the same timer address, so the address alone does not say it is a re-arm.
-    identity: (u64, u32, u32),
+    /// the same timer address (and, for a SYN that reopened the 4-tuple, the same connection
+    /// identity), so neither says it is a re-arm: see [`tw_identity`].
+    identity: (u64, u32, u32, u32),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,13 +447,15 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 return Ok(());
             }
             to = h.state;
-        } else {
+        } else if !aborted(sk) {
+            // The kernel meant to hand the connection over and could not: no timewait socket
+            // (tcp_max_tw_buckets reached, or no memory).
             count(counter::HANDOFF_MISSED);
         }
     }
 
     if tcp::is_teardown(new) && !kept {
-        let entry = SockEntry { entered_ns: now, expires: 0, state: new, _pad: [0; 7] };
+        let entry = SockEntry { entered_ns: now, expires: 0, state: new, ..SockEntry::default() };
         if SOCKS.insert(sk, entry, 0).is_ok() {
             gauge(new, 1);
         } else if count(counter::SOCKS_FULL).is_power_of_two() {
@@ -448,6 +471,19 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// Whether `sk` is closing because the connection was aborted: a reset sent or taken on this
+/// CPU just before, or an error (a timeout) set on the socket.
+#[inline(always)]
+fn aborted(sk: u64) -> bool {
+    if let Some(r) = RESET.get_ptr_mut(0)
+        && unsafe { *r } == sk
+    {
+        unsafe { *r = 0 };
+        return true;
+    }
+    field::<i32>(sk, layout!(sk_err)) != 0
+}
+
 /// Tells the agent about a full socket (a transition, unless `kind` says otherwise).
 #[inline(always)]
 fn report<S: SockCommon>(c: &S, sk: u64, kind: u8, from: u8, to: u8, now: u64, entered: u64) -> Result<(), i64> {
@@ -460,20 +496,39 @@ fn report<S: SockCommon>(c: &S, sk: u64, kind: u8, from: u8, to: u8, now: u64, e
     Ok(())
 }
 
-/// The timewait socket this CPU just created for `sk`, if it is the one.
+/// The timewait socket this CPU just created for `sk`, if it is one of them.
 #[inline(always)]
 fn take_handoff(c: &Btf) -> Option<Handoff> {
-    let slot = HANDOFF.get_ptr_mut(0)?;
-    let h = unsafe { *slot };
-    if h.tw == 0 {
-        return None;
-    }
+    let all = HANDOFF.get_ptr_mut(0)?;
     let (net, dport, hash) = c.identity().ok()?;
-    if h.net != net || h.dport != dport || h.hash != hash {
-        return None;
+    for i in 0..HANDOFF_SLOTS {
+        // SAFETY: a per-CPU map value, used only by this CPU's programs, which do not nest here.
+        let slot = unsafe { &mut (*all).slots[i] };
+        if slot.tw != 0 && slot.net == net && slot.dport == dport && slot.hash == hash {
+            let h = *slot;
+            slot.tw = 0;
+            return Some(h);
+        }
     }
-    unsafe { (*slot).tw = 0 };
-    Some(h)
+    None
+}
+
+/// Keeps a new timewait socket for the hand-off that follows: in a free slot, else over the
+/// oldest.
+#[inline(always)]
+fn put_handoff(h: Handoff) {
+    let Some(all) = HANDOFF.get_ptr_mut(0) else { return };
+    // SAFETY: as in `take_handoff`.
+    let all = unsafe { &mut *all };
+    let mut at = (all.next as usize) % HANDOFF_SLOTS;
+    for i in 0..HANDOFF_SLOTS {
+        if all.slots[i].tw == 0 {
+            at = i;
+            break;
+        }
+    }
+    all.slots[at] = h;
+    all.next = (at as u32 + 1) % HANDOFF_SLOTS as u32;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,7 +572,7 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
         if c.tw == tw {
             unsafe { (*slot).tw = 0 };
         }
-        if c.tw == tw && Live(tw).identity() == Ok(c.identity) {
+        if c.tw == tw && tw_identity(tw) == Ok(c.identity) {
             let mut entry = c.entry;
             gauge(entry.state, 1);
             let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
@@ -539,8 +594,15 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
             return Ok(());
         }
     }
-    if TIMEWAIT.get_ptr(tw).is_some() {
-        return Ok(());
+    let hash: u32 = Live(tw).get(layout!(skc_hash))?;
+    if let Some(e) = TIMEWAIT.get_ptr(tw) {
+        let e = unsafe { *e };
+        if e.hash == hash {
+            return Ok(());
+        }
+        // An entry of another connection: a socket whose end went unseen, in whose memory this
+        // one was made. That end is counted as missed; the new socket is followed.
+        end_missed(&e, tw, now);
     }
 
     // A new timewait socket.
@@ -549,7 +611,7 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
     let state = if substate == tcp::FIN_WAIT2 { tcp::FIN_WAIT2 } else { tcp::TIME_WAIT };
-    let entry = SockEntry { entered_ns: now, expires, state, _pad: [0; 7] };
+    let entry = SockEntry { entered_ns: now, expires, state, hash, ..SockEntry::default() };
     if TIMEWAIT.insert(tw, entry, 0).is_err() {
         if count(counter::TIMEWAIT_FULL).is_power_of_two() {
             warn!(ctx, "twmon: timewait map full; raise --bpf.max-timewait");
@@ -560,11 +622,19 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if state == tcp::FIN_WAIT2 && ORPHANS.insert(tw, 0u8, 0).is_err() {
         count(counter::ORPHANS_FULL);
     }
-    if let Some(slot) = HANDOFF.get_ptr_mut(0) {
-        let (net, dport, hash) = Live(tw).identity()?;
-        unsafe { *slot = Handoff { tw, net, dport, hash, state, _pad: [0; 7] } };
-    }
+    let (net, dport, hash) = Live(tw).identity()?;
+    put_handoff(Handoff { tw, net, dport, hash, state, _pad: [0; 7] });
     Ok(())
+}
+
+/// What tells a re-arm (the same timewait socket, its timer queued again at once) from a new
+/// timewait socket in the memory of one just freed: the connection's identity, and its send
+/// sequence, which is fixed for a timewait socket's life and differs for a new connection on the
+/// same 4-tuple (a SYN that reopened it starts from a new initial sequence number).
+#[inline(always)]
+fn tw_identity(tw: u64) -> Result<(u64, u32, u32, u32), i64> {
+    let (net, dport, hash) = Live(tw).identity()?;
+    Ok((net, dport, hash, kread(tw + layout!(tw_snd_nxt) as u64)?))
 }
 
 /// A timewait socket's record for the agent.
@@ -686,7 +756,7 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
     ev.flags |= f;
     ev.reason = if reused(tw) { reason::REUSE } else { reason::KILLED };
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
-        unsafe { *slot = Cancelled { tw, entry, identity: Live(tw).identity().unwrap_or_default() } };
+        unsafe { *slot = Cancelled { tw, entry, identity: tw_identity(tw).unwrap_or_default() } };
     }
     emit(&ev);
     Ok(())
@@ -755,25 +825,46 @@ fn reused(tw: u64) -> bool {
 /// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings the orphaned FIN_WAIT2
 /// timewait sockets up to date (those that got their FIN are TIME_WAIT now), and records a clock
 /// pair so the agent can measure HZ. Silent re-arms of TIME_WAIT sockets are found at their end.
-/// Needs `bpf_for_each_map_elem` (Linux 5.13); before that the agent walks ORPHANS itself and
+/// With its first argument [`sweep::ALL`], it visits every timewait entry and ends those whose
+/// socket is gone (see [`sweep_one`]); the agent asks for that at reconciles.
+/// Needs `bpf_for_each_map_elem` (Linux 5.13); before that the agent walks the map itself and
 /// runs `twmon_sweep_one` for each key.
 #[raw_tracepoint(tracepoint = "twmon_sweep")]
-pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
+pub fn twmon_sweep(ctx: RawTracePointContext) -> i32 {
     sample_clock();
-    let visited = unsafe {
-        bpf_for_each_map_elem(&ORPHANS as *const _ as *mut c_void, sweep_cb as *mut c_void, core::ptr::null_mut(), 0)
+    let all: u64 = ctx.arg(0);
+    let visited = if all == sweep::ALL {
+        unsafe {
+            bpf_for_each_map_elem(
+                &TIMEWAIT as *const _ as *mut c_void,
+                sweep_all_cb as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        }
+    } else {
+        unsafe {
+            bpf_for_each_map_elem(
+                &ORPHANS as *const _ as *mut c_void,
+                sweep_cb as *mut c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        }
     };
     visited as i32
 }
 
-/// `twmon_sweep` for one orphan, its address the first argument (0: only the clock pair), for
-/// kernels without `bpf_for_each_map_elem`.
+/// `twmon_sweep` for one timewait entry, its address the first argument (0: only the clock
+/// pair) and [`sweep::ALL`] the second for the check of every entry, for kernels without
+/// `bpf_for_each_map_elem`.
 #[raw_tracepoint(tracepoint = "twmon_sweep_one")]
 pub fn twmon_sweep_one(ctx: RawTracePointContext) -> i32 {
     sample_clock();
     let tw: u64 = ctx.arg(0);
+    let all: u64 = ctx.arg(1);
     if tw != 0 {
-        sweep_one(tw);
+        sweep_one(tw, all == sweep::ALL);
     }
     0
 }
@@ -789,12 +880,24 @@ fn sample_clock() {
 
 #[inline(never)]
 extern "C" fn sweep_cb(_map: *mut c_void, key: *const u64, _value: *mut u8, _ctx: *mut c_void) -> i64 {
-    sweep_one(unsafe { *key });
+    sweep_one(unsafe { *key }, false);
     0
 }
 
+#[inline(never)]
+extern "C" fn sweep_all_cb(_map: *mut c_void, key: *const u64, _value: *mut SockEntry, _ctx: *mut c_void) -> i64 {
+    sweep_one(unsafe { *key }, true);
+    0
+}
+
+/// Brings one timewait entry up to date: an orphan that got its FIN is TIME_WAIT now. With
+/// `all`, TIME_WAIT entries are checked too, and any entry whose socket is gone is ended here,
+/// counted as missed: its timer is no longer a timewait socket's, or no longer queued (the
+/// kernel dequeues a timer right after the cancel event that would have ended the entry, and
+/// queues it again before the start event of a re-arm, so a live socket's timer is queued
+/// whenever its entry is in the map).
 #[inline(always)]
-fn sweep_one(tw: u64) {
+fn sweep_one(tw: u64, all: bool) {
     let Some(entry) = TIMEWAIT.get_ptr_mut(tw) else {
         // Ended meanwhile (its end was reported where it happened), or cancelled for a re-arm
         // that has not put it back yet: the re-arm adds it again if it is still an orphan.
@@ -804,26 +907,52 @@ fn sweep_one(tw: u64) {
     let entry = unsafe { &mut *entry };
     if entry.state != tcp::FIN_WAIT2 {
         let _ = ORPHANS.remove(tw);
-        return;
-    }
-    let timer = tw + layout!(tw_timer) as u64;
-    let now = unsafe { bpf_ktime_get_ns() };
-    // A timer that is no longer a timewait timer belongs to a socket that ended without our
-    // cancel program seeing it: the kernel clears the callback only after the cancel trace
-    // event, so its end is past. End it here rather than count it forever.
-    match kread::<u64>(timer + layout!(timer_function) as u64) {
-        Ok(f) if f == layout!(tw_timer_handler) => {}
-        _ => {
-            gauge(entry.state, -1);
-            count(counter::TIMEWAIT_MISSED);
-            end(entry, tw, reason::KILLED, now, flags::SILENT);
-            let _ = TIMEWAIT.remove(tw);
-            let _ = ORPHANS.remove(tw);
+        if !all {
             return;
         }
     }
+    let timer = tw + layout!(tw_timer) as u64;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if gone(tw, timer, entry.hash) {
+        end_missed(entry, tw, now);
+        return;
+    }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return };
     let _ = refresh(entry, tw, expires, now, unsafe { bpf_jiffies64() });
+}
+
+/// A timewait entry whose socket ended without our cancel program seeing it: ended here,
+/// counted as missed.
+#[inline(always)]
+fn end_missed(entry: &SockEntry, tw: u64, now: u64) {
+    gauge(entry.state, -1);
+    count(counter::TIMEWAIT_MISSED);
+    end(entry, tw, reason::KILLED, now, flags::SILENT);
+    let _ = TIMEWAIT.remove(tw);
+    let _ = ORPHANS.remove(tw);
+}
+
+/// Whether the timewait socket of a map entry (of connection `hash`) ended without our cancel
+/// program seeing it.
+#[inline(always)]
+fn gone(tw: u64, timer: u64, hash: u32) -> bool {
+    // The kernel clears the callback only after the cancel event (timer_shutdown), and a freed
+    // socket's memory may be anything else by now, another connection's timewait socket too.
+    match kread::<u64>(timer + layout!(timer_function) as u64) {
+        Ok(f) if f == layout!(tw_timer_handler) => {}
+        _ => return true,
+    }
+    if Live(tw).get::<u32>(layout!(skc_hash)) != Ok(hash) {
+        return true;
+    }
+    let queued = || kread::<u64>(timer + layout!(timer_pprev) as u64).map(|p| p != 0).unwrap_or(false);
+    if queued() {
+        return false;
+    }
+    // Not queued: between a cancel and the start of a re-arm on another CPU, or expiring there,
+    // the cancel program has taken the entry out; a re-arm puts it back after queueing the
+    // timer. Only an entry still in the map with its timer still dequeued is gone.
+    unsafe { TIMEWAIT.get(tw) }.is_some() && !queued()
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN) before it looks for leaks, never attached: reports the
@@ -894,13 +1023,24 @@ pub fn twmon_retransmit(ctx: BtfTracePointContext) -> u32 {
 pub fn twmon_send_reset(ctx: BtfTracePointContext) -> u32 {
     // The socket is NULL for a reset to a segment no socket owns: not counted.
     count_by_state(ctx.arg(0), counter::RESETS_SENT);
+    note_reset(ctx.arg(0));
     0
 }
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn twmon_receive_reset(ctx: BtfTracePointContext) -> u32 {
     count_by_state(ctx.arg(0), counter::RESETS_RECEIVED);
+    note_reset(ctx.arg(0));
     0
+}
+
+#[inline(always)]
+fn note_reset(sk: u64) {
+    if sk != 0
+        && let Some(r) = RESET.get_ptr_mut(0)
+    {
+        unsafe { *r = sk };
+    }
 }
 
 /// Counts `base + state of sk` when `sk` is one the agent watches.

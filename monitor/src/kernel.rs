@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramFd, RawTracePoint, RawTracePointRunOptions, TestRun},
 };
-use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, tcp, twin};
+use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, sweep, tcp, twin};
 
 use crate::layout::{self, LayoutError};
 
@@ -243,7 +243,7 @@ impl Kernel {
     fn calibrate(&mut self) -> Result<(), KernelError> {
         let sample = |k: &mut Self| -> Result<ClockSample, KernelError> {
             let name = if k.walk_in_kernel { SWEEP } else { SWEEP_ONE };
-            k.test_run(name, 0).map_err(|e| KernelError::Load(anyhow::anyhow!("running {name}: {e}")))?;
+            k.test_run(name, [0, 0]).map_err(|e| KernelError::Load(anyhow::anyhow!("running {name}: {e}")))?;
             let clock: Array<&MapData, ClockSample> =
                 Array::try_from(k.ebpf.map("CLOCK").expect("CLOCK map")).map_err(|e| KernelError::Load(e.into()))?;
             clock.get(&0, 0).map_err(|e| KernelError::Load(e.into()))
@@ -294,7 +294,7 @@ impl Kernel {
         self.settings.close_wait_before = before;
         self.write_settings().map_err(std::io::Error::other)?;
         if self.walk_in_kernel {
-            return self.test_run(CLOSE_WAIT_SCAN, 0);
+            return self.test_run(CLOSE_WAIT_SCAN, [0, 0]);
         }
         let (socks, capacity) = self.map::<SockEntry>("SOCKS")?;
         // At most `capacity` steps: a walk that meets a key deleted meanwhile starts over.
@@ -306,27 +306,39 @@ impl Kernel {
             .map(|(sk, _)| sk)
             .take(self.settings.scan_limit as usize)
             .collect();
-        old.into_iter().try_fold(0, |n, sk| Ok(n + self.test_run(CLOSE_WAIT_ONE, sk)?))
+        old.into_iter().try_fold(0, |n, sk| Ok(n + self.test_run(CLOSE_WAIT_ONE, [sk, 0])?))
     }
 
-    /// Runs the sweep once: brings timewait entries up to date. Returns how many timewait
-    /// sockets it visited.
-    pub fn run_sweep(&self) -> std::io::Result<u32> {
+    /// Whether the kernel walks the maps in one program run (`bpf_for_each_map_elem`).
+    pub fn walks_in_kernel(&self) -> bool {
+        self.walk_in_kernel
+    }
+
+    /// Runs the sweep once: brings the orphaned FIN_WAIT2 timewait entries up to date, or with
+    /// `all` checks every timewait entry and ends those whose socket is gone. Returns how many
+    /// entries it visited.
+    pub fn run_sweep(&self, all: bool) -> std::io::Result<u32> {
+        let mode = if all { sweep::ALL } else { sweep::ORPHANS };
         if self.walk_in_kernel {
-            return self.test_run(SWEEP, 0);
+            return self.test_run(SWEEP, [mode, 0]);
         }
-        let (orphans, capacity) = self.map::<u8>("ORPHANS")?;
         // Collected first: the program deletes entries, and a walk resumed from a deleted key
         // starts over.
-        let keys: Vec<u64> = orphans.keys().take(capacity).filter_map(Result::ok).collect();
+        let keys: Vec<u64> = if all {
+            let (map, capacity) = self.map::<SockEntry>("TIMEWAIT")?;
+            map.keys().take(capacity).filter_map(Result::ok).collect()
+        } else {
+            let (map, capacity) = self.map::<u8>("ORPHANS")?;
+            map.keys().take(capacity).filter_map(Result::ok).collect()
+        };
         for &tw in &keys {
-            self.test_run(SWEEP_ONE, tw)?;
+            self.test_run(SWEEP_ONE, [tw, mode])?;
         }
         Ok(keys.len() as u32)
     }
 
-    /// Runs one of the agent's own programs with `arg` as its first argument.
-    fn test_run(&self, name: &str, arg: u64) -> std::io::Result<u32> {
+    /// Runs one of the agent's own programs with `args` as its first arguments.
+    fn test_run(&self, name: &str, args: [u64; 2]) -> std::io::Result<u32> {
         let prog: &RawTracePoint = self
             .ebpf
             .program(name)
@@ -334,7 +346,7 @@ impl Kernel {
             .try_into()
             .map_err(std::io::Error::other)?;
         let mut opts = RawTracePointRunOptions::new();
-        opts.args[0] = arg;
+        opts.args[..2].copy_from_slice(&args);
         prog.test_run(opts).map(|r| r.return_value).map_err(std::io::Error::other)
     }
 

@@ -241,13 +241,15 @@ pub fn read(netns_only: u32) -> Result<(KernelLayout, Features), LayoutError> {
         net_inum: member_offset(&btf, "net", "ns.inum")?,
         tw_substate: member_offset(&btf, "inet_timewait_sock", "tw_substate")?,
         tw_timer: member_offset(&btf, "inet_timewait_sock", "tw_timer")?,
+        tw_snd_nxt: skc("skc_tw_snd_nxt")?,
         timer_expires: member_offset(&btf, "timer_list", "expires")?,
         timer_function: member_offset(&btf, "timer_list", "function")?,
+        timer_pprev: member_offset(&btf, "timer_list", "entry.pprev")?,
         // (sk, skb, err) since 6.17; (sk, skb) before.
         retransmit_has_err: (retransmit_args.len() >= 3 && retransmit_args[2] == "int") as u32,
         tw_timer_handler: kallsyms("tw_timer_handler")?,
         netns_only,
-        _pad: 0,
+        sk_err: member_offset(&btf, "sock", "sk_err")?,
     };
     Ok((layout, features))
 }

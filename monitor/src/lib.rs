@@ -197,7 +197,7 @@ impl Agent {
             let kernel = lock(&self.kernel);
             // Sweep first, so an orphaned FIN_WAIT2 that got its FIN counts as TIME_WAIT, as ss
             // shows it: every scrape equals the kernel's view.
-            if let Err(e) = kernel.run_sweep() {
+            if let Err(e) = kernel.run_sweep(false) {
                 tracing::warn!("timewait sweep failed: {e}");
             }
             self.metrics.refresh(&kernel.read(), &decided, &seeded, kernel.attached, &kernel.program_stats());
@@ -344,9 +344,21 @@ impl Agent {
         let readout = {
             let mut kernel = lock(&self.kernel);
             kernel.set_seeded(timewait);
-            // The sweep first, so orphaned FIN_WAIT2 sockets that got their FIN count as TIME_WAIT.
-            let _ = kernel.run_sweep();
-            kernel.read()
+            // The sweep first, so orphaned FIN_WAIT2 sockets that got their FIN count as TIME_WAIT,
+            // and every timewait entry whose socket is gone (one whose end no program saw) is
+            // ended. Checking every entry is one program run where the kernel walks maps itself;
+            // where the agent walks them (a run per entry), only when the counts are above the
+            // kernel's, as such entries make them.
+            let all = kernel.walks_in_kernel();
+            let _ = kernel.run_sweep(all);
+            let readout = kernel.read();
+            let above = |s: u8| readout.sockets[s as usize] + seeded[s as usize] > totals[s as usize];
+            if !all && (above(monitor_common::tcp::TIME_WAIT) || above(monitor_common::tcp::FIN_WAIT2)) {
+                let _ = kernel.run_sweep(true);
+                kernel.read()
+            } else {
+                readout
+            }
         };
         self.note_lost(readout.counter(monitor_common::counter::EVENTS_LOST));
         let mut drift = [0i64; monitor_common::tcp::MAX_STATES as usize];
@@ -470,7 +482,7 @@ impl Agent {
         let seeded = lock(&self.tracker).seeded();
         let readout = {
             let kernel = lock(&self.kernel);
-            let _ = kernel.run_sweep();
+            let _ = kernel.run_sweep(false);
             kernel.read()
         };
         let sockets: BTreeMap<&str, i64> =
@@ -623,7 +635,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 last_sweep = Instant::now();
                 let lost = {
                     let kernel = lock(&a.kernel);
-                    if let Err(e) = kernel.run_sweep() {
+                    if let Err(e) = kernel.run_sweep(false) {
                         tracing::warn!("timewait sweep failed: {e}");
                     }
                     kernel.counter(monitor_common::counter::EVENTS_LOST)

@@ -272,8 +272,10 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "twmon_timewait_handoff_missed_total",
-                    "Sockets that closed from fin_wait1, fin_wait2 or closing without a timewait \
-                     socket taking over (tcp_max_tw_buckets reached, memory pressure, or RST).",
+                    "Connections the kernel meant to hand over to a timewait socket and could not \
+                     (tcp_max_tw_buckets reached, as TcpExt TCPTimeWaitOverflow counts, or no \
+                     memory): they went from fin_wait1, fin_wait2 or closing straight to close. \
+                     Aborts (a reset, a timeout) are not counted here.",
                 )?,
             )?,
             timewait_missed: reg(

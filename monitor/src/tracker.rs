@@ -164,7 +164,12 @@ impl Tracker {
         }
         match ev.kind {
             kind::TW_CANCEL => {
-                self.pending.insert(ev.obj, *ev);
+                // A cancel still pending at this address was an end: its re-arm would have come
+                // at once, before its memory could be freed and become this socket (a SYN that
+                // reopens a 4-tuple ends one timewait socket and soon makes the next there).
+                if let Some(earlier) = self.pending.insert(ev.obj, *ev) {
+                    self.end_early(&earlier);
+                }
             }
             // Anything else about a cancelled timewait socket means the kernel kept it.
             kind::TRANSITION | kind::REARM if ev.flags & flags::TIMEWAIT != 0 => {
@@ -190,12 +195,17 @@ impl Tracker {
             .collect();
         for k in due {
             if let Some(ev) = self.pending.remove(&k) {
-                let d = (ev.flags & flags::DURATION != 0).then_some(ev.duration_ns);
-                self.decided.lifecycle.count(ev.from, tcp::CLOSE, d);
-                if let Some(n) = self.decided.ends.get_mut(ev.reason as usize) {
-                    *n += 1;
-                }
+                self.end_early(&ev);
             }
+        }
+    }
+
+    /// Counts a cancelled timewait timer that no re-arm followed as the socket's end.
+    fn end_early(&mut self, ev: &Event) {
+        let d = (ev.flags & flags::DURATION != 0).then_some(ev.duration_ns);
+        self.decided.lifecycle.count(ev.from, tcp::CLOSE, d);
+        if let Some(n) = self.decided.ends.get_mut(ev.reason as usize) {
+            *n += 1;
         }
     }
 
@@ -410,6 +420,22 @@ mod tests {
         assert_eq!(DURATION_BOUNDS_NS[bucket], 2_500_000_000);
         assert_eq!(t.t.decided().lifecycle.durations[tcp::TIME_WAIT as usize * DURATION_SLOTS + bucket], 1);
         assert_eq!(t.t.pending(), 0);
+    }
+
+    /// Two cancels at one address within the grace period: two sockets (the memory of the
+    /// first ended one is the second's), two ends, not one.
+    #[test]
+    fn second_cancel_at_an_address_ends_the_first() {
+        let mut t = T::new();
+        let mut c = tw(timed(ev(kind::TW_CANCEL, tcp::TIME_WAIT, tcp::CLOSE, 7, 1000), 30));
+        c.reason = reason::KILLED;
+        t.t.apply(&c);
+        t.t.apply(&Event { ts_ns: 1_010_000_000, ..c });
+        assert_eq!((t.ends(reason::KILLED), t.t.pending()), (1, 1), "the first ended at once");
+        t.t.apply(&tw(ev(kind::REARM, tcp::TIME_WAIT, tcp::TIME_WAIT, 7, 1010)));
+        t.t.settle(u64::MAX);
+        assert_eq!(t.ends(reason::KILLED), 1, "the second was re-armed");
+        assert_eq!(t.trans(tcp::TIME_WAIT, tcp::CLOSE), 1);
     }
 
     /// An orphaned FIN_WAIT2 timewait socket that got its FIN while its timer was being

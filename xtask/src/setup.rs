@@ -18,6 +18,8 @@ const APT: &[&str] = &[
     "curl",
     "python3-pip",
     "procps",
+    "nginx-light",
+    "wrk",
 ];
 const BPF_LINKER: &str = "0.13.0";
 

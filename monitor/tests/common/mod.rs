@@ -73,6 +73,19 @@ impl Netns {
             .collect()
     }
 
+    /// A counter of the kernel's own in this namespace: `group` is a line prefix of
+    /// /proc/net/netstat (`TcpExt`) or /proc/net/snmp (`Tcp`), `key` a column of it.
+    pub fn counter(&self, group: &str, key: &str) -> u64 {
+        let file = if group == "TcpExt" || group == "IpExt" { "/proc/net/netstat" } else { "/proc/net/snmp" };
+        let text = self.exec(&["cat", file]);
+        let prefix = format!("{group}:");
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(lines.len(), 2, "{group} in {file}");
+        let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
+        let value = names.zip(values).find(|(n, _)| *n == key).map(|(_, v)| v);
+        value.unwrap_or_else(|| panic!("{group} {key} in {file}")).parse().expect("a number")
+    }
+
     /// The `tw` count of /proc/net/sockstat in this namespace.
     pub fn sockstat_tw(&self) -> u64 {
         let text = self.exec(&["cat", "/proc/net/sockstat"]);
@@ -250,14 +263,21 @@ impl Agent {
 
     /// Ids of the BPF programs the agent holds (from its file descriptors).
     pub fn program_ids(&self) -> Vec<u32> {
+        self.bpf_ids("prog_id:")
+    }
+
+    /// Ids of the BPF maps the agent holds.
+    pub fn map_ids(&self) -> Vec<u32> {
+        self.bpf_ids("map_id:")
+    }
+
+    fn bpf_ids(&self, key: &str) -> Vec<u32> {
         let pid = self.child.as_ref().unwrap().id();
         let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
             .unwrap()
             .flatten()
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|info| {
-                info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok())
-            })
+            .filter_map(|info| info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()))
             .collect();
         ids.sort_unstable();
         ids.dedup();
@@ -336,6 +356,18 @@ impl Metrics {
         let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         pairs.sort();
         self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied().unwrap_or(0.0)
+    }
+
+    /// A sample's value; `None` when the series does not exist.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        pairs.sort();
+        self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied()
+    }
+
+    /// A sample's value; a missing series fails the test (it is not 0).
+    pub fn must(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{}", self.text))
     }
 
     /// Every series of a metric: (labels as `k="v"` sorted and comma-joined, value).
