@@ -309,8 +309,11 @@ pub struct KernelLayout {
     pub netns_only: u32,
     /// `struct sock` -> `sk_err`: set when a connection is aborted (reset, timeout).
     pub sk_err: u32,
+    /// `struct sock_common` -> `skc_nulls_node.pprev`: NULL once out of the connection hash.
+    pub skc_nulls_pprev: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 20 * 4 + 16);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 22 * 4 + 16);
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]

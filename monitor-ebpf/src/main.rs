@@ -108,15 +108,6 @@ static HANDOFF: PerCpuArray<Handoffs> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CANCELLED: PerCpuArray<Cancelled> = PerCpuArray::with_max_entries(1, 0);
 
-/// The socket this CPU last sent or took a reset for: its `X -> CLOSE` that follows is an
-/// abort, not a hand-off to a timewait socket that failed.
-#[map]
-static RESET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// The socket this CPU last saw `connect()` (CLOSE -> SYN_SENT), for telling tcp_tw_reuse.
-#[map]
-static CONNECTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per CPU, by `twin::*`: 1 while that program's body runs on the CPU.
 #[map]
 static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(twin::COUNT, 0);
@@ -376,11 +367,11 @@ pub fn nested_state(ctx: BtfTracePointContext) -> u32 {
     })
 }
 
-/// The state changes `try_state` looks at: a connect() (for tcp_tw_reuse), and what the close
-/// path is made of: into a teardown state or CLOSE, not from CLOSE or LISTEN (bind, listen).
+/// The state changes `try_state` looks at, what the close path is made of: into a teardown
+/// state or CLOSE, not from CLOSE or LISTEN (bind, listen).
 #[inline(always)]
 fn state_wanted(old: u8, new: u8) -> bool {
-    new == tcp::SYN_SENT || ((tcp::is_teardown(new) || new == tcp::CLOSE) && old != tcp::CLOSE && old != tcp::LISTEN)
+    (tcp::is_teardown(new) || new == tcp::CLOSE) && old != tcp::CLOSE && old != tcp::LISTEN
 }
 
 #[inline(always)]
@@ -390,12 +381,6 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let new = ctx.arg::<i32>(2) as u8;
 
     if !state_wanted(old, new) {
-        return Ok(());
-    }
-    if new == tcp::SYN_SENT {
-        if let Some(p) = CONNECTING.get_ptr_mut(0) {
-            unsafe { *p = sk };
-        }
         return Ok(());
     }
     let protocol: u16 = field(sk, layout!(sk_protocol));
@@ -471,16 +456,12 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Whether `sk` is closing because the connection was aborted: a reset sent or taken on this
-/// CPU just before, or an error (a timeout) set on the socket.
+/// Whether `sk` is closing because the connection was aborted: the kernel sets the error it
+/// reports to the application (a reset taken, a timeout) before it closes the socket. (A
+/// reset-taken event would do too, but the one for a reset *sent* comes after the close on
+/// some paths, and a per-CPU note of it outlives the socket whose memory the next one takes.)
 #[inline(always)]
 fn aborted(sk: u64) -> bool {
-    if let Some(r) = RESET.get_ptr_mut(0)
-        && unsafe { *r } == sk
-    {
-        unsafe { *r = 0 };
-        return true;
-    }
     field::<i32>(sk, layout!(sk_err)) != 0
 }
 
@@ -732,6 +713,11 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
         None if function == 0 => return Ok(()),
         None => return untracked_end(tw, timer),
     };
+    if Live(tw).get::<u32>(layout!(skc_hash)) != Ok(entry.hash) {
+        // The entry is of a socket whose end went unseen, and this is another one in its memory.
+        end_missed(&entry, tw, unsafe { bpf_ktime_get_ns() });
+        return untracked_end(tw, timer);
+    }
     let _ = TIMEWAIT.remove(tw);
     let now = unsafe { bpf_ktime_get_ns() };
     let now_jiffies = unsafe { bpf_jiffies64() };
@@ -810,16 +796,13 @@ fn untracked_end(tw: u64, timer: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// Whether the `connect()` this CPU saw last took over this timewait socket's 4-tuple.
+/// Whether a `connect()` took over this timewait socket's 4-tuple (tcp_tw_reuse): the kernel
+/// takes such a socket out of the connection hash before it stops its timer, and every other
+/// end (expiry, a reset, a reopening SYN, a namespace's teardown) stops the timer first. So a
+/// timewait socket no longer hashed when its timer is cancelled is one a connect() reused.
 #[inline(always)]
 fn reused(tw: u64) -> bool {
-    let sk = match CONNECTING.get(0) {
-        Some(sk) if *sk != 0 => *sk,
-        _ => return false,
-    };
-    // The connecting socket is hashed under the same 4-tuple before the kernel kills the
-    // timewait socket, so its identity is the timewait socket's.
-    matches!((Live(sk).identity(), Live(tw).identity()), (Ok(a), Ok(b)) if a == b)
+    kread::<u64>(tw + layout!(skc_nulls_pprev) as u64) == Ok(0)
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings the orphaned FIN_WAIT2
@@ -1023,24 +1006,13 @@ pub fn twmon_retransmit(ctx: BtfTracePointContext) -> u32 {
 pub fn twmon_send_reset(ctx: BtfTracePointContext) -> u32 {
     // The socket is NULL for a reset to a segment no socket owns: not counted.
     count_by_state(ctx.arg(0), counter::RESETS_SENT);
-    note_reset(ctx.arg(0));
     0
 }
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn twmon_receive_reset(ctx: BtfTracePointContext) -> u32 {
     count_by_state(ctx.arg(0), counter::RESETS_RECEIVED);
-    note_reset(ctx.arg(0));
     0
-}
-
-#[inline(always)]
-fn note_reset(sk: u64) {
-    if sk != 0
-        && let Some(r) = RESET.get_ptr_mut(0)
-    {
-        unsafe { *r = sk };
-    }
 }
 
 /// Counts `base + state of sk` when `sk` is one the agent watches.

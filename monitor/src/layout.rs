@@ -250,6 +250,8 @@ pub fn read(netns_only: u32) -> Result<(KernelLayout, Features), LayoutError> {
         tw_timer_handler: kallsyms("tw_timer_handler")?,
         netns_only,
         sk_err: member_offset(&btf, "sock", "sk_err")?,
+        skc_nulls_pprev: skc("skc_nulls_node.pprev")?,
+        _pad: 0,
     };
     Ok((layout, features))
 }

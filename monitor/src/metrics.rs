@@ -171,6 +171,27 @@ fn sync(c: &IntCounter, value: u64) {
     c.inc_by(value.saturating_sub(c.get()));
 }
 
+/// RFC 793's close path: the four-way close on each side, simultaneous close, and aborts (a
+/// reset or timeout) from the states a close passes.
+const CLOSE_PATH: [(u8, u8); 16] = [
+    (tcp::ESTABLISHED, tcp::FIN_WAIT1),
+    (tcp::ESTABLISHED, tcp::CLOSE_WAIT),
+    (tcp::ESTABLISHED, tcp::CLOSE),
+    (tcp::FIN_WAIT1, tcp::FIN_WAIT2),
+    (tcp::FIN_WAIT1, tcp::CLOSING),
+    (tcp::FIN_WAIT1, tcp::TIME_WAIT),
+    (tcp::FIN_WAIT1, tcp::CLOSE),
+    (tcp::FIN_WAIT2, tcp::TIME_WAIT),
+    (tcp::FIN_WAIT2, tcp::CLOSE),
+    (tcp::CLOSING, tcp::TIME_WAIT),
+    (tcp::CLOSING, tcp::CLOSE),
+    (tcp::CLOSE_WAIT, tcp::LAST_ACK),
+    (tcp::CLOSE_WAIT, tcp::CLOSE),
+    (tcp::LAST_ACK, tcp::CLOSE),
+    (tcp::TIME_WAIT, tcp::CLOSE),
+    (tcp::SYN_SENT, tcp::CLOSE),
+];
+
 impl Metrics {
     pub fn new(kernel_release: &str, hz: u32) -> prometheus::Result<Self> {
         let r = Registry::new();
@@ -492,6 +513,11 @@ impl Metrics {
         }
         for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
             m.timewait_ends.with_label_values(&[reason_name(r)]);
+        }
+        // Every step of the close path from the start, so that rate() and absent() work before
+        // the first one happens; other transitions appear when they do.
+        for (from, to) in CLOSE_PATH {
+            m.transitions.with_label_values(&[state_name(from), state_name(to)]);
         }
         Ok(m)
     }

@@ -12,6 +12,7 @@
 //! - timewait sockets that ended before 2MSL equal those created minus those `ss` still shows;
 //! - the gauges equal `ss`, and no timewait entry outlives its socket past a reconcile.
 mod common;
+mod harness;
 
 use std::{
     io::{Read, Write},
@@ -22,27 +23,15 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{Agent, Metrics, Netns};
+use harness::{Made, ends, numbers};
 use monitor_common::{SockEntry, tcp};
 use socket2::{Domain, Socket, Type};
 
 const SETTLE: Duration = Duration::from_secs(20);
 
-/// Sum of a metric's series whose labels include `label`.
-fn sum_with(m: &Metrics, name: &str, label: &str) -> f64 {
-    m.series(name).iter().filter(|(l, _)| l.split(',').any(|p| p == label)).map(|(_, v)| v).sum()
-}
-
-fn into_state(m: &Metrics, state: &str) -> f64 {
-    sum_with(m, "twmon_state_transitions_total", &format!("to=\"{state}\""))
-}
-
-fn out_of_state(m: &Metrics, state: &str) -> f64 {
-    sum_with(m, "twmon_state_transitions_total", &format!("from=\"{state}\""))
-}
-
 /// Timewait sockets that ended before 2MSL, by twmon: every reason but expiry.
 fn early_ends(m: &Metrics) -> f64 {
-    ["reuse", "killed"].iter().map(|r| m.must("twmon_timewait_ends_total", &[("reason", r)])).sum()
+    ends(m, "reuse") + ends(m, "killed")
 }
 
 /// The kernel's timewait sockets created in the namespace.
@@ -50,19 +39,101 @@ fn created(ns: &Netns) -> u64 {
     ns.counter("TcpExt", "TW") + ns.counter("TcpExt", "TWKilled")
 }
 
-/// Every number twmon derives, for failure messages.
-fn numbers(m: &Metrics) -> String {
-    m.text
-        .lines()
-        .filter(|l| {
-            l.starts_with("twmon_")
-                && !l.contains("_bucket")
-                && !l.contains("bpf_program")
-                && !l.contains("kernel_sysctl")
-                && !l.ends_with(" 0")
+/// Fixed seeds of the randomized harness: each a namespace of its own with its own agent, a
+/// random mix of closes, aborts, held CLOSE_WAITs, port reuse, overflow, short fin timeouts,
+/// IPv4 and IPv6 from several threads, checked at rest against the kernel.
+#[test]
+fn randomized_cases_match_the_kernel() {
+    const SEEDS: [u64; 4] = [0x7411, 0x7412, 0x7413, 0x7414];
+    let cases: Vec<_> = SEEDS
+        .iter()
+        .map(|&seed| {
+            std::thread::spawn(move || {
+                let ns = Netns::new("case");
+                let config = Agent::config_file(&format!("case{seed}"), common::FAST_RECONCILE);
+                let agent = Agent::start_with(&ns, &["--config.file", &config]);
+                let made = harness::run_case(&ns, seed);
+                let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
+                harness::check(&format!("seed {seed:#x} (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"), &m, &k, &made);
+                made
+            })
         })
-        .collect::<Vec<_>>()
-        .join("\n")
+        .collect();
+    for c in cases {
+        c.join().expect("a case failed; its seed is in the message above");
+    }
+}
+
+/// `cargo xtask soak --minutes M --seed S`: cases one after another in one namespace watched
+/// by one agent, with namespaces created and deleted alongside; the invariants at every rest
+/// point, and the agent's memory, printed as it goes.
+#[test]
+#[ignore = "long: run by `cargo xtask soak`"]
+fn soak() {
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| parse_u64(&v)).unwrap_or(d);
+    let minutes = env("TWMON_SOAK_MINUTES", 60);
+    let seed = env("TWMON_SOAK_SEED", 0x50a6);
+    let max_cases = env("TWMON_SOAK_CASES", u64::MAX);
+    common::raise_nofile();
+    let ns = Netns::new("soak");
+    let config = Agent::config_file("soak", common::FAST_RECONCILE);
+    let agent = Agent::start_with(&ns, &["--config.file", &config]);
+    let start = Instant::now();
+    let mut rng = harness::Rng::new(seed);
+    let mut made = harness::Made::default();
+    let mut case = 0u64;
+    println!("soak: seed {seed:#x}, {minutes} min; minute  case  connections  timewait-created  ended  time_wait  drift  rss-kib");
+    while start.elapsed() < Duration::from_secs(minutes * 60) && case < max_cases {
+        let case_seed = if case == 0 { seed } else { rng.next() };
+        // Other namespaces come and go with live TIME_WAIT sockets meanwhile.
+        let churn = std::thread::spawn(move || namespace_churn(case_seed));
+        made += harness::run_case(&ns, case_seed);
+        churn.join().expect("namespace churn");
+        let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
+        harness::check(&format!("soak case {case} seed {case_seed:#x}"), &m, &k, &made);
+        let total = |m: &Metrics| m.series("twmon_reconcile_drift").iter().map(|(_, v)| v.abs()).sum::<f64>();
+        let drift = total(&agent.wait_for(SETTLE, |m| total(m) == 0.0));
+        assert_eq!(drift, 0.0, "soak case {case} seed {case_seed:#x}: drift at rest");
+        println!(
+            "soak: {:6.1} {:5} {:12} {:17} {:6} {:10} {:6} {:8}",
+            start.elapsed().as_secs_f64() / 60.0,
+            case,
+            made.connections,
+            k.created,
+            k.created - k.states.iter().filter(|(s, _)| *s == "time_wait" || *s == "fin_wait2").map(|(_, n)| n).sum::<f64>(),
+            m.sockets("time_wait"),
+            drift,
+            agent.rss_kib()
+        );
+        case += 1;
+    }
+    println!("soak: {case} cases, every invariant held at every rest point");
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// A few namespaces, each with TIME_WAIT sockets, deleted while they are alive.
+fn namespace_churn(seed: u64) {
+    let mut rng = harness::Rng::new(seed ^ 0xc4u64);
+    let spaces: Vec<Netns> = (0..2 + rng.below(6)).map(|_| Netns::new("churn")).collect();
+    for ns in &spaces {
+        let n = 1 + rng.below(20) as usize;
+        ns.run(move || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            for _ in 0..n {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (mut s, _) = l.accept().unwrap();
+                drop(c);
+                let _ = s.read(&mut [0u8; 1]);
+            }
+        });
+    }
+    drop(spaces);
 }
 
 /// nginx, closing first (keep-alive off), under wrk: every connection's server side goes to
@@ -83,45 +154,9 @@ fn nginx_closing_first_under_wrk() {
     assert!(requests > 1000, "wrk made only {requests} requests:\n{out}");
     drop(nginx);
 
-    // At rest: only the server's TIME_WAIT sockets are left, and twmon counts them as ss does.
-    let at_rest = |m: &Metrics| {
-        let tw = ns.ss("TIME-WAIT").len() as f64;
-        m.sockets("time_wait") == tw
-            && ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack"].iter().all(|s| m.sockets(s) == 0.0)
-            && m.value("twmon_reconcile_drift", &[("state", "time_wait")]) == Some(0.0)
-    };
-    let m = agent.wait_for(SETTLE, at_rest);
-    assert!(at_rest(&m), "not at rest: ss {} TIME-WAIT\n{}", ns.ss("TIME-WAIT").len(), numbers(&m));
-    check_kernel_invariants(&ns, &m);
-    let opened = ns.counter("Tcp", "ActiveOpens") + ns.counter("Tcp", "PassiveOpens");
-    let failed = ns.counter("Tcp", "AttemptFails");
-    assert_eq!(
-        out_of_state(&m, "established") as u64,
-        opened - failed,
-        "every connection's two sides leave ESTABLISHED once\n{}",
-        numbers(&m)
-    );
-    eprintln!("nginx: {requests} requests, {} timewait sockets, {} reopened", created(&ns), early_ends(&m));
-}
-
-/// The invariants that hold at rest in any namespace, against the kernel's counters.
-fn check_kernel_invariants(ns: &Netns, m: &Metrics) {
-    let created = created(ns) as f64;
-    let overflow = ns.counter("TcpExt", "TCPTimeWaitOverflow") as f64;
-    let in_tw = ns.ss("TIME-WAIT").len() as f64;
-    let expired = m.must("twmon_timewait_ends_total", &[("reason", "expired")]);
-    let numbers = numbers(m);
-    assert_eq!(m.must("twmon_timewait_handoff_missed_total", &[]), overflow, "hand-offs missed\n{numbers}");
-    assert_eq!(into_state(m, "time_wait"), created, "transitions into time_wait vs TW + TWKilled\n{numbers}");
-    assert_eq!(early_ends(m) + expired, created - in_tw, "timewait sockets that ended\n{numbers}");
-    assert_eq!(m.transitions("time_wait", "close"), created - in_tw, "time_wait -> close\n{numbers}");
-    assert_eq!(
-        m.must("twmon_timewait_ends_total", &[("reason", "reuse")]),
-        ns.counter("TcpExt", "TWRecycled") as f64,
-        "reuse ends vs TWRecycled\n{numbers}"
-    );
-    assert_eq!(m.must("twmon_timewait_end_missed_total", &[]), 0.0, "{numbers}");
-    assert_eq!(m.sockets("time_wait"), in_tw, "{numbers}");
+    let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
+    harness::check("nginx under wrk", &m, &k, &Made::default());
+    eprintln!("nginx: {requests} requests, {} timewait sockets, {} reopened", k.created, early_ends(&m));
 }
 
 /// A port range of 4 and connections the server closes first: clients reconnect from ports
@@ -151,11 +186,12 @@ fn syn_reopens_time_wait() {
     let reopened = N as u64 - ns.ss("TIME-WAIT").len() as u64;
     assert_eq!(created(&ns), N as u64, "one timewait socket per connection");
     assert!(reopened >= (N - 4) as u64, "the kernel reopened only {reopened} of {N}: the test needs port reuse");
-    let m = agent.wait_for(SETTLE, |m| early_ends(m) == reopened as f64);
-    check_kernel_invariants(&ns, &m);
+    let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
+    harness::check("reopened 4-tuples", &m, &k, &Made::default());
+    assert_eq!(early_ends(&m), reopened as f64);
     assert_eq!(m.transitions("fin_wait2", "time_wait"), N as f64, "{}", numbers(&m));
-    assert_eq!(m.must("twmon_timewait_rearms_total", &[]), 0.0, "no segment re-armed a timer");
-    assert_eq!(m.must("twmon_timewait_ends_total", &[("reason", "killed")]), reopened as f64);
+    assert_eq!(m.get("twmon_timewait_rearms_total", &[]), 0.0, "no segment re-armed a timer");
+    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "killed")]), reopened as f64);
 }
 
 /// A timewait entry whose socket is gone without its end seen (whatever the cause) is ended
@@ -200,13 +236,13 @@ fn timewait_entry_without_socket_is_ended() {
     let (tw, entry) = entries[0];
     maps.timewait().insert(tw, entry, 0).unwrap();
     maps.add_to_gauge(tcp::TIME_WAIT, 1);
-    let missed = |m: &Metrics| m.must("twmon_timewait_end_missed_total", &[]);
+    let missed = |m: &Metrics| m.get("twmon_timewait_end_missed_total", &[]);
     let m = agent.wait_for(SETTLE, |m| missed(m) == 1.0 && m.sockets("time_wait") == 0.0);
     assert_eq!(missed(&m), 1.0, "{}", numbers(&m));
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert!(maps.timewait().iter().next().is_none(), "the entry without a socket was ended");
     let m = agent.wait_for(SETTLE, |m| m.value("twmon_reconcile_drift", &[("state", "time_wait")]) == Some(0.0));
-    assert_eq!(m.must("twmon_reconcile_drift", &[("state", "time_wait")]), 0.0);
+    assert_eq!(m.get("twmon_reconcile_drift", &[("state", "time_wait")]), 0.0);
     // The live connection is untouched.
     again.write_all(b"x").unwrap();
     assert_eq!(s2.read(&mut [0u8; 1]).unwrap(), 1);

@@ -49,6 +49,21 @@ enum Task {
         #[arg(last = true)]
         filter: Vec<String>,
     },
+    /// Run the randomized differential harness for a long time: cases one after another in one
+    /// namespace watched by one agent, namespaces created and deleted alongside, every
+    /// invariant checked against the kernel at each rest point; prints tallies and the agent's
+    /// memory as it goes.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// The first case's seed (decimal or 0x hex); the others follow from it.
+        #[arg(long, default_value = "0x50a6")]
+        seed: String,
+        /// Stop after this many cases (say 1, to rerun a failed seed).
+        #[arg(long)]
+        cases: Option<u64>,
+    },
     /// Check formatting (rustfmt.toml) and lints (clippy, warnings are errors), as CI does.
     Lint,
     /// Measure the agent's overhead: churn with the agent off and on, per-event kernel cost,
@@ -132,6 +147,21 @@ fn main() -> Result<()> {
                 suites: or(suites, vm::DEFAULT_SUITES),
                 filter,
             })
+        }
+        Task::Soak { minutes, seed, cases } => {
+            build()?;
+            if !is_root() {
+                bail!("the soak loads kernel programs and creates network namespaces: run as root");
+            }
+            let mut cmd = Command::new("cargo");
+            cmd.args(["test", "--release", "--package", "monitor", "--test", "exact", "soak", "--"])
+                .args(["--ignored", "--exact", "--nocapture"])
+                .env("TWMON_SOAK_MINUTES", minutes.to_string())
+                .env("TWMON_SOAK_SEED", &seed);
+            if let Some(n) = cases {
+                cmd.env("TWMON_SOAK_CASES", n.to_string());
+            }
+            run(&mut cmd)
         }
         Task::Test { filter } => {
             build()?;

@@ -261,6 +261,17 @@ impl Agent {
         child.wait().unwrap()
     }
 
+    /// The agent's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Ids of the BPF programs the agent holds (from its file descriptors).
     pub fn program_ids(&self) -> Vec<u32> {
         self.bpf_ids("prog_id:")
@@ -351,11 +362,10 @@ impl Metrics {
         Self { samples, text: text.to_string() }
     }
 
-    /// A sample's value, 0 when the series does not exist (counters not yet incremented).
+    /// A sample's value; NaN when the series does not exist, so that a missing series fails
+    /// every comparison (it is not 0) and a wait for a value keeps waiting.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        pairs.sort();
-        self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied().unwrap_or(0.0)
+        self.value(name, labels).unwrap_or(f64::NAN)
     }
 
     /// A sample's value; `None` when the series does not exist.
@@ -363,11 +373,6 @@ impl Metrics {
         let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         pairs.sort();
         self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied()
-    }
-
-    /// A sample's value; a missing series fails the test (it is not 0).
-    pub fn must(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.value(name, labels).unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{}", self.text))
     }
 
     /// Every series of a metric: (labels as `k="v"` sorted and comma-joined, value).

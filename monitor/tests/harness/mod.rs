@@ -1,0 +1,390 @@
+//! The randomized differential harness: seeded cases of real TCP teardown in a namespace the
+//! agent watches, checked at rest against the kernel's own counters and tables (never against
+//! twmon's logic). `cases` runs a fixed set of seeds in `cargo xtask test`; `cargo xtask soak`
+//! runs them one after another in one namespace for as long as asked.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use crate::common::{Agent, Metrics, Netns};
+
+/// splitmix64: small, seedable, and the same sequence on every machine.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
+}
+
+/// How one connection ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Close {
+    /// The client closes, the server reads EOF and closes: TIME_WAIT on the client.
+    ClientFirst,
+    /// The server closes first (an HTTP server without keep-alive): TIME_WAIT on the server.
+    ServerFirst,
+    /// Both shut down at about the same time, from two threads (CLOSING when the FINs cross).
+    Simultaneous,
+    /// SO_LINGER 0: a reset instead of a FIN.
+    Linger0,
+    /// The client closes with data it has not read: the kernel resets.
+    Unread,
+    /// The client closes, the server holds its end in CLOSE_WAIT until the case ends.
+    Held,
+}
+
+const CLOSES: [Close; 6] =
+    [Close::ClientFirst, Close::ServerFirst, Close::Simultaneous, Close::Linger0, Close::Unread, Close::Held];
+
+/// A case's settings, drawn from its seed.
+#[derive(Debug)]
+struct Plan {
+    threads: usize,
+    per_thread: usize,
+    ipv6_percent: u64,
+    tw_reuse: u8,
+    /// tcp_max_tw_buckets: small ones overflow.
+    max_tw: u32,
+    /// A short tcp_fin_timeout, with held connections outliving it: their orphaned FIN_WAIT2
+    /// peers end at the timeout without a FIN.
+    short_fin_timeout: bool,
+    /// A port range of 4: clients reuse ports (and 4-tuples) at once.
+    narrow_ports: bool,
+    closes: Vec<Close>,
+}
+
+impl Plan {
+    fn draw(rng: &mut Rng) -> Self {
+        let mut closes = Vec::new();
+        for c in CLOSES {
+            // Each kind in about two cases of three, at least one kind.
+            if rng.chance(66) {
+                closes.push(c);
+            }
+        }
+        if closes.is_empty() {
+            closes.push(rng.pick(&CLOSES));
+        }
+        let narrow_ports = rng.chance(25);
+        Self {
+            threads: 1 + rng.below(4) as usize,
+            per_thread: if narrow_ports { 8 } else { 10 + rng.below(60) as usize },
+            ipv6_percent: rng.pick(&[0, 30, 100]),
+            tw_reuse: rng.below(3) as u8,
+            max_tw: if rng.chance(20) { 5 + rng.below(40) as u32 } else { 262_144 },
+            short_fin_timeout: rng.chance(25),
+            narrow_ports,
+            closes,
+        }
+    }
+}
+
+/// What a case did, by the harness's own count: connections made (and how many failed to
+/// connect), and orphaned FIN_WAIT2 sockets that never got their FIN.
+#[derive(Debug, Default, Clone)]
+pub struct Made {
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub never_fin: u64,
+}
+
+impl std::ops::AddAssign for Made {
+    fn add_assign(&mut self, o: Self) {
+        self.connections += o.connections;
+        self.connect_failures += o.connect_failures;
+        self.never_fin += o.never_fin;
+    }
+}
+
+/// One case in `ns` (the namespace `agent` watches): draws a plan from `seed`, runs it, waits
+/// for rest. Returns what it made; the caller checks [`check`] with the running totals.
+pub fn run_case(ns: &Netns, seed: u64) -> Made {
+    let mut rng = Rng::new(seed);
+    let plan = Plan::draw(&mut rng);
+    eprintln!("case {seed:#x}: {plan:?}");
+    let fin_timeout = if plan.short_fin_timeout { 2 } else { 60 };
+    let range = if plan.narrow_ports { "40000 40003" } else { "32768 60999" };
+    for (k, v) in [
+        ("net.ipv4.tcp_tw_reuse", plan.tw_reuse.to_string()),
+        ("net.ipv4.tcp_max_tw_buckets", plan.max_tw.to_string()),
+        ("net.ipv4.tcp_fin_timeout", fin_timeout.to_string()),
+        ("net.ipv4.ip_local_port_range", range.to_string()),
+    ] {
+        ns.exec(&["sysctl", "-qw", &format!("{k}={v}")]);
+    }
+    let workers: Vec<_> = (0..plan.threads)
+        .map(|t| {
+            let seed = rng.next();
+            let (per, v6, closes) = (plan.per_thread, plan.ipv6_percent, plan.closes.clone());
+            let path = ns.path();
+            std::thread::spawn(move || worker(&path, t as u16, seed, per, v6, &closes))
+        })
+        .collect();
+    let mut made = Made::default();
+    let mut held = Vec::new();
+    for w in workers {
+        let (m, h) = w.join().expect("a worker thread panicked");
+        made += m;
+        held.extend(h);
+    }
+    // Held CLOSE_WAITs: released before their peers' fin_timeout, or after it (those peers then
+    // end without their FIN, and the late FIN is answered with a reset).
+    let outlive = plan.short_fin_timeout && !held.is_empty();
+    if outlive {
+        // The held connections' orphaned peers as the kernel keeps them: timewait sockets in
+        // FIN_WAIT2 (fewer than the held connections when tcp_max_tw_buckets was reached).
+        std::thread::sleep(Duration::from_millis(200));
+        made.never_fin += ns.ss("FIN-WAIT-2").len() as u64;
+        std::thread::sleep(Duration::from_secs(fin_timeout + 2));
+    } else {
+        std::thread::sleep(Duration::from_millis(rng.below(300)));
+    }
+    drop(held);
+    wait_quiet(ns);
+    made
+}
+
+/// One thread's connections: `n` of them to its own two listeners (IPv4 and IPv6), each ended
+/// by one of `closes`. Returns what it made and the server ends it holds in CLOSE_WAIT.
+fn worker(
+    netns: &str,
+    index: u16,
+    seed: u64,
+    n: usize,
+    v6_percent: u64,
+    closes: &[Close],
+) -> (Made, Vec<TcpStream>) {
+    enter(netns);
+    let mut rng = Rng::new(seed);
+    // Fixed ports below the ephemeral range: port 0 would take one of a narrow range's few.
+    let l4 = TcpListener::bind(("127.0.0.1", 20_000 + 2 * index)).unwrap();
+    let l6 = TcpListener::bind(("::1", 20_001 + 2 * index)).unwrap();
+    let mut made = Made::default();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let l = if rng.chance(v6_percent) { &l6 } else { &l4 };
+        let addr = l.local_addr().unwrap();
+        let c = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(c) => c,
+            Err(_) => {
+                // A narrow port range with every port in TIME_WAIT: no connection made.
+                made.connect_failures += 1;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let (s, _) = l.accept().unwrap();
+        made.connections += 1;
+        let close = rng.pick(closes);
+        if let Some(h) = close_pair(close, c, s) {
+            held.push(h);
+        }
+    }
+    (made, held)
+}
+
+/// Runs one connection's close. Returns the server's end when it is held in CLOSE_WAIT.
+fn close_pair(close: Close, mut c: TcpStream, mut s: TcpStream) -> Option<TcpStream> {
+    let eof = |t: &mut TcpStream| {
+        let mut b = [0u8; 64];
+        while matches!(t.read(&mut b), Ok(n) if n > 0) {}
+    };
+    match close {
+        Close::ClientFirst => {
+            drop(c);
+            eof(&mut s);
+        }
+        Close::ServerFirst => {
+            drop(s);
+            eof(&mut c);
+        }
+        Close::Simultaneous => {
+            let t = std::thread::spawn(move || {
+                let _ = s.shutdown(Shutdown::Write);
+                eof(&mut s);
+            });
+            let _ = c.shutdown(Shutdown::Write);
+            eof(&mut c);
+            t.join().unwrap();
+        }
+        Close::Linger0 => {
+            socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(c);
+            eof(&mut s);
+        }
+        Close::Unread => {
+            s.write_all(b"data the client never reads").unwrap();
+            // Until it has arrived: then the close resets.
+            std::thread::sleep(Duration::from_millis(2));
+            drop(c);
+            eof(&mut s);
+        }
+        Close::Held => {
+            drop(c);
+            eof(&mut s);
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// Moves this thread into the namespace at `path`.
+fn enter(path: &str) {
+    use std::os::fd::AsRawFd;
+    let fd = std::fs::File::open(path).unwrap();
+    // SAFETY: a valid namespace fd; affects only this thread.
+    assert_eq!(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+}
+
+/// Until no socket is in a state that moves on its own within seconds: FIN_WAIT1, CLOSING,
+/// LAST_ACK, CLOSE_WAIT (none is held any more).
+fn wait_quiet(ns: &Netns) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let busy: usize = ["FIN-WAIT-1", "CLOSING", "LAST-ACK", "CLOSE-WAIT"].iter().map(|s| ns.ss(s).len()).sum();
+        if busy == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sockets still closing after 30 s:\n{}", ns.exec(&["ss", "-tanH"]));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sum of a metric's series whose labels include `label`.
+pub fn sum_with(m: &Metrics, name: &str, label: &str) -> f64 {
+    m.series(name).iter().filter(|(l, _)| l.split(',').any(|p| p == label)).map(|(_, v)| v).sum()
+}
+
+pub fn into_state(m: &Metrics, state: &str) -> f64 {
+    sum_with(m, "twmon_state_transitions_total", &format!("to=\"{state}\""))
+}
+
+pub fn out_of_state(m: &Metrics, state: &str) -> f64 {
+    sum_with(m, "twmon_state_transitions_total", &format!("from=\"{state}\""))
+}
+
+pub fn ends(m: &Metrics, reason: &str) -> f64 {
+    m.get("twmon_timewait_ends_total", &[("reason", reason)])
+}
+
+/// Every non-zero number twmon derives, for failure messages.
+pub fn numbers(m: &Metrics) -> String {
+    m.text
+        .lines()
+        .filter(|l| {
+            l.starts_with("twmon_")
+                && !l.contains("_bucket")
+                && !l.contains("bpf_program_run")
+                && !l.contains("sysctl")
+                && !l.ends_with(" 0")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The kernel's view of a namespace at one moment: its counters and its sockets per state.
+#[derive(Debug)]
+pub struct Kernel {
+    pub created: f64,
+    pub overflow: f64,
+    pub recycled: f64,
+    pub established_left: f64,
+    pub states: Vec<(&'static str, f64)>,
+}
+
+const SS_STATES: [(&str, &str); 6] = [
+    ("fin_wait1", "FIN-WAIT-1"),
+    ("fin_wait2", "FIN-WAIT-2"),
+    ("close_wait", "CLOSE-WAIT"),
+    ("closing", "CLOSING"),
+    ("last_ack", "LAST-ACK"),
+    ("time_wait", "TIME-WAIT"),
+];
+
+impl Kernel {
+    pub fn read(ns: &Netns) -> Self {
+        let c = |g: &str, k: &str| ns.counter(g, k) as f64;
+        Self {
+            // Timewait sockets created: over 4 s of timer (TW) or at most (TWKilled).
+            created: c("TcpExt", "TW") + c("TcpExt", "TWKilled"),
+            overflow: c("TcpExt", "TCPTimeWaitOverflow"),
+            recycled: c("TcpExt", "TWRecycled"),
+            // Every connection that reached ESTABLISHED, both sides, once each.
+            established_left: c("Tcp", "ActiveOpens") + c("Tcp", "PassiveOpens")
+                - c("Tcp", "AttemptFails")
+                - c("Tcp", "CurrEstab"),
+            states: SS_STATES.iter().map(|(name, ss)| (*name, ns.ss(ss).len() as f64)).collect(),
+        }
+    }
+
+    fn sockets(&self, state: &str) -> f64 {
+        self.states.iter().find(|(s, _)| *s == state).map(|(_, n)| *n).unwrap_or(0.0)
+    }
+}
+
+/// Scrapes until twmon's gauges equal `ss` and the kernel's counters stand still between two
+/// readings around the scrape; returns both. Fails when that never happens within `timeout`.
+pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let before = Kernel::read(ns);
+        let m = agent.metrics();
+        let after = Kernel::read(ns);
+        let still = before.created == after.created && before.states == after.states;
+        let equal = SS_STATES.iter().all(|(s, _)| m.sockets(s) == after.sockets(s));
+        if still && equal {
+            return (m, after);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "twmon's gauges never equalled ss at rest: kernel {after:?}\n{}",
+            numbers(&m)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The invariants at a rest point, over everything since the agent started in a fresh
+/// namespace (`made` is the harness's own total).
+pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
+    let n = numbers(m);
+    let remaining = k.sockets("time_wait") + k.sockets("fin_wait2");
+    assert_eq!(
+        into_state(m, "time_wait") + made.never_fin as f64,
+        k.created,
+        "{ctx}: transitions into time_wait + orphans without a FIN vs TcpExt TW + TWKilled\n{n}"
+    );
+    assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), k.overflow, "{ctx}: hand-offs missed vs TCPTimeWaitOverflow\n{n}");
+    assert_eq!(ends(m, "reuse"), k.recycled, "{ctx}: reuse ends vs TWRecycled\n{n}");
+    let ended = ends(m, "reuse") + ends(m, "killed") + ends(m, "expired") + ends(m, "fin_timeout");
+    assert_eq!(ended, k.created - remaining, "{ctx}: timewait sockets ended vs created - still there\n{n}");
+    assert_eq!(out_of_state(m, "established"), k.established_left, "{ctx}: sides that left ESTABLISHED\n{n}");
+    assert_eq!(m.get("twmon_timewait_end_missed_total", &[]), 0.0, "{ctx}: ends no program saw\n{n}");
+    assert_eq!(m.get("twmon_events_lost_total", &[]), 0.0, "{ctx}\n{n}");
+    for (s, _) in SS_STATES {
+        assert_eq!(m.sockets(s), k.sockets(s), "{ctx}: {s} vs ss\n{n}");
+    }
+}
