@@ -725,10 +725,19 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let _ = refresh(&mut entry, tw, expires, now, now_jiffies);
     gauge(entry.state, -1);
 
-    // Timers never run early, so a due timer being detached is the expiry itself: counted
-    // here. Before that, a re-arm may follow at once: the agent decides.
-    if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
-        let why = if entry.state == tcp::FIN_WAIT2 { reason::FIN_TIMEOUT } else { reason::EXPIRED };
+    // A connect() that took the 4-tuple over is an end no re-arm follows: counted here. It is
+    // told first, as it may take a socket whose timer is due (in the batch of timers expiring
+    // on another CPU). Timers never run early, so otherwise a due timer being detached is the
+    // expiry itself: counted here too. Before that, a re-arm may follow at once: the agent
+    // decides.
+    let why = if reused(tw) {
+        Some(reason::REUSE)
+    } else if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
+        Some(if entry.state == tcp::FIN_WAIT2 { reason::FIN_TIMEOUT } else { reason::EXPIRED })
+    } else {
+        None
+    };
+    if let Some(why) = why {
         let _ = ORPHANS.remove(tw);
         end(&entry, tw, why, now, 0);
         return Ok(());
@@ -740,7 +749,7 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let (d, f) = since(now, entry.entered_ns);
     ev.duration_ns = d;
     ev.flags |= f;
-    ev.reason = if reused(tw) { reason::REUSE } else { reason::KILLED };
+    ev.reason = reason::KILLED;
     if let Some(slot) = CANCELLED.get_ptr_mut(0) {
         unsafe { *slot = Cancelled { tw, entry, identity: tw_identity(tw).unwrap_or_default() } };
     }

@@ -184,7 +184,9 @@ fn syn_reopens_time_wait() {
         }
     }
     let reopened = N as u64 - ns.ss("TIME-WAIT").len() as u64;
-    assert_eq!(created(&ns), N as u64, "one timewait socket per connection");
+    if harness::tw_counted_at_creation() {
+        assert_eq!(created(&ns), N as u64, "one timewait socket per connection");
+    }
     assert!(reopened >= (N - 4) as u64, "the kernel reopened only {reopened} of {N}: the test needs port reuse");
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
     harness::check("reopened 4-tuples", &m, &k, &Made::default());
