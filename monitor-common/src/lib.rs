@@ -248,7 +248,7 @@ pub mod counter {
 /// these programs is attached twice: the twin runs right after it and acts only while the
 /// program's body is running on that CPU, that is, only when the kernel skipped the program
 /// for a nested event.
-/// The first argument of a test run of the sweep programs.
+/// The second argument of a test run of `twmon_sweep_one` (kernels without `bpf_for_each_map_elem`).
 pub mod sweep {
     /// Only the orphaned FIN_WAIT2 timewait sockets.
     pub const ORPHANS: u64 = 0;

@@ -817,32 +817,30 @@ fn reused(tw: u64) -> bool {
 /// Run by the agent (BPF_PROG_TEST_RUN), never attached: brings the orphaned FIN_WAIT2
 /// timewait sockets up to date (those that got their FIN are TIME_WAIT now), and records a clock
 /// pair so the agent can measure HZ. Silent re-arms of TIME_WAIT sockets are found at their end.
-/// With its first argument [`sweep::ALL`], it visits every timewait entry and ends those whose
-/// socket is gone (see [`sweep_one`]); the agent asks for that at reconciles.
 /// Needs `bpf_for_each_map_elem` (Linux 5.13); before that the agent walks the map itself and
 /// runs `twmon_sweep_one` for each key.
 #[raw_tracepoint(tracepoint = "twmon_sweep")]
-pub fn twmon_sweep(ctx: RawTracePointContext) -> i32 {
+pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
     sample_clock();
-    let all: u64 = ctx.arg(0);
-    let visited = if all == sweep::ALL {
-        unsafe {
-            bpf_for_each_map_elem(
-                &TIMEWAIT as *const _ as *mut c_void,
-                sweep_all_cb as *mut c_void,
-                core::ptr::null_mut(),
-                0,
-            )
-        }
-    } else {
-        unsafe {
-            bpf_for_each_map_elem(
-                &ORPHANS as *const _ as *mut c_void,
-                sweep_cb as *mut c_void,
-                core::ptr::null_mut(),
-                0,
-            )
-        }
+    let visited = unsafe {
+        bpf_for_each_map_elem(&ORPHANS as *const _ as *mut c_void, sweep_cb as *mut c_void, core::ptr::null_mut(), 0)
+    };
+    visited as i32
+}
+
+/// `twmon_sweep` over every timewait entry, ending those whose socket is gone (see
+/// [`sweep_one`]); the agent runs it at reconciles. A program of its own rather than an argument
+/// of `twmon_sweep`: a main program with callbacks that reads its context fails to load on 6.1.
+#[raw_tracepoint(tracepoint = "twmon_sweep_all")]
+pub fn twmon_sweep_all(_ctx: RawTracePointContext) -> i32 {
+    sample_clock();
+    let visited = unsafe {
+        bpf_for_each_map_elem(
+            &TIMEWAIT as *const _ as *mut c_void,
+            sweep_all_cb as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
     };
     visited as i32
 }

