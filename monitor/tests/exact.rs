@@ -164,7 +164,9 @@ fn nginx_closing_first_under_wrk() {
     drop(nginx);
 
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
-    harness::check("nginx under wrk", &m, &k, &Made::default());
+    // wrk resets the connections it has open when it stops: orphaned FIN_WAIT2 timewait
+    // sockets of nginx's among them end without a FIN.
+    harness::check("nginx under wrk", &m, &k, &Made { orphans_unknown: true, ..Made::default() });
     eprintln!("nginx: {requests} requests, {} timewait sockets, {} reopened", k.created, early_ends(&m));
 }
 
