@@ -1059,6 +1059,19 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
         "\ntimewait sweep (twmon_sweep, every second and on every scrape): {:.1} ms per run over the sockets followed",
         sweep.ns_per_run() / 1e6
     );
+    // The check of every timewait entry runs at reconciles (every 10 s, spaced out when they are
+    // slow), so the window may hold none.
+    let all = m1.program("twmon_sweep_all").since(m0.program("twmon_sweep_all"));
+    if all.run_cnt > 0 {
+        println!(
+            "check of every timewait entry (twmon_sweep_all, at each reconcile): {:.1} ms per run \
+             ({} runs while the sockets were made; {followed:.0} entries at the end)",
+            all.ns_per_run() / 1e6,
+            all.run_cnt
+        );
+    } else {
+        println!("check of every timewait entry (twmon_sweep_all): no reconcile in this window");
+    }
     print!("/metrics with these sockets: ");
     let scrapes = time_scrapes(&agent, 50.min(o.scrapes));
     let scrape_median_ms = stats::median(&scrapes.ms);
