@@ -903,8 +903,12 @@ fn sweep_one(tw: u64, all: bool) {
     }
     let timer = tw + layout!(tw_timer) as u64;
     let now = unsafe { bpf_ktime_get_ns() };
-    if gone(tw, timer, entry.hash) {
-        end_missed(entry, tw, now);
+    let seen = *entry;
+    // Looked up again before ending it: the socket may have ended on another CPU meanwhile and
+    // the map's element been taken by another socket's entry (the map is preallocated), which
+    // `entry` then shows. Only an entry still under this key, of this connection, is ended.
+    if gone(tw, timer, seen.hash) && unsafe { TIMEWAIT.get(tw) }.map(|e| e.hash) == Some(seen.hash) {
+        end_missed(&seen, tw, now);
         return;
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return };
@@ -935,14 +939,9 @@ fn gone(tw: u64, timer: u64, hash: u32) -> bool {
     if Live(tw).get::<u32>(layout!(skc_hash)) != Ok(hash) {
         return true;
     }
-    let queued = || kread::<u64>(timer + layout!(timer_pprev) as u64).map(|p| p != 0).unwrap_or(false);
-    if queued() {
-        return false;
-    }
-    // Not queued: between a cancel and the start of a re-arm on another CPU, or expiring there,
-    // the cancel program has taken the entry out; a re-arm puts it back after queueing the
-    // timer. Only an entry still in the map with its timer still dequeued is gone.
-    unsafe { TIMEWAIT.get(tw) }.is_some() && !queued()
+    // Not queued: dequeued for its expiry or a kill on another CPU, after the cancel program
+    // took the entry out (the caller looks it up again), or gone. A re-arm keeps it queued.
+    !matches!(kread::<u64>(timer + layout!(timer_pprev) as u64), Ok(p) if p != 0)
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN) before it looks for leaks, never attached: reports the
