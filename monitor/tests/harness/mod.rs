@@ -393,6 +393,10 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
 /// namespace (`made` is the harness's own total).
 pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     let n = numbers(m);
+    // Events the kernel skipped (a program's tracepoint hit again on its CPU from an interrupt,
+    // outside the window its twin covers): counted, and every number below is off by them.
+    let skipped: f64 = m.series("twmon_bpf_program_missed_total").iter().map(|(_, v)| v).sum();
+    assert_eq!(skipped, 0.0, "{ctx}: events the kernel skipped (twmon_bpf_program_missed_total)\n{n}");
     let remaining = k.sockets("time_wait") + k.sockets("fin_wait2");
     let ended = ends(m, "reuse") + ends(m, "killed") + ends(m, "expired") + ends(m, "fin_timeout");
     let never_fin = if made.orphans_unknown {
