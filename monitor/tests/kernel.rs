@@ -188,10 +188,11 @@ fn close_wait_held_then_released() {
     servers.clear();
     let done = std::time::Instant::now();
     // What each CLOSE_WAIT lasted, as measured here (the programs' clock is CLOCK_MONOTONIC,
-    // as Instant's), give or take 100 ms: the programs read the clock on whichever CPU the state
+    // as Instant's), give or take 300 ms: the programs read the clock on whichever CPU the state
     // changed on, and in a software-emulated VM (cargo xtask vm) the CPUs' clocks were seen up
-    // to 58 ms apart (means 48 and 58 ms beyond the measured hold, twice in a dozen runs).
-    let (shortest, longest) = ((released - since).as_secs_f64() - 0.1, (done - first).as_secs_f64() + 0.1);
+    // to 58 ms apart (means 48 and 58 ms beyond the measured hold, twice in a dozen runs), and
+    // 116 ms once in CI's VM on a loaded machine.
+    let (shortest, longest) = ((released - since).as_secs_f64() - 0.3, (done - first).as_secs_f64() + 0.3);
     let m = expect_transitions(&agent, &full_close(N));
     assert_eq!(m.sockets("close_wait"), 0.0, "close_wait gauge after release");
     assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
