@@ -108,15 +108,36 @@ static HANDOFF: PerCpuArray<Handoffs> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CANCELLED: PerCpuArray<Cancelled> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU, by `twin::*`: 1 while that program's body runs on the CPU.
+/// Per CPU, by `twin::*`: the events that program ran for last, for its twin (see `primary`).
 #[map]
-static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(twin::COUNT, 0);
+static RAN: PerCpuArray<Ran> = PerCpuArray::with_max_entries(twin::COUNT, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map]
 static CLOCK: Array<ClockSample> = Array::with_max_entries(1, 0);
+
+/// What a twinned program ran for, newest at `next - 1`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ran {
+    ids: [EventId; RAN_SLOTS],
+    next: u32,
+    _pad: u32,
+}
+
+/// An event's identity from two of its tracepoint arguments, a pointer and a value: equal for a
+/// program and its twin on one event, distinct from any event nested in it. (The pointer is
+/// kept apart: the verifier allows no arithmetic on a tracepoint's typed pointer.)
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct EventId {
+    ptr: u64,
+    value: u64,
+}
+
+const RAN_SLOTS: usize = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -226,33 +247,48 @@ fn since(now: u64, then: u64) -> (u64, u16) {
     if then != 0 && now >= then { (now - then, flags::DURATION) } else { (0, 0) }
 }
 
-/// Runs a twinned program's body, marked busy on this CPU meanwhile. An event nested in it
-/// (an interrupt on this CPU) finds the program running, so the kernel skips it and its twin
-/// handles the event. A nested twin can interleave with the body's per-CPU counter updates; a
-/// count lost that way needs an interrupt between one load and its store.
+/// Runs a twinned program's body after noting, on this CPU, that it ran for event `id`.
+///
+/// The kernel marks a program running just before it enters it and clears the mark just
+/// after it returns; an event nested anywhere in between (an interrupt on this CPU) skips the
+/// program and runs only its twin, attached after it. The twin handles the event when the
+/// program did not note it, so no window at either end is left uncovered: an event nested
+/// before the note finds no note of itself, one nested after it finds another event's. An
+/// event nested between the program and its twin runs both, and the twin finds its note.
 #[inline(always)]
-fn primary(which: u32, body: impl FnOnce()) -> u32 {
-    let busy = BUSY.get_ptr_mut(which);
-    if let Some(b) = busy {
-        unsafe { core::ptr::write_volatile(b, 1) };
+fn primary(which: u32, id: EventId, body: impl FnOnce()) -> u32 {
+    if let Some(r) = RAN.get_ptr_mut(which) {
+        // SAFETY: a per-CPU array element, valid for this program run; a nested twin only
+        // reads it and clears one of its slots.
+        unsafe {
+            let at = (*r).next as usize % RAN_SLOTS;
+            (*r).ids[at] = id;
+            (*r).next = (*r).next.wrapping_add(1);
+        }
     }
     body();
-    if let Some(b) = busy {
-        unsafe { core::ptr::write_volatile(b, 0) };
-    }
     0
 }
 
-/// Attached right after its program: acts only when that program's body is running on this
-/// CPU, that is, when this event is nested in it and the kernel skipped the program.
+/// Attached right after its program: handles event `id` when that program did not run for it,
+/// that is, when the event is nested in the program and the kernel skipped it. Every such
+/// event counts as handled (`counter::NESTED`), the ones `body` ignores too: the kernel counts
+/// a skipped run for each, and the agent takes those handled here off it, leaving those lost.
 #[inline(always)]
-fn nested(which: u32, body: impl FnOnce()) -> u32 {
-    if let Some(b) = BUSY.get_ptr_mut(which)
-        && unsafe { core::ptr::read_volatile(b) } == 1
-    {
-        count(counter::NESTED + which);
-        body();
+fn nested(which: u32, id: EventId, body: impl FnOnce()) -> u32 {
+    let Some(r) = RAN.get_ptr_mut(which) else { return 0 };
+    for i in 0..RAN_SLOTS {
+        // SAFETY: a per-CPU array element, valid for this program run. The program may run
+        // nested in this twin and note another event meanwhile; clearing one slot is enough.
+        unsafe {
+            if (*r).ids[i] == id {
+                (*r).ids[i].ptr = 0;
+                return 0;
+            }
+        }
     }
+    count(counter::NESTED + which);
+    body();
     0
 }
 
@@ -352,19 +388,23 @@ fn wanted(netns: u32) -> bool {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn twmon_state(ctx: BtfTracePointContext) -> u32 {
-    primary(twin::STATE, || {
+    primary(twin::STATE, state_id(&ctx), || {
         let _ = try_state(&ctx);
     })
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn nested_state(ctx: BtfTracePointContext) -> u32 {
-    // Every nested state change counts as handled, the ones `try_state` ignores too: the kernel
-    // counts a skipped run of `twmon_state` for each, and the agent takes those handled here off
-    // it, so that what remains is what was lost.
-    nested(twin::STATE, || {
+    nested(twin::STATE, state_id(&ctx), || {
         let _ = try_state(&ctx);
     })
+}
+
+/// A state change: the socket, from and to.
+#[inline(always)]
+fn state_id(ctx: &BtfTracePointContext) -> EventId {
+    let (old, new) = (ctx.arg::<i32>(1) as u64, ctx.arg::<i32>(2) as u64);
+    EventId { ptr: ctx.arg(0), value: old << 8 | new }
 }
 
 /// The state changes `try_state` looks at, what the close path is made of: into a teardown
@@ -517,18 +557,14 @@ fn put_handoff(h: Handoff) {
 
 #[btf_tracepoint(function = "timer_start")]
 pub fn twmon_timer_start(ctx: BtfTracePointContext) -> u32 {
-    primary(twin::TIMER_START, || {
+    primary(twin::TIMER_START, EventId { ptr: ctx.arg(0), value: ctx.arg(1) }, || {
         let _ = try_timer_start(&ctx);
     })
 }
 
 #[btf_tracepoint(function = "timer_start")]
 pub fn nested_timer_start(ctx: BtfTracePointContext) -> u32 {
-    // Every timer in the system passes here: the callback first.
-    if field::<u64>(ctx.arg(0), layout!(timer_function)) != layout!(tw_timer_handler) {
-        return 0;
-    }
-    nested(twin::TIMER_START, || {
+    nested(twin::TIMER_START, EventId { ptr: ctx.arg(0), value: ctx.arg(1) }, || {
         let _ = try_timer_start(&ctx);
     })
 }
@@ -681,18 +717,14 @@ fn refresh(entry: &mut SockEntry, tw: u64, expires: u64, now: u64, now_jiffies: 
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn twmon_timer_cancel(ctx: BtfTracePointContext) -> u32 {
-    primary(twin::TIMER_CANCEL, || {
+    primary(twin::TIMER_CANCEL, EventId { ptr: ctx.arg(0), value: 0 }, || {
         let _ = try_timer_cancel(&ctx);
     })
 }
 
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn nested_timer_cancel(ctx: BtfTracePointContext) -> u32 {
-    let function: u64 = field(ctx.arg(0), layout!(timer_function));
-    if function != layout!(tw_timer_handler) && function != 0 {
-        return 0;
-    }
-    nested(twin::TIMER_CANCEL, || {
+    nested(twin::TIMER_CANCEL, EventId { ptr: ctx.arg(0), value: 0 }, || {
         let _ = try_timer_cancel(&ctx);
     })
 }

@@ -435,11 +435,19 @@ fn tally(outcome: &mut Outcome, suite: &str, code: Option<i32>, log: &Path) {
         Some(c) => {
             let names: Vec<&str> =
                 text.lines().filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED")).collect();
+            // The log stays behind on a machine that may be gone (CI): print why here.
+            eprintln!("vm: {suite} failed; from {}:\n{}", log.display(), failures(&text));
             format!("{suite} exited {c} (failed: {}; see {})", names.join(", "), log.display())
         }
         None => format!("{suite} did not report (see {})", log.with_file_name("console.log").display()),
     };
     outcome.fail(why);
+}
+
+/// libtest's account of the failures (each failed test's output and panic), at most 80 lines.
+fn failures(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().skip_while(|l| *l != "failures:").take(80).collect();
+    if lines.is_empty() { "(no failures section)".into() } else { lines.join("\n") }
 }
 
 /// Passed and failed counts from libtest's `test result:` line.
