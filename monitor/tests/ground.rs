@@ -312,12 +312,13 @@ fn port_pressure_ratio() {
     drop(conns);
 }
 
-/// 5000 distinct service ports, half of them remote (this host's clients closed first) and half
+/// 1000 distinct service ports, half of them remote (this host's clients closed first) and half
 /// local (its servers closed first): every breakdown metric keeps at most K+1 series per side
-/// (K = top_k, plus "other"), and folding loses no socket.
+/// (K = top_k, plus "other"), and folding loses no socket. (All within TIME_WAIT's 60 s, also
+/// under software emulation, where 5000 took longer and the first ones expired.)
 #[test]
 fn breakdown_cardinality_is_bounded() {
-    const PORTS: u16 = 5000;
+    const PORTS: u16 = 1000;
     const K: usize = 10;
     common::raise_nofile();
     let ns = Netns::new("card");
@@ -354,7 +355,7 @@ fn breakdown_cardinality_is_bounded() {
     // One state (time_wait), one role (active): one series per port shown.
     assert!(series.len() <= 2 * (K + 1), "{} twmon_port_sockets series", series.len());
     assert_eq!(series.iter().map(|(_, v)| v).sum::<f64>(), PORTS as f64, "folding into other lost sockets");
-    // 2500 destinations hold a local ephemeral port: top-K only.
+    // 500 destinations hold a local ephemeral port: top-K only.
     for name in ["twmon_port_pressure_ratio", "twmon_port_pressure_sockets"] {
         let n = m.series(name).len();
         assert!((1..=K).contains(&n), "{n} {name} series");

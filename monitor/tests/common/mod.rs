@@ -124,6 +124,10 @@ pub fn raise_nofile() {
 /// leaks, per-namespace counters): every second, and never spaced out for CPU, so that a slow
 /// machine (a test VM in software emulation) only makes them slower, not later than the test
 /// waits.
+/// How long an agent may take to become healthy: loading and verifying the programs takes
+/// seconds under software emulation (the VM matrix), more with many agents starting at once.
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
 pub const FAST_RECONCILE: &str = "[reconcile]\ninterval = \"1s\"\nmax_cpu = 1.0\n";
 
 /// The address in the agent's `serving /metrics address=...` log line.
@@ -176,7 +180,7 @@ impl Agent {
             .spawn()
             .expect("start twmon");
         let mut agent = Self { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], 0)), log };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if agent.addr.port() == 0
                 && let Some(addr) = listening_on(&agent.log())
@@ -192,7 +196,7 @@ impl Agent {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("twmon exited with {status} before it was healthy:\n{}", agent.log());
             }
-            assert!(Instant::now() < deadline, "twmon not healthy after 30 s:\n{}", agent.log());
+            assert!(Instant::now() < deadline, "twmon not healthy after {START_TIMEOUT:?}:\n{}", agent.log());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
