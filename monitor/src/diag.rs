@@ -3,9 +3,10 @@
 use std::{net::IpAddr, time::Duration};
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+pub use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    constants::IPPROTO_TCP,
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
@@ -40,12 +41,12 @@ pub struct DiagSocket {
 const IDIAG_EXPIRES: usize = 4 + 48;
 const IDIAG_TIMER_TIMEWAIT: u8 = 3;
 
-/// Every TCP socket (IPv4 and IPv6) in one of `states` (bit `1 << state`) of the calling
-/// thread's network namespace.
-pub fn dump(states: u32) -> Result<Vec<DiagSocket>, DiagError> {
+/// Every TCP socket of `families` (`AF_INET`, `AF_INET6`) in one of `states` (bit
+/// `1 << state`) of the calling thread's network namespace.
+pub fn dump(states: u32, families: &[u8]) -> Result<Vec<DiagSocket>, DiagError> {
     let mut out = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        dump_family(family, states, &mut out)?;
+    for family in families {
+        dump_family(*family, states, &mut out)?;
     }
     Ok(out)
 }

@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod layout;
 pub mod metrics;
 pub mod netns;
+pub mod netns_counters;
 pub mod procfs;
 pub mod serve;
 pub mod tracker;
@@ -127,7 +128,9 @@ pub struct Agent {
     settings: RwLock<Arc<config::Config>>,
     /// The namespaces the last reconcile read (but the host's): name, a file that opens it, its
     /// inode. Checked every sweep interval, so that a deleted one's series go within seconds.
-    namespaces_read: Mutex<Vec<(String, PathBuf, u32)>>,
+    /// The namespaces the last reconcile read and watches (TcpExt and sysctls are read from
+    /// them at each scrape).
+    namespaces_read: netns_counters::Watched,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -275,11 +278,9 @@ impl Agent {
         let mut denied = 0;
         let views = ground::read(&namespaces, &mut denied);
         let read: HashSet<u32> = views.iter().map(|v| v.inode).collect();
-        *lock(&self.namespaces_read) = namespaces
-            .iter()
-            .filter(|n| read.contains(&n.inode) && n.name != "host")
-            .map(|n| (n.name.clone(), n.path.clone(), n.inode))
-            .collect();
+        let settings = self.settings();
+        *lock(&self.namespaces_read) =
+            namespaces.into_iter().filter(|n| read.contains(&n.inode) && settings.watches(n.inode, &n.name)).collect();
         self.metrics.set_unreadable(denied, hidden);
         if (denied > 0 || hidden > 0) && !self.warned_unreadable.swap(true, Ordering::Relaxed) {
             // Root that still cannot read them runs in a sandbox: capabilities are not the cure.
@@ -369,9 +370,8 @@ impl Agent {
         let watched: Vec<NsView> = views.into_iter().filter(|v| self.settings().watches(v.inode, &v.name)).collect();
         let b = ground::breakdown(&watched, &self.settings());
         let leaks = self.leaks(&watched);
-        let kernel: Vec<_> = watched.iter().map(|v| (v.name.clone(), v.tcpext.clone(), v.sysctls.clone())).collect();
         let took = start.elapsed();
-        self.metrics.refresh_ground(&drift, &b, &kernel, &leaks, took, process_cpu().saturating_sub(cpu_start));
+        self.metrics.refresh_ground(&drift, &b, &leaks, took, process_cpu().saturating_sub(cpu_start));
         trim();
         let mut report = lock(&self.report);
         *report = Report {
@@ -498,14 +498,13 @@ impl Agent {
     fn forget_gone_namespaces(&self) {
         use std::os::unix::fs::MetadataExt as _;
         let mut read = lock(&self.namespaces_read);
-        let (gone, alive): (Vec<_>, Vec<_>) = read
-            .drain(..)
-            .partition(|(_, path, inode)| !std::fs::metadata(path).is_ok_and(|m| m.ino() as u32 == *inode));
+        let (gone, alive): (Vec<_>, Vec<_>) =
+            read.drain(..).partition(|n| !std::fs::metadata(&n.path).is_ok_and(|m| m.ino() as u32 == n.inode));
         *read = alive;
         drop(read);
-        for (name, ..) in gone {
-            tracing::debug!(netns = %name, "network namespace gone: its series are removed");
-            self.metrics.forget_netns(&name);
+        for n in gone {
+            tracing::debug!(netns = %n.name, "network namespace gone: its series are removed");
+            self.metrics.forget_netns(&n.name);
         }
     }
 
@@ -596,7 +595,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         anyhow::anyhow!("cannot listen on {}: {e}; {why} (--web.listen-address)", config.listen)
     })?;
     let (kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
-    let metrics = Metrics::new(&kernel_release(), kernel.hz)?;
+    let namespaces_read = netns_counters::Watched::default();
+    let metrics = Metrics::new(&kernel_release(), kernel.hz, namespaces_read.clone())?;
     let tracker = Tracker::new(&metrics.registry)?;
     tracing::info!(programs = kernel.attached, hz = kernel.hz, netns = config.netns, "kernel programs attached");
     let attached = kernel.attached;
@@ -613,7 +613,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         lost_seen: AtomicU64::new(0),
         attached: AtomicUsize::new(attached),
         settings: RwLock::new(Arc::new(config.settings.clone())),
-        namespaces_read: Mutex::new(Vec::new()),
+        namespaces_read,
     });
     let seeded = agent.seed();
     trim();

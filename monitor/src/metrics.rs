@@ -13,7 +13,7 @@ use prometheus::{
 use crate::{
     ground::{Breakdowns, role},
     kernel::{ProgramStats, Readout},
-    procfs::{Sysctls, TcpExt},
+    netns_counters::{NamespaceCounters, Watched},
     tracker::{Decided, reason_name, state_name},
 };
 
@@ -62,8 +62,6 @@ pub struct Metrics {
     pressure_ratio: prometheus::GaugeVec,
     pressure_sockets: IntGaugeVec,
     netns_sockets: IntGaugeVec,
-    tcpext: IntCounterVec,
-    sysctl: IntGaugeVec,
     leaked: IntGaugeVec,
     pub leaks_total: IntCounter,
     /// HTTP requests and connections turned away (`reason`: `connections`, `requests`).
@@ -193,8 +191,10 @@ const CLOSE_PATH: [(u8, u8); 16] = [
 ];
 
 impl Metrics {
-    pub fn new(kernel_release: &str, hz: u32) -> prometheus::Result<Self> {
+    /// `watched`: the namespaces whose TcpExt counters and sysctls each scrape reads.
+    pub fn new(kernel_release: &str, hz: u32, watched: Watched) -> prometheus::Result<Self> {
         let r = Registry::new();
+        r.register(Box::new(NamespaceCounters::new(watched)?))?;
         let build = reg(
             &r,
             IntGaugeVec::new(
@@ -434,28 +434,6 @@ impl Metrics {
                  it can be told), from the last reconcile.",
                 &["netns", "state"],
             )?,
-            tcpext: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "twmon_kernel_tcpext_total",
-                        "The kernel's own teardown counters from /proc/net/netstat per namespace: \
-                         TW (timewait sockets created, on a timer over 4 s), TWKilled (on a \
-                         timer of 4 s or less), TWRecycled (4-tuples taken over under \
-                         tcp_tw_reuse), TCPTimeWaitOverflow (tcp_max_tw_buckets hit), \
-                         TCPAbortOn*.",
-                    ),
-                    &["netns", "counter"],
-                )?,
-            )?,
-            sysctl: gauge_vec(
-                &r,
-                "twmon_sysctl",
-                "Limits the teardown is measured against, per namespace: tcp_max_tw_buckets, \
-                 ephemeral_ports (size of ip_local_port_range less reserved ports), \
-                 tcp_fin_timeout (seconds), tcp_tw_reuse.",
-                &["netns", "name"],
-            )?,
             leaked: gauge_vec(
                 &r,
                 "twmon_close_wait_leaked_sockets",
@@ -584,23 +562,20 @@ impl Metrics {
         self.unreadable.with_label_values(&["hidden"]).set(hidden as i64);
     }
 
-    /// Publishes one reconcile: drift per state, breakdowns, kernel counters and limits, leaks.
     /// Removes every series of network namespace `name` (per-namespace counts, port pressure,
-    /// TcpExt, sysctls, leaks): it is gone.
+    /// leaks): it is gone. (Its TcpExt and sysctls go by themselves, see `netns_counters`.)
     pub fn forget_netns(&self, name: &str) {
         remove_where(&self.netns_sockets, "netns", name);
         remove_where(&self.pressure_ratio, "netns", name);
         remove_where(&self.pressure_sockets, "netns", name);
-        remove_where(&self.tcpext, "netns", name);
-        remove_where(&self.sysctl, "netns", name);
         remove_where(&self.leaked, "netns", name);
     }
 
+    /// Publishes one reconcile: drift per state, breakdowns, leaks.
     pub fn refresh_ground(
         &self,
         drift: &[i64],
         b: &Breakdowns,
-        kernel: &[(String, Option<TcpExt>, Option<Sysctls>)],
         leaks: &[Leak],
         took: std::time::Duration,
         cpu: std::time::Duration,
@@ -627,53 +602,6 @@ impl Metrics {
         for (ns, state, n) in &b.namespaces {
             self.netns_sockets.with_label_values(&[ns, state_name(*state)]).set(*n as i64);
         }
-        self.sysctl.reset();
-        // The counters of namespaces that are gone go with them (pods come and go).
-        let present: std::collections::HashSet<&str> =
-            kernel.iter().filter(|(_, t, _)| t.is_some()).map(|(ns, ..)| ns.as_str()).collect();
-        for family in self.tcpext.collect() {
-            for m in family.get_metric() {
-                let label = |k: &str| m.get_label().iter().find(|l| l.name() == k).map(|l| l.value().to_string());
-                if let (Some(ns), Some(counter)) = (label("netns"), label("counter"))
-                    && !present.contains(ns.as_str())
-                {
-                    let _ = self.tcpext.remove_label_values(&[&ns, &counter]);
-                }
-            }
-        }
-        for (ns, tcpext, sysctls) in kernel {
-            if let Some(t) = tcpext {
-                for (name, v) in [
-                    ("TW", t.tw),
-                    ("TWRecycled", t.tw_recycled),
-                    ("TWKilled", t.tw_killed),
-                    ("TCPTimeWaitOverflow", t.timewait_overflow),
-                    ("TCPAbortOnClose", t.tcp_abort_on_close),
-                    ("TCPAbortOnData", t.tcp_abort_on_data),
-                    ("TCPAbortOnLinger", t.tcp_abort_on_linger),
-                    ("TCPAbortOnTimeout", t.tcp_abort_on_timeout),
-                ] {
-                    let c = self.tcpext.with_label_values(&[ns, name]);
-                    if v < c.get() {
-                        // A new namespace under an old name: start its counter again.
-                        let _ = self.tcpext.remove_label_values(&[ns, name]);
-                    }
-                    sync(&self.tcpext.with_label_values(&[ns, name]), v);
-                }
-            }
-            if let Some(s) = sysctls {
-                for (name, v) in [
-                    ("tcp_max_tw_buckets", s.tcp_max_tw_buckets as i64),
-                    ("ip_local_port_range_min", s.ip_local_port_range.0 as i64),
-                    ("ip_local_port_range_max", s.ip_local_port_range.1 as i64),
-                    ("ephemeral_ports", s.ephemeral_ports() as i64),
-                    ("tcp_fin_timeout", s.tcp_fin_timeout as i64),
-                    ("tcp_tw_reuse", s.tcp_tw_reuse as i64),
-                ] {
-                    self.sysctl.with_label_values(&[ns, name]).set(v);
-                }
-            }
-        }
         self.leaked.reset();
         for l in leaks {
             self.leaked.with_label_values(&[&l.netns, &l.pid.to_string(), &l.comm]).set(l.sockets as i64);
@@ -691,7 +619,7 @@ mod tests {
     /// cumulative buckets in seconds, a +Inf bucket equal to the count, the sum in seconds.
     #[test]
     fn kernel_and_agent_counts_are_exported_together() {
-        let m = Metrics::new("test", 250).unwrap();
+        let m = Metrics::new("test", 250, Default::default()).unwrap();
         let mut k = Readout { counters: vec![0; counter::COUNT as usize], ..Readout::default() };
         k.lifecycle.count(tcp::FIN_WAIT2, tcp::TIME_WAIT, Some(2_000_000)); // 2 ms
         k.lifecycle.count(tcp::TIME_WAIT, tcp::CLOSE, Some(60_500_000_000)); // 60.5 s

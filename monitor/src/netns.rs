@@ -429,48 +429,59 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Runs `f` on a new thread that has entered `ns` (setns CLONE_NEWNET), so the sockets, netlink
-/// sockets, /proc/thread-self/net/* and /proc/sys/net/* it opens are those of `ns`; returns
-/// `f`'s result. The calling thread stays where it is.
-///
-/// Before entering, checks that `ns.path` still opens the namespace `ns.inode` (a
-/// /proc/PID/ns/net path can change owner when the pid is reused). If `f` panics, the panic is
-/// resumed on the calling thread.
+/// Runs `f` inside each namespace in turn and returns its result for each, or why that one
+/// could not be entered. All on one thread of its own, entering each namespace with setns(2):
+/// the agent's threads stay where they are, and hundreds of namespaces cost one thread, not one
+/// each. If `f` panics, the panic is resumed on the calling thread.
 ///
 /// Note that /proc/net (= /proc/self/net) follows the *process's* first thread, not the calling
 /// thread: code in `f` must read /proc/thread-self/net/*, as [`crate::procfs`] does.
-pub fn in_namespace<T: Send + 'static>(ns: &Namespace, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
-    let path = ns.path.clone();
-    let file = File::open(&path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
+pub fn visit<T: Send + 'static>(
+    namespaces: Vec<Namespace>,
+    mut f: impl FnMut(&Namespace) -> T + Send + 'static,
+) -> io::Result<Vec<(Namespace, io::Result<T>)>> {
+    let path = namespaces.first().map(|n| n.path.clone()).unwrap_or_default();
+    let handle = std::thread::Builder::new()
+        .name("twmon-netns".into())
+        .spawn(move || {
+            namespaces
+                .into_iter()
+                .map(|ns| {
+                    let r = enter(&ns).map(|()| f(&ns));
+                    (ns, r)
+                })
+                .collect()
+        })
+        .map_err(|source| NetnsError::Thread { path, source })?;
+    match handle.join() {
+        Ok(results) => Ok(results),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Moves the calling thread into `ns`, after checking that `ns.path` still opens the namespace
+/// `ns.inode` (a /proc/PID/ns/net path can change owner when the pid is reused).
+fn enter(ns: &Namespace) -> io::Result<()> {
+    let path = &ns.path;
+    let file = File::open(path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
     let found = file
         .metadata()
         .map_err(|source| NetnsError::Open { path: path.clone(), source })
-        .and_then(|m| check_nsfs(&path, &file, m.ino()))?;
+        .and_then(|m| check_nsfs(path, &file, m.ino()))?;
     if found != ns.inode {
-        return Err(NetnsError::Replaced { path, expected: ns.inode, found }.into());
+        return Err(NetnsError::Replaced { path: path.clone(), expected: ns.inode, found }.into());
     }
     // Already there: no setns, which needs CAP_SYS_ADMIN (the agent's own namespace, under a
     // unit or a hostNetwork pod that grants only what the kernel programs need).
     if own_inode().is_ok_and(|own| own == found) {
-        return Ok(f());
+        return Ok(());
     }
-    let thread_path = path.clone();
-    let handle = std::thread::Builder::new()
-        .name("twmon-netns".into())
-        .spawn(move || {
-            // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let source = io::Error::last_os_error();
-                return Err(NetnsError::Enter { path: thread_path, source });
-            }
-            drop(file);
-            Ok(f())
-        })
-        .map_err(|source| NetnsError::Thread { path, source })?;
-    match handle.join() {
-        Ok(result) => result.map_err(io::Error::from),
-        Err(panic) => std::panic::resume_unwind(panic),
+    // SAFETY: a valid namespace fd; setns changes only the calling thread's namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let source = io::Error::last_os_error();
+        return Err(NetnsError::Enter { path: path.clone(), source }.into());
     }
+    Ok(())
 }
 
 /// The kind of namespace `file` is (`libc::CLONE_NEWNET` for a network namespace), from the
@@ -709,10 +720,11 @@ mod tests {
     }
 
     #[test]
-    fn in_namespace_refuses_a_replaced_namespace() {
+    fn visit_refuses_a_replaced_namespace() {
         let own = inode_of(Path::new("/proc/self/ns/net")).unwrap();
         let ns = Namespace { inode: own + 1, path: "/proc/self/ns/net".into(), name: "x".into(), pid: None };
-        let e = in_namespace(&ns, || ()).unwrap_err();
+        let mut results = visit(vec![ns], |_| ()).unwrap();
+        let e = results.pop().unwrap().1.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
         assert!(e.to_string().contains("list the namespaces again"), "{e}");
     }

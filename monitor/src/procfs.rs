@@ -3,7 +3,7 @@
 //!
 //! Per-namespace files are read through /proc/thread-self/net/ and /proc/sys/net/, which
 //! follow the calling *thread's* namespace, so a thread started by
-//! [`crate::netns::in_namespace`] reads the namespace it entered. /proc/net (a link to
+//! [`crate::netns::visit`] reads the namespace it entered. /proc/net (a link to
 //! /proc/self/net) would not do: it follows the process's first thread.
 use std::{
     collections::{HashMap, HashSet},
@@ -13,6 +13,7 @@ use std::{
 
 const NETSTAT: &str = "/proc/thread-self/net/netstat";
 const SOCKSTAT: &str = "/proc/thread-self/net/sockstat";
+const SOCKSTAT6: &str = "/proc/thread-self/net/sockstat6";
 const MAX_TW_BUCKETS: &str = "/proc/sys/net/ipv4/tcp_max_tw_buckets";
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 const FIN_TIMEOUT: &str = "/proc/sys/net/ipv4/tcp_fin_timeout";
@@ -61,7 +62,7 @@ fn format_error(path: &'static str, what: &'static str, text: &str) -> io::Error
 /// a timewait socket is counted when it is created and its timer first set, as `tw` when the
 /// timer is longer than 4 s (TIME_WAIT's 60 s, or FIN_WAIT2 with tcp_fin_timeout above 4 s) and
 /// as `tw_killed` otherwise; so `tw` is the number of connections that *entered* TIME_WAIT (or
-/// orphaned FIN_WAIT2), not the number in it now (that is [`read_sockstat_tw`]).
+/// orphaned FIN_WAIT2), not the number in it now (that is [`read_sockstat`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TcpExt {
     /// `TW`: timewait sockets created with a timer above 4 s.
@@ -225,19 +226,35 @@ pub fn ports_within(list: &[(u16, u16)], range: (u16, u16)) -> usize {
     count
 }
 
-/// The `tw` figure of /proc/net/sockstat for the calling thread's namespace: timewait sockets
-/// now, IPv4 and IPv6 together (the kernel keeps one count per namespace and /proc/net/sockstat6
-/// has no such figure; verified with IPv6-only connections).
-pub fn read_sockstat_tw() -> io::Result<u64> {
-    let text = read(SOCKSTAT)?;
-    parse_sockstat_tw(&text).ok_or_else(|| format_error(SOCKSTAT, "no \"TCP: ... tw N\" line", &text))
+/// The TCP figures of /proc/net/sockstat and sockstat6 for the calling thread's namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sockstat {
+    /// Full IPv4 TCP sockets in the kernel's hash tables (listening and connected).
+    pub inuse4: u64,
+    /// The same for IPv6 (0 where the kernel has no IPv6).
+    pub inuse6: u64,
+    /// Timewait sockets now, IPv4 and IPv6 together (the kernel keeps one count per namespace
+    /// and sockstat6 has no such figure; verified with IPv6-only connections).
+    pub tw: u64,
 }
 
-/// The `tw` value of the "TCP:" line of /proc/net/sockstat.
-pub fn parse_sockstat_tw(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+pub fn read_sockstat() -> io::Result<Sockstat> {
+    let text = read(SOCKSTAT)?;
+    let field =
+        |name| sockstat_field(&text, "TCP:", name).ok_or_else(|| format_error(SOCKSTAT, "no \"TCP: ...\" line", &text));
+    let inuse6 = match read(SOCKSTAT6) {
+        Ok(text6) => sockstat_field(&text6, "TCP6:", "inuse").unwrap_or(0),
+        Err(ProcfsError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Sockstat { inuse4: field("inuse")?, inuse6, tw: field("tw")? })
+}
+
+/// A figure of a sockstat line: `name`'s value on the line that starts with `line`.
+pub fn sockstat_field(text: &str, line: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(line))?;
     let mut words = line.split_ascii_whitespace();
-    words.find(|w| *w == "tw")?;
+    words.find(|w| *w == name)?;
     words.next()?.parse().ok()
 }
 
@@ -354,11 +371,14 @@ MPTcpExt: 99 99
     #[test]
     fn sockstat() {
         let text = "sockets: used 24\nTCP: inuse 3 orphan 1 tw 4 alloc 6 mem 2\nUDP: inuse 0 mem 0\n";
-        assert_eq!(parse_sockstat_tw(text), Some(4));
-        assert_eq!(parse_sockstat_tw("TCP: inuse 3\n"), None);
-        assert_eq!(parse_sockstat_tw("TCP: inuse 3 tw\n"), None);
-        assert_eq!(parse_sockstat_tw("TCP6: inuse 1\n"), None);
-        assert_eq!(parse_sockstat_tw(""), None);
+        let tw = |text| sockstat_field(text, "TCP:", "tw");
+        assert_eq!(tw(text), Some(4));
+        assert_eq!(sockstat_field(text, "TCP:", "inuse"), Some(3));
+        assert_eq!(tw("TCP: inuse 3\n"), None);
+        assert_eq!(tw("TCP: inuse 3 tw\n"), None);
+        assert_eq!(tw("TCP6: inuse 1\n"), None);
+        assert_eq!(sockstat_field("TCP6: inuse 1\n", "TCP6:", "inuse"), Some(1));
+        assert_eq!(tw(""), None);
     }
 
     #[test]

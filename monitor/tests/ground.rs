@@ -386,3 +386,32 @@ fn deleted_namespace_series_go_within_seconds() {
     let m = agent.wait_for(Duration::from_secs(5), |m| series(m) == 0);
     assert_eq!(series(&m), 0, "series of {name} left after {:?}:\n{}", gone.elapsed(), m.text);
 }
+
+/// TcpExt counters and sysctls are the kernel's at each scrape, not at the last reconcile: here
+/// reconciles are 5 minutes apart, and each change shows in the next scrape, equal to the
+/// namespace's own /proc/net/netstat.
+#[test]
+fn kernel_counters_are_read_at_each_scrape() {
+    const N: usize = 7;
+    let ns = Netns::new("fresh");
+    let agent =
+        Agent::start_with(&ns, &["--config.file", &Agent::config_file("fresh", "[reconcile]\ninterval = \"5m\"\n")]);
+    let tcpext = |m: &Metrics| {
+        m.get("twmon_kernel_tcpext_total", &[("netns", &format!("netns/{}", ns.name)), ("counter", "TCPAbortOnData")])
+    };
+    let sysctl =
+        |m: &Metrics| m.get("twmon_sysctl", &[("netns", &format!("netns/{}", ns.name)), ("name", "tcp_fin_timeout")]);
+    let before = agent.metrics();
+    assert_eq!(tcpext(&before), ns.counter("TcpExt", "TCPAbortOnData") as f64);
+    assert_eq!(sysctl(&before), 60.0);
+    // SO_LINGER 0: each close sends a reset, counted in TCPAbortOnData.
+    let (_l, conns) = pairs(&ns, N);
+    for (c, _s) in conns {
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+    }
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=17"]);
+    let m = agent.metrics();
+    assert_eq!(tcpext(&m), tcpext(&before) + N as f64, "TCPAbortOnData after {N} aborts");
+    assert_eq!(tcpext(&m), ns.counter("TcpExt", "TCPAbortOnData") as f64);
+    assert_eq!(sysctl(&m), 17.0);
+}

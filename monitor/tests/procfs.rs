@@ -54,7 +54,10 @@ impl Netns {
     }
 
     fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        netns::in_namespace(&self.namespace(), f).unwrap_or_else(|e| panic!("entering {}: {e}", self.name))
+        let mut f = Some(f);
+        let mut done = netns::visit(vec![self.namespace()], move |_| f.take().map(|f| f())).expect("a thread");
+        let (_, r) = done.pop().expect("one namespace");
+        r.unwrap_or_else(|e| panic!("entering {}: {e}", self.name)).expect("run once")
     }
 }
 
@@ -103,8 +106,12 @@ fn sysctls_are_those_of_the_entered_namespace() {
         "net.ipv4.tcp_fin_timeout=23",
         "net.ipv4.tcp_tw_reuse=0",
     ]);
-    let in_a = a.run(procfs::read_sysctls).expect("sysctls in a");
-    let in_b = b.run(procfs::read_sysctls).expect("sysctls in b");
+    // One thread visits a, b and a again: each reading is the namespace entered last.
+    let visited = netns::visit(vec![a.namespace(), b.namespace(), a.namespace()], |_| procfs::read_sysctls());
+    let mut read: Vec<Sysctls> =
+        visited.expect("a thread").into_iter().map(|(ns, r)| r.expect("entered").expect(&ns.name)).collect();
+    let (in_a, in_b) = (read.remove(0), read.remove(0));
+    assert_eq!(read, vec![in_a.clone()], "a's sysctls after b's");
     assert_eq!(
         in_a,
         Sysctls {
@@ -171,7 +178,7 @@ fn timewait_is_counted_in_its_own_namespace() {
     // the softirq a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     let tw_a = loop {
-        let tw = a.run(|| procfs::read_sockstat_tw().expect("sockstat in a"));
+        let tw = a.run(|| procfs::read_sockstat().expect("sockstat in a").tw);
         if tw >= N as u64 || Instant::now() > deadline {
             break tw;
         }
@@ -179,7 +186,7 @@ fn timewait_is_counted_in_its_own_namespace() {
     };
     let ss_a = a.exec(&["ss", "-tanH", "state", "time-wait"]).lines().count();
     let ext_a = a.run(|| procfs::read_tcpext().expect("TcpExt in a"));
-    let tw_b = b.run(|| procfs::read_sockstat_tw().expect("sockstat in b"));
+    let tw_b = b.run(|| procfs::read_sockstat().expect("sockstat in b").tw);
     let ext_b = b.run(|| procfs::read_tcpext().expect("TcpExt in b"));
     eprintln!("a: sockstat tw {tw_a}, ss {ss_a}, {ext_a:?}\nb: sockstat tw {tw_b}, {ext_b:?}");
 
@@ -243,9 +250,9 @@ fn discover_lists_named_namespaces() {
         let want = Namespace { inode, path: ns.path().into(), name: format!("netns/{}", ns.name), pid };
         assert_eq!(got, Some(&want), "{found:#?}");
         // Entering what discover found lands in that namespace.
-        let inside = netns::in_namespace(&want, || netns::inode_of(Path::new("/proc/thread-self/ns/net")))
-            .expect("enter")
-            .expect("inode inside");
+        let mut visited = netns::visit(vec![want.clone()], |_| netns::inode_of(Path::new("/proc/thread-self/ns/net")))
+            .expect("a thread");
+        let inside = visited.pop().expect("one").1.expect("enter").expect("inode inside");
         assert_eq!(inside, inode);
     }
     assert!(!found.iter().any(|n| n.path == stale.0), "{found:#?}");

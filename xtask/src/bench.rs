@@ -9,7 +9,8 @@
 //! 3. scrape: /metrics latency on a fresh agent;
 //! 4. cpu: the agent's CPU time and memory at a fixed connection rate;
 //! 5. scrape: /metrics latency after that load;
-//! 6. memory: agent RSS and kernel map memory with many timewait sockets alive.
+//! 6. memory: agent RSS and kernel map memory with many timewait sockets alive;
+//! 7. namespaces: a reconcile and a scrape over many namespaces with timewait sockets.
 //!
 //! Progress goes to stderr, results to stdout.
 mod agent;
@@ -64,9 +65,10 @@ cargo xtask bench [-- OPTIONS]
   --rate R             connections/s for the CPU measurement (default 15000)
   --timewait N         timewait sockets for the memory measurement (default 131072)
   --scrapes N          /metrics scrapes to time (default 200)
-  --only LIST          comma-separated phases: churn,cost,cpu,scrape,memory";
+  --namespaces N       namespaces for the reconcile measurement (default 200, quick 100)
+  --only LIST          comma-separated phases: churn,cost,cpu,scrape,memory,namespaces";
 
-const PHASES: [&str; 5] = ["churn", "cost", "cpu", "scrape", "memory"];
+const PHASES: [&str; 6] = ["churn", "cost", "cpu", "scrape", "memory", "namespaces"];
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -77,6 +79,7 @@ struct Options {
     rate: f64,
     timewait: u64,
     scrapes: usize,
+    namespaces: usize,
     cost: Duration,
     cpu: Duration,
     phases: Vec<String>,
@@ -93,6 +96,7 @@ impl Options {
             rate: 15000.0,
             timewait: 131072,
             scrapes: 200,
+            namespaces: if quick { 100 } else { 200 },
             cost: Duration::from_secs(if quick { 5 } else { 10 }),
             cpu: Duration::from_secs(if quick { 10 } else { 20 }),
             phases: PHASES.map(String::from).to_vec(),
@@ -107,6 +111,7 @@ impl Options {
                 "--rate" => o.rate = value()?.parse()?,
                 "--timewait" => o.timewait = value()?.parse()?,
                 "--scrapes" => o.scrapes = value()?.parse()?,
+                "--namespaces" => o.namespaces = value()?.parse()?,
                 "--only" => o.phases = value()?.split(',').map(|s| s.trim().to_string()).collect(),
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -266,6 +271,9 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
         // Let the churn namespace's timewait sockets go before counting memory.
         std::thread::sleep(Duration::from_secs(2));
         record("memory", memory_phase(twmon, o, work, &mut f), &mut failed)?;
+    }
+    if o.wants("namespaces") {
+        record("namespaces", namespaces_phase(twmon, o, work), &mut failed)?;
     }
     summary(o, &f, &failed);
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
@@ -1107,6 +1115,67 @@ fn map_type(t: u32) -> &'static str {
 
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
+}
+
+/// Timewait sockets per namespace in the namespaces phase.
+const TIMEWAIT_PER_NAMESPACE: usize = 20;
+
+/// A reconcile reads every namespace through sock_diag, and a scrape reads each one's TcpExt
+/// and sysctls: both against the number of namespaces, with the size of the host's established
+/// hash table, which every sock_diag dump walks whatever the namespace holds.
+fn namespaces_phase(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
+    println!("\n## 7. {} namespaces with {TIMEWAIT_PER_NAMESPACE} timewait sockets each", o.namespaces);
+    check_interrupted()?;
+    let spaces: Vec<Netns> = (0..o.namespaces).map(|i| Netns::create(&format!("many{i}"))).collect::<Result<_>>()?;
+    let made = Instant::now();
+    for ns in &spaces {
+        ns.run(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            for _ in 0..TIMEWAIT_PER_NAMESPACE {
+                let c = std::net::TcpStream::connect(l.local_addr()?)?;
+                let (mut s, _) = l.accept()?;
+                // The client closes first and keeps the timewait socket.
+                drop(c);
+                std::io::Read::read(&mut s, &mut [0u8; 1])?;
+            }
+            Ok(())
+        })?;
+    }
+    let config = work.join("namespaces.toml");
+    fs::write(&config, "[reconcile]\ninterval = \"1s\"\nmax_cpu = 1.0\n")?;
+    let agent = Agent::start(twmon, &["--config.file", &config.to_string_lossy()], work)?;
+    // Timewait sockets live 60 s: measure well within that.
+    let (mut reconcile_ms, mut scrape_ms, mut last) = (Vec::new(), Vec::new(), f64::NAN);
+    while made.elapsed() < Duration::from_secs(45) && reconcile_ms.len() < 10 {
+        check_interrupted()?;
+        let t = Instant::now();
+        let m = agent.scrape()?;
+        scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        // Each reconcile sets a new duration: a changed value is a new reconcile.
+        let r = m.get("twmon_reconcile_duration_seconds", &[]);
+        if r != last && m.get("twmon_netns_sockets", &[("state", "time_wait")]) > 0.0 {
+            reconcile_ms.push(r * 1e3);
+            last = r;
+        }
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    agent.stop()?;
+    if reconcile_ms.is_empty() {
+        bail!("no reconcile finished within 45 s");
+    }
+    let n = o.namespaces as f64;
+    let buckets = fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries").unwrap_or_else(|_| "unknown".into());
+    println!(
+        "the host's established hash table: {} buckets (net.ipv4.tcp_ehash_entries), walked by sock_diag \
+         once per address family of each namespace that holds sockets of it",
+        buckets.trim()
+    );
+    println!("| | median | per namespace | rounds |");
+    println!("|---|---|---|---|");
+    let (r, s) = (stats::median(&reconcile_ms), stats::median(&scrape_ms));
+    println!("| reconcile (sock_diag, sysctls, breakdowns) | {r:.0} ms | {:.2} ms | {} |", r / n, reconcile_ms.len());
+    println!("| scrape (with TcpExt and sysctls of each) | {s:.1} ms | {:.3} ms | {} |", s / n, scrape_ms.len());
+    Ok(())
 }
 
 fn summary(o: &Options, f: &Findings, failed: &[String]) {
