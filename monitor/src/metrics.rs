@@ -528,7 +528,8 @@ impl Metrics {
         for s in 1..tcp::MAX_STATES as u8 {
             let name = state_name(s);
             let rt = k.counter(counter::RETRANSMITS + s as u32);
-            if rt > 0 {
+            // The states whose retransmits carry the FIN are exported from the start.
+            if rt > 0 || matches!(s, tcp::FIN_WAIT1 | tcp::CLOSING | tcp::LAST_ACK) {
                 sync(&self.retransmits.with_label_values(&[name]), rt);
             }
             for (dir, base) in [("sent", counter::RESETS_SENT), ("received", counter::RESETS_RECEIVED)] {

@@ -44,7 +44,8 @@ fn created(ns: &Netns) -> u64 {
 /// IPv4 and IPv6 from several threads, checked at rest against the kernel.
 #[test]
 fn randomized_cases_match_the_kernel() {
-    const SEEDS: [u64; 4] = [0x7411, 0x7412, 0x7413, 0x7414];
+    // 0x7419 loses ACKs (nftables) and overflows tcp_max_tw_buckets.
+    const SEEDS: [u64; 5] = [0x7411, 0x7412, 0x7413, 0x7414, 0x7419];
     let cases: Vec<_> = SEEDS
         .iter()
         .map(|&seed| {

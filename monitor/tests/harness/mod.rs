@@ -73,6 +73,9 @@ struct Plan {
     short_fin_timeout: bool,
     /// A port range of 4: clients reuse ports (and 4-tuples) at once.
     narrow_ports: bool,
+    /// nftables drops one bare ACK of the servers' in three: final ACKs among them, so the
+    /// client retransmits its FIN from LAST_ACK and the server's timewait socket answers it.
+    lose_acks: bool,
     closes: Vec<Close>,
 }
 
@@ -97,6 +100,7 @@ impl Plan {
             max_tw: if rng.chance(20) { 5 + rng.below(40) as u32 } else { 262_144 },
             short_fin_timeout: rng.chance(25),
             narrow_ports,
+            lose_acks: rng.chance(20),
             closes,
         }
     }
@@ -142,6 +146,16 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
     ] {
         ns.exec(&["sysctl", "-qw", &format!("{k}={v}")]);
     }
+    if plan.lose_acks {
+        ns.exec(&["nft", "add", "table", "inet", LOSS_TABLE]);
+        ns.exec(&["nft", &format!("add chain inet {LOSS_TABLE} out {{ type filter hook output priority 0; }}")]);
+        // The servers' bare ACKs only (a client's would be the handshake's last too): the
+        // final ACK of a close the server began, and its ACK of a client's FIN.
+        let rule = format!(
+            "add rule inet {LOSS_TABLE} out tcp sport {SERVER_PORTS} tcp flags == ack numgen random mod 3 == 0 drop"
+        );
+        ns.exec(&["nft", &rule]);
+    }
     let workers: Vec<_> = (0..plan.threads)
         .map(|t| {
             let seed = rng.next();
@@ -170,9 +184,20 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
         std::thread::sleep(Duration::from_millis(rng.below(300)));
     }
     drop(held);
+    if plan.lose_acks {
+        // Long enough for FINs retransmitted from LAST_ACK (0.2, 0.6, 1.4 s) to meet the loss.
+        std::thread::sleep(Duration::from_millis(1500));
+        ns.exec(&["nft", "delete", "table", "inet", LOSS_TABLE]);
+    }
     wait_quiet(ns);
     made
 }
+
+/// The nftables table of a case that loses ACKs.
+const LOSS_TABLE: &str = "twmon_loss";
+
+/// The ports the workers' listeners take: 20000 + 2 x worker (IPv4), + 1 (IPv6), 4 workers.
+const SERVER_PORTS: &str = "20000-20007";
 
 /// One thread's connections: `n` of them to its own two listeners (IPv4 and IPv6), each ended
 /// by one of `closes`. Returns what it made and the server ends it holds in CLOSE_WAIT.
@@ -332,6 +357,8 @@ pub struct Kernel {
     pub overflow: f64,
     pub recycled: f64,
     pub established_left: f64,
+    /// Tcp `RetransSegs`: segments sent again, each FIN from LAST_ACK among them.
+    pub retransmitted: f64,
     pub states: Vec<(&'static str, f64)>,
 }
 
@@ -356,6 +383,7 @@ impl Kernel {
             established_left: c("Tcp", "ActiveOpens") + c("Tcp", "PassiveOpens")
                 - c("Tcp", "AttemptFails")
                 - c("Tcp", "CurrEstab"),
+            retransmitted: c("Tcp", "RetransSegs"),
             states: SS_STATES.iter().map(|(name, ss)| (*name, ns.ss(ss).len() as f64)).collect(),
         }
     }
@@ -429,6 +457,17 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
         "{ctx}: hand-offs missed vs TCPTimeWaitOverflow\n{n}"
     );
     assert_eq!(ends(m, "reuse"), k.recycled, "{ctx}: reuse ends vs TWRecycled\n{n}");
+    // A re-arm needs a segment that reached a timewait socket, here a FIN sent again from
+    // LAST_ACK or CLOSING; and every retransmit twmon counts is one the kernel counts.
+    let retransmits: f64 = m.series("twmon_retransmits_total").iter().map(|(_, v)| v).sum();
+    assert!(retransmits <= k.retransmitted, "{ctx}: retransmits {retransmits} vs RetransSegs {}\n{n}", k.retransmitted);
+    let rearms = m.get("twmon_timewait_rearms_total", &[]);
+    let fins_again: f64 =
+        ["last_ack", "closing"].iter().map(|s| m.get("twmon_retransmits_total", &[("state", s)])).sum();
+    assert!(
+        rearms <= fins_again,
+        "{ctx}: re-arms {rearms} vs FINs sent again from LAST_ACK or CLOSING {fins_again}\n{n}"
+    );
     assert_eq!(out_of_state(m, "established"), k.established_left, "{ctx}: sides that left ESTABLISHED\n{n}");
     assert_eq!(m.get("twmon_timewait_end_missed_total", &[]), 0.0, "{ctx}: ends no program saw\n{n}");
     assert_eq!(m.get("twmon_events_lost_total", &[]), 0.0, "{ctx}\n{n}");
