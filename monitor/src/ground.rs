@@ -70,12 +70,12 @@ pub fn read(namespaces: &[Namespace], denied: &mut usize) -> Vec<NsView> {
 /// sockets are counted for both families together: while there are any, both are asked for.
 /// (Kernels from 6.1 can give each new namespace its own table: `tcp_child_ehash_entries`.)
 fn families(sockstat: Option<procfs::Sockstat>) -> Vec<u8> {
-    let all = [(diag::AF_INET, u64::MAX), (diag::AF_INET6, u64::MAX)];
-    let counts = match sockstat {
-        Some(s) => [(diag::AF_INET, s.inuse4 + s.tw), (diag::AF_INET6, s.inuse6 + s.tw)],
-        None => all,
-    };
-    counts.iter().filter(|(_, n)| *n > 0).map(|(f, _)| *f).collect()
+    let Some(s) = sockstat else { return vec![diag::AF_INET, diag::AF_INET6] };
+    [(diag::AF_INET, s.inuse4), (diag::AF_INET6, s.inuse6)]
+        .into_iter()
+        .filter(|(_, n)| n + s.tw > 0)
+        .map(|(f, _)| f)
+        .collect()
 }
 
 /// Teardown-state sockets of these namespaces, keyed like the agent's events, with the time

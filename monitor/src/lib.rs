@@ -126,10 +126,9 @@ pub struct Agent {
     attached: AtomicUsize,
     /// `config.settings`, as reloaded on SIGHUP.
     settings: RwLock<Arc<config::Config>>,
-    /// The namespaces the last reconcile read (but the host's): name, a file that opens it, its
-    /// inode. Checked every sweep interval, so that a deleted one's series go within seconds.
-    /// The namespaces the last reconcile read and watches (TcpExt and sysctls are read from
-    /// them at each scrape).
+    /// The namespaces the last reconcile read and watches. TcpExt and sysctls are read from them
+    /// at each scrape, and they are checked every sweep interval, so that a deleted one's other
+    /// series go within seconds.
     namespaces_read: netns_counters::Watched,
 }
 

@@ -430,7 +430,9 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 /// Runs `f` inside each namespace in turn and returns its result for each, or why that one
-/// could not be entered. All on one thread of its own, entering each namespace with setns(2):
+/// could not be entered: the sockets, netlink sockets, /proc/thread-self/net/* and
+/// /proc/sys/net/* that `f` opens are those of the namespace it runs in. All on one thread of
+/// its own, entering each namespace with setns(2):
 /// the agent's threads stay where they are, and hundreds of namespaces cost one thread, not one
 /// each. If `f` panics, the panic is resumed on the calling thread.
 ///
