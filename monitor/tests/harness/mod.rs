@@ -412,10 +412,13 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
         }
         assert!(
             Instant::now() < deadline,
-            "twmon's gauges never equalled ss at rest: kernel {after:?}, sockstat tw {}\n{}\nss:\n{}",
+            "twmon's gauges never equalled ss at rest: kernel {after:?}, sockstat tw {}\n{}\nss:\n{}\n\
+             /proc/net/tcp and tcp6 (the kernel's other view):\n{}{}",
             ns.sockstat_tw(),
             numbers(&m),
-            ns.exec(&["ss", "-tanH"])
+            ns.exec(&["ss", "-tanH"]),
+            ns.exec(&["cat", "/proc/net/tcp"]),
+            ns.exec(&["cat", "/proc/net/tcp6"]),
         );
         std::thread::sleep(Duration::from_millis(200));
     }
