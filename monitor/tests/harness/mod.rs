@@ -413,12 +413,13 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
         assert!(
             Instant::now() < deadline,
             "twmon's gauges never equalled ss at rest: kernel {after:?}, sockstat tw {}\n{}\nss:\n{}\n\
-             /proc/net/tcp and tcp6 (the kernel's other view):\n{}{}",
+             /proc/net/tcp and tcp6 (the kernel's other view):\n{}{}\nthe agent's log, last lines:\n{}",
             ns.sockstat_tw(),
             numbers(&m),
             ns.exec(&["ss", "-tanH"]),
             ns.exec(&["cat", "/proc/net/tcp"]),
             ns.exec(&["cat", "/proc/net/tcp6"]),
+            agent.log().lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
         );
         std::thread::sleep(Duration::from_millis(200));
     }
