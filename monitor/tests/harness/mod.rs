@@ -180,9 +180,21 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
     if outlive {
         // The held connections' orphaned peers as the kernel keeps them: timewait sockets in
         // FIN_WAIT2 (fewer than the held connections when tcp_max_tw_buckets was reached).
-        std::thread::sleep(Duration::from_millis(200));
-        made.never_fin += ns.ss("FIN-WAIT-2").len() as u64;
-        std::thread::sleep(Duration::from_secs(fin_timeout + 2));
+        // Watched until they have all timed out: where ACKs are lost, some reach FIN_WAIT2
+        // (and time out) seconds after others, after FINs sent again from FIN_WAIT1.
+        let mut orphans = std::collections::HashSet::new();
+        let start = Instant::now();
+        loop {
+            let now = ns.ss("FIN-WAIT-2");
+            let closing = ns.ss("FIN-WAIT-1").len();
+            let done = now.is_empty() && closing == 0 && start.elapsed() > Duration::from_secs(fin_timeout);
+            orphans.extend(now);
+            if done || start.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        made.never_fin += orphans.len() as u64;
     } else {
         std::thread::sleep(Duration::from_millis(rng.below(300)));
     }
