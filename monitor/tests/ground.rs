@@ -98,16 +98,18 @@ fn first_scrape_shows_sockets_from_before_start() {
     assert_eq!(m.transitions("close_wait", "last_ack"), 20.0);
 
     // 2MSL later every one of them expired: the seeded ones counted by the agent, the released
-    // ones by the kernel programs, all after 59-66 s in TIME_WAIT.
+    // ones by the kernel programs, all after 59-90 s in TIME_WAIT: 60 s, plus the timer wheel's
+    // slack (a 60 s timer may fire up to 1/8 late) and, under software emulation, a late softirq
+    // (a 5.10 VM in CI showed 161 of 220 beyond 66 s).
     let expired = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "expired")]);
-    let m = agent.wait_for(Duration::from_secs(75), |m| expired(m) == 220.0 && m.sockets("time_wait") == 0.0);
+    let m = agent.wait_for(Duration::from_secs(90), |m| expired(m) == 220.0 && m.sockets("time_wait") == 0.0);
     assert_eq!(expired(&m), 220.0, "expired ends:\n{}\nagent log:\n{}", m.text, agent.log());
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert_eq!(ss_state(&ns, "TIME-WAIT"), 0.0);
     assert_eq!(m.transitions("time_wait", "close"), 220.0);
     assert_eq!(m.duration_count("time_wait"), 220.0);
     assert_eq!(m.bucket("time_wait", "59"), 0.0, "TIME_WAIT shorter than 59 s");
-    assert_eq!(m.bucket("time_wait", "66"), 220.0, "TIME_WAIT longer than 66 s");
+    assert_eq!(m.bucket("time_wait", "90"), 220.0, "TIME_WAIT longer than 90 s");
     assert_eq!(m.get("twmon_seeded_sockets", &[("state", "time_wait")]), 0.0);
 }
 
