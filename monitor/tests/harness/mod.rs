@@ -410,7 +410,12 @@ impl Kernel {
     }
 
     fn sockets(&self, state: &str) -> f64 {
-        self.states.iter().find(|(s, _)| *s == state).map(|(_, n)| *n).unwrap_or(0.0)
+        // Every state of SS_STATES is read; any other is a mistake in the harness.
+        self.states
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map(|(_, n)| *n)
+            .unwrap_or_else(|| panic!("{state} not read from ss"))
     }
 }
 
