@@ -49,6 +49,36 @@ pub mod kind {
     /// A socket in CLOSE_WAIT since `ts_ns`, found by the agent's leak scan (a program it runs
     /// itself over the kernel's socket map): only sockets older than the leak threshold cross.
     pub const CLOSE_WAIT_AGE: u8 = 5;
+    /// A followed timewait socket ended without the cancel program seeing it (counted in the
+    /// kernel as missed, `reason` KILLED); `to` says where it was found ([`super::found`]),
+    /// `duration_ns` how long its entry had been in `from`. For the agent's log: a missed end
+    /// is a defect to report.
+    pub const MISSED_END: u8 = 6;
+}
+
+/// Where a missed timewait end was found (`to` of a [`kind::MISSED_END`] record).
+pub mod found {
+    /// A new timewait socket's timer started in the memory of a followed one.
+    pub const TIMER_START: u8 = 1;
+    /// A timer cancelled in the memory of a followed timewait socket, of another connection.
+    pub const TIMER_CANCEL: u8 = 2;
+    /// The sweep: the timer's callback is no longer the timewait one.
+    pub const SWEEP_CALLBACK: u8 = 3;
+    /// The sweep: the memory holds another connection.
+    pub const SWEEP_CONNECTION: u8 = 4;
+    /// The sweep: the timer is not queued.
+    pub const SWEEP_UNQUEUED: u8 = 5;
+
+    pub fn name(at: u8) -> &'static str {
+        match at {
+            TIMER_START => "a timer started in its memory",
+            TIMER_CANCEL => "a timer cancelled in its memory",
+            SWEEP_CALLBACK => "the sweep (its timer's callback changed)",
+            SWEEP_CONNECTION => "the sweep (its memory holds another connection)",
+            SWEEP_UNQUEUED => "the sweep (its timer was not queued)",
+            _ => "?",
+        }
+    }
 }
 
 /// Why a timewait socket ended.
@@ -148,23 +178,30 @@ impl Lifecycle {
         }
     }
 
-    /// Counts a transition, with the time spent in `from` when it is known. No panicking
-    /// index: the kernel programs use it too.
+    /// Counts a transition, with the time spent in `from` when it is known.
     #[inline(always)]
     pub fn count(&mut self, from: u8, to: u8, duration_ns: Option<u64>) {
-        let (f, t) = (from as usize, to as usize);
-        if f >= tcp::MAX_STATES as usize || t >= tcp::MAX_STATES as usize {
-            return;
-        }
+        self.count_with(from, to, duration_ns, |n, v| *n += v);
+    }
+
+    /// [`Lifecycle::count`] with the addition given: the kernel programs add atomically, as a
+    /// program nested on the same CPU may add to the same cell. No panicking index: the kernel
+    /// programs use it too.
+    #[inline(always)]
+    pub fn count_with(&mut self, from: u8, to: u8, duration_ns: Option<u64>, add: impl Fn(&mut u64, u64)) {
+        // Masked, not checked: 5.10's verifier loses a checked bound on the way to the address
+        // (of a state read from a map) and rejects the program; a mask it keeps. Every state
+        // is below STATES, so a mask changes none.
+        let (f, t) = (from as usize & (STATES - 1), to as usize & (STATES - 1));
         if let Some(n) = self.transitions.get_mut(f * STATES + t) {
-            *n += 1;
+            add(n, 1);
         }
         if let Some(d) = duration_ns {
             if let Some(n) = self.durations.get_mut(f * DURATION_SLOTS + duration_bucket(d)) {
-                *n += 1;
+                add(n, 1);
             }
             if let Some(sum) = self.durations.get_mut(f * DURATION_SLOTS + DURATION_SLOTS - 1) {
-                *sum += d;
+                add(sum, d);
             }
         }
     }
@@ -311,9 +348,13 @@ pub struct KernelLayout {
     pub sk_err: u32,
     /// `struct sock_common` -> `skc_nulls_node.pprev`: NULL once out of the connection hash.
     pub skc_nulls_pprev: u32,
+    /// `struct sock_common` -> `skc_flags` (`sk_flags`), and in it the bits of `SOCK_DEAD` (orphaned: the
+    /// application closed it) and `SOCK_DONE` (the peer's FIN arrived).
+    pub sk_flags: u32,
+    pub sk_flags_dead_or_done: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 22 * 4 + 16);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 24 * 4 + 16);
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]

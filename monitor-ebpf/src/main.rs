@@ -31,8 +31,14 @@
 //! the agent seeds, every transition.
 #![no_std]
 #![no_main]
+// For `atomic_xadd`: the BPF target has no compare-and-swap, so core offers no `fetch_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     helpers::{
@@ -45,7 +51,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry, counter, flags, kind, reason, sweep, tcp, twin,
+    ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry, counter, flags, found, kind, reason, sweep, tcp,
+    twin,
 };
 
 const AF_INET6: u16 = 10;
@@ -153,6 +160,18 @@ struct Handoff {
 /// Hand-offs that nest on one CPU: one per level of softirq that can run in between, and spare.
 const HANDOFF_SLOTS: usize = 4;
 
+impl Handoff {
+    /// The same socket, of the same connection (its memory may be another's by now).
+    #[inline(always)]
+    fn same(&self, other: &Handoff) -> bool {
+        self.tw != 0
+            && self.tw == other.tw
+            && self.net == other.net
+            && self.dport == other.dport
+            && self.hash == other.hash
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Handoffs {
@@ -160,6 +179,11 @@ struct Handoffs {
     /// The slot the next hand-off overwrites when none is free (one never taken: the oldest).
     next: u32,
     _pad: u32,
+    /// The full socket that sent a reset last on this CPU (`tw` holds the socket).
+    reset_by: Handoff,
+    /// The full socket whose close was counted last as a missed hand-off: a reset it sends
+    /// right after says it was an abort.
+    unconfirmed: Handoff,
 }
 
 #[repr(C)]
@@ -190,21 +214,37 @@ fn field<T: Copy>(ptr: u64, offset: u32) -> T {
     unsafe { core::ptr::read_volatile((ptr + offset as u64) as *const T) }
 }
 
+/// Adds `v` to a per-CPU cell in one instruction (`BPF_ATOMIC | BPF_ADD`, in every kernel since
+/// 3.18): a program interrupted between a load and a store by another one on the same CPU (a
+/// softirq's, or a twin's) that adds to the same cell would lose that addition. The old value
+/// is not used: fetching it needs Linux 5.12.
 #[inline(always)]
-fn count(idx: u32) -> u64 {
-    match COUNTERS.get_ptr_mut(idx) {
-        Some(p) => unsafe {
-            *p += 1;
-            *p
-        },
-        None => 0,
+fn add<T: Copy>(p: *mut T, v: T) {
+    // SAFETY: `p` points into a map value, valid and aligned for this program run.
+    let _ = unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        add(p, 1u64);
     }
+}
+
+/// Counts a condition to warn of, and whether to warn now: at powers of two, so a log is
+/// not flooded.
+#[inline(always)]
+fn count_warn(idx: u32) -> bool {
+    let Some(p) = COUNTERS.get_ptr_mut(idx) else { return false };
+    add(p, 1u64);
+    // SAFETY: as in `add`. A nested addition in between at worst moves a warning.
+    unsafe { core::ptr::read_volatile(p) }.is_power_of_two()
 }
 
 #[inline(always)]
 fn gauge(state: u8, delta: i64) {
     if let Some(p) = GAUGES.get_ptr_mut(state as u32) {
-        unsafe { *p += delta };
+        add(p, delta);
     }
 }
 
@@ -213,7 +253,9 @@ fn gauge(state: u8, delta: i64) {
 fn record(from: u8, to: u8, entered: u64, now: u64) {
     if let Some(l) = LIFECYCLE.get_ptr_mut(0) {
         let d = if entered != 0 && now >= entered { Some(now - entered) } else { None };
-        unsafe { (*l).count(from, to, d) };
+        // SAFETY: a per-CPU map value, valid for this program run; every cell is added to
+        // atomically.
+        unsafe { (*l).count_with(from, to, d, |n, v| add(n as *mut u64, v)) };
     }
 }
 
@@ -472,7 +514,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 return Ok(());
             }
             to = h.state;
-        } else if !aborted(sk) {
+        } else if handoff_due(&c, sk, old) {
             // The kernel meant to hand the connection over and could not: no timewait socket
             // (tcp_max_tw_buckets reached, or no memory).
             count(counter::HANDOFF_MISSED);
@@ -483,7 +525,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         let entry = SockEntry { entered_ns: now, expires: 0, state: new, ..SockEntry::default() };
         if SOCKS.insert(sk, entry, 0).is_ok() {
             gauge(new, 1);
-        } else if count(counter::SOCKS_FULL).is_power_of_two() {
+        } else if count_warn(counter::SOCKS_FULL) {
             warn!(ctx, "twmon: socket map full; raise --bpf.max-sockets");
         }
     }
@@ -496,13 +538,59 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Whether `sk` is closing because the connection was aborted: the kernel sets the error it
-/// reports to the application (a reset taken, a timeout) before it closes the socket. (A
-/// reset-taken event would do too, but the one for a reset *sent* comes after the close on
-/// some paths, and a per-CPU note of it outlives the socket whose memory the next one takes.)
+/// Whether a full socket's `old -> CLOSE` with no timewait socket for it is a hand-off the
+/// kernel could not make (tcp_max_tw_buckets reached, or no memory) rather than an abort.
+///
+/// The kernel hands a connection over from FIN_WAIT2 or CLOSING only (from FIN_WAIT1 it moves
+/// to FIN_WAIT2 first), and only once the application closed the socket (`SOCK_DEAD`) or the
+/// peer's FIN arrived (`SOCK_DONE`): a close() or connect(AF_UNSPEC) that aborts has done
+/// neither yet. Aborts on other paths set the error the application sees (a reset taken, a
+/// timeout) before the close, or send a reset: before it (an orphan's FIN_WAIT2 timeout) or
+/// right after it on the same CPU (data after close, `SO_LINGER` 0 on a FIN_WAIT2 socket), when
+/// `twmon_send_reset` takes the count back. What is left: an `SO_LINGER` 0 close of a CLOSING
+/// socket whose FIN was sent, which neither sends a reset nor sets an error.
 #[inline(always)]
-fn aborted(sk: u64) -> bool {
-    field::<i32>(sk, layout!(sk_err)) != 0
+fn handoff_due(c: &Btf, sk: u64, old: u8) -> bool {
+    if old != tcp::FIN_WAIT2 && old != tcp::CLOSING {
+        return false;
+    }
+    if field::<i32>(sk, layout!(sk_err)) != 0 {
+        return false;
+    }
+    let flags: u64 = field(sk, layout!(sk_flags));
+    if flags & layout!(sk_flags_dead_or_done) as u64 == 0 {
+        return false;
+    }
+    let Ok((net, dport, hash)) = c.identity() else { return true };
+    let this = Handoff { tw: sk, net, dport, hash, state: old, _pad: [0; 7] };
+    let Some(all) = HANDOFF.get_ptr_mut(0) else { return true };
+    // SAFETY: a per-CPU map value, valid for this program run.
+    let all = unsafe { &mut *all };
+    if all.reset_by.same(&this) {
+        all.reset_by.tw = 0;
+        return false;
+    }
+    all.unconfirmed = this;
+    true
+}
+
+/// A full socket sent a reset: an abort, so if it just closed and was counted as a missed
+/// hand-off, that count is taken back; else it is noted for a close that follows.
+#[inline(always)]
+fn reset_sent(sk: u64) {
+    let Ok((net, dport, hash)) = Btf(sk).identity() else { return };
+    let this = Handoff { tw: sk, net, dport, hash, state: 0, _pad: [0; 7] };
+    let Some(all) = HANDOFF.get_ptr_mut(0) else { return };
+    // SAFETY: a per-CPU map value, valid for this program run.
+    let all = unsafe { &mut *all };
+    if all.unconfirmed.same(&this) {
+        all.unconfirmed.tw = 0;
+        if let Some(p) = COUNTERS.get_ptr_mut(counter::HANDOFF_MISSED) {
+            add(p, u64::MAX); // minus one, on the CPU that counted it
+        }
+    } else {
+        all.reset_by = this;
+    }
 }
 
 /// Tells the agent about a full socket (a transition, unless `kind` says otherwise).
@@ -619,7 +707,7 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
         // An entry of another connection: a socket whose end went unseen, in whose memory this
         // one was made. That end is counted as missed; the new socket is followed.
-        end_missed(&e, tw, now);
+        end_missed(&e, tw, now, found::TIMER_START);
     }
 
     // A new timewait socket.
@@ -630,7 +718,7 @@ fn try_timer_start(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let state = if substate == tcp::FIN_WAIT2 { tcp::FIN_WAIT2 } else { tcp::TIME_WAIT };
     let entry = SockEntry { entered_ns: now, expires, state, hash, ..SockEntry::default() };
     if TIMEWAIT.insert(tw, entry, 0).is_err() {
-        if count(counter::TIMEWAIT_FULL).is_power_of_two() {
+        if count_warn(counter::TIMEWAIT_FULL) {
             warn!(ctx, "twmon: timewait map full; raise --bpf.max-timewait");
         }
         return Ok(());
@@ -747,7 +835,7 @@ fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
     };
     if Live(tw).get::<u32>(layout!(skc_hash)) != Ok(entry.hash) {
         // The entry is of a socket whose end went unseen, and this is another one in its memory.
-        end_missed(&entry, tw, unsafe { bpf_ktime_get_ns() });
+        end_missed(&entry, tw, unsafe { bpf_ktime_get_ns() }, found::TIMER_CANCEL);
         return untracked_end(tw, timer);
     }
     let _ = TIMEWAIT.remove(tw);
@@ -939,8 +1027,10 @@ fn sweep_one(tw: u64, all: bool) {
     // Looked up again before ending it: the socket may have ended on another CPU meanwhile and
     // the map's element been taken by another socket's entry (the map is preallocated), which
     // `entry` then shows. Only an entry still under this key, of this connection, is ended.
-    if gone(tw, timer, seen.hash) && unsafe { TIMEWAIT.get(tw) }.map(|e| e.hash) == Some(seen.hash) {
-        end_missed(&seen, tw, now);
+    if let Some(at) = gone(tw, timer, seen.hash)
+        && unsafe { TIMEWAIT.get(tw) }.map(|e| e.hash) == Some(seen.hash)
+    {
+        end_missed(&seen, tw, now, at);
         return;
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return };
@@ -948,32 +1038,38 @@ fn sweep_one(tw: u64, all: bool) {
 }
 
 /// A timewait entry whose socket ended without our cancel program seeing it: ended here,
-/// counted as missed.
+/// counted as missed, and told to the agent with where it was found (`found::*`).
 #[inline(always)]
-fn end_missed(entry: &SockEntry, tw: u64, now: u64) {
+fn end_missed(entry: &SockEntry, tw: u64, now: u64, at: u8) {
     gauge(entry.state, -1);
     count(counter::TIMEWAIT_MISSED);
     end(entry, tw, reason::KILLED, now, flags::SILENT);
+    let mut ev = Event { ts_ns: now, obj: tw, kind: kind::MISSED_END, from: entry.state, to: at, ..Event::default() };
+    (ev.duration_ns, ev.flags) = since(now, entry.entered_ns);
+    emit(&ev);
     let _ = TIMEWAIT.remove(tw);
     let _ = ORPHANS.remove(tw);
 }
 
 /// Whether the timewait socket of a map entry (of connection `hash`) ended without our cancel
-/// program seeing it.
+/// program seeing it, and if so, how that shows (`found::SWEEP_*`).
 #[inline(always)]
-fn gone(tw: u64, timer: u64, hash: u32) -> bool {
+fn gone(tw: u64, timer: u64, hash: u32) -> Option<u8> {
     // The kernel clears the callback only after the cancel event (timer_shutdown), and a freed
     // socket's memory may be anything else by now, another connection's timewait socket too.
     match kread::<u64>(timer + layout!(timer_function) as u64) {
         Ok(f) if f == layout!(tw_timer_handler) => {}
-        _ => return true,
+        _ => return Some(found::SWEEP_CALLBACK),
     }
     if Live(tw).get::<u32>(layout!(skc_hash)) != Ok(hash) {
-        return true;
+        return Some(found::SWEEP_CONNECTION);
     }
     // Not queued: dequeued for its expiry or a kill on another CPU, after the cancel program
     // took the entry out (the caller looks it up again), or gone. A re-arm keeps it queued.
-    !matches!(kread::<u64>(timer + layout!(timer_pprev) as u64), Ok(p) if p != 0)
+    match kread::<u64>(timer + layout!(timer_pprev) as u64) {
+        Ok(p) if p != 0 => None,
+        _ => Some(found::SWEEP_UNQUEUED),
+    }
 }
 
 /// Run by the agent (BPF_PROG_TEST_RUN) before it looks for leaks, never attached: reports the
@@ -1043,7 +1139,11 @@ pub fn twmon_retransmit(ctx: BtfTracePointContext) -> u32 {
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn twmon_send_reset(ctx: BtfTracePointContext) -> u32 {
     // The socket is NULL for a reset to a segment no socket owns: not counted.
-    count_by_state(ctx.arg(0), counter::RESETS_SENT);
+    let sk: u64 = ctx.arg(0);
+    count_by_state(sk, counter::RESETS_SENT);
+    if sk != 0 {
+        reset_sent(sk);
+    }
     0
 }
 

@@ -189,6 +189,21 @@ fn has_enumerator(btf: &Btf, name: &str, enumerator: &str) -> bool {
     })
 }
 
+/// The value of `enumerator` in `enum name` (a bit number below 32 here).
+fn enumerator(btf: &Btf, name: &str, enumerator: &str) -> Result<u32, LayoutError> {
+    btf.resolve_types_by_name(name)
+        .unwrap_or_default()
+        .iter()
+        .find_map(|t| match t {
+            Type::Enum(e) => {
+                e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == enumerator)).map(|m| m.val())
+            }
+            _ => None,
+        })
+        .filter(|v| *v < 32)
+        .ok_or_else(|| LayoutError::Member(format!("enum {name}.{enumerator}")))
+}
+
 /// The features in `required` this kernel lacks, by their description.
 fn missing_features(btf: &Btf, required: &[(&str, &str, &str)]) -> Vec<String> {
     required.iter().filter(|(ty, e, _)| !has_enumerator(btf, ty, e)).map(|(_, _, what)| what.to_string()).collect()
@@ -251,6 +266,9 @@ pub fn read(netns_only: u32) -> Result<(KernelLayout, Features), LayoutError> {
         netns_only,
         sk_err: member_offset(&btf, "sock", "sk_err")?,
         skc_nulls_pprev: skc("skc_nulls_node.pprev")?,
+        sk_flags: skc("skc_flags")?,
+        sk_flags_dead_or_done: 1 << enumerator(&btf, "sock_flags", "SOCK_DEAD")?
+            | 1 << enumerator(&btf, "sock_flags", "SOCK_DONE")?,
         _pad: 0,
     };
     Ok((layout, features))

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use monitor_common::{Event, Lifecycle, flags, kind, reason, tcp};
+use monitor_common::{Event, Lifecycle, flags, found, kind, reason, tcp};
 use prometheus::{IntCounter, Registry};
 
 /// How long a cancelled timewait timer may wait for the re-arm that would follow it at once.
@@ -153,6 +153,15 @@ impl Tracker {
     /// only settle cancels and end seeded sockets.
     pub fn apply(&mut self, ev: &Event) {
         self.events.inc();
+        if ev.kind == kind::MISSED_END {
+            let state = state_name(ev.from);
+            let (at, age) = (found::name(ev.to), ev.duration_ns as f64 / 1e9);
+            tracing::warn!(
+                "a {state} timewait socket ended unseen (found by {at}, {age:.3} s after it entered {state}); \
+                 counted in twmon_timewait_end_missed_total: please report it with the kernel version"
+            );
+            return;
+        }
         if ev.kind == kind::CLOSE_WAIT_AGE {
             if self.close_wait_since.len() < MAX_CLOSE_WAIT_AGES {
                 self.close_wait_since.insert(Tuple::of(ev), ev.ts_ns);

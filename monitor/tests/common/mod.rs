@@ -60,30 +60,27 @@ impl Netns {
     }
 
     /// TCP sockets `ss` shows in a state (its names: TIME-WAIT, FIN-WAIT-2, CLOSE-WAIT ...), as
-    /// (local, peer) address pairs. Filters the full dump rather than using `ss state X`: the
+    /// (local, peer) address pairs.
+    pub fn ss(&self, state: &str) -> Vec<(String, String)> {
+        ss_in(&self.ss_all(), state)
+    }
+
+    /// Every TCP socket, as `ss -tanH` prints them. The full dump rather than `ss state X`: the
     /// kernel's sock_diag leaves timewait sockets out of a FIN-WAIT-2 query but reports the
     /// orphaned FIN_WAIT2 ones as FIN-WAIT-2 in a full dump.
-    pub fn ss(&self, state: &str) -> Vec<(String, String)> {
+    pub fn ss_all(&self) -> String {
         self.exec(&["ss", "-tanH"])
-            .lines()
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                (w.len() >= 5 && w[0] == state).then(|| (w[3].to_string(), w[4].to_string()))
-            })
-            .collect()
     }
 
     /// A counter of the kernel's own in this namespace: `group` is a line prefix of
     /// /proc/net/netstat (`TcpExt`) or /proc/net/snmp (`Tcp`), `key` a column of it.
     pub fn counter(&self, group: &str, key: &str) -> u64 {
-        let file = if group == "TcpExt" || group == "IpExt" { "/proc/net/netstat" } else { "/proc/net/snmp" };
-        let text = self.exec(&["cat", file]);
-        let prefix = format!("{group}:");
-        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
-        assert_eq!(lines.len(), 2, "{group} in {file}");
-        let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
-        let value = names.zip(values).find(|(n, _)| *n == key).map(|(_, v)| v);
-        value.unwrap_or_else(|| panic!("{group} {key} in {file}")).parse().expect("a number")
+        counter_in(&self.counters(), group, key)
+    }
+
+    /// /proc/net/netstat and /proc/net/snmp in one read, for [`counter_in`].
+    pub fn counters(&self) -> String {
+        self.exec(&["cat", "/proc/net/netstat", "/proc/net/snmp"])
     }
 
     /// The `tw` count of /proc/net/sockstat in this namespace.
@@ -94,6 +91,27 @@ impl Netns {
         let i = words.iter().position(|w| *w == "tw").expect("tw in sockstat");
         words[i + 1].parse().expect("tw count")
     }
+}
+
+/// The sockets of an `ss -tanH` dump in `state`, as (local, peer) address pairs.
+pub fn ss_in(dump: &str, state: &str) -> Vec<(String, String)> {
+    dump.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 5 && w[0] == state).then(|| (w[3].to_string(), w[4].to_string()))
+        })
+        .collect()
+}
+
+/// A counter from the text of /proc/net/netstat and /proc/net/snmp: `group` is a line prefix
+/// (`TcpExt`, `Tcp`), `key` a column of it.
+pub fn counter_in(text: &str, group: &str, key: &str) -> u64 {
+    let prefix = format!("{group}:");
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+    assert_eq!(lines.len(), 2, "{group} in /proc/net/netstat or snmp");
+    let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
+    let value = names.zip(values).find(|(n, _)| *n == key).map(|(_, v)| v);
+    value.unwrap_or_else(|| panic!("{group} {key} in /proc/net/netstat or snmp")).parse().expect("a number")
 }
 
 impl Drop for Netns {

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{Agent, Metrics, Netns};
+use crate::common::{self, Agent, Metrics, Netns};
 
 /// splitmix64: small, seedable, and the same sequence on every machine.
 pub struct Rng(u64);
@@ -393,8 +393,11 @@ const SS_STATES: [(&str, &str); 6] = [
 ];
 
 impl Kernel {
+    /// One read of the counters and one of `ss`: a process each, which is slow to start in an
+    /// emulated VM.
     pub fn read(ns: &Netns) -> Self {
-        let c = |g: &str, k: &str| ns.counter(g, k) as f64;
+        let (counters, ss) = (ns.counters(), ns.ss_all());
+        let c = |g: &str, k: &str| common::counter_in(&counters, g, k) as f64;
         Self {
             // Timewait sockets created: over 4 s of timer (TW) or at most (TWKilled).
             created: c("TcpExt", "TW") + c("TcpExt", "TWKilled"),
@@ -405,7 +408,7 @@ impl Kernel {
                 - c("Tcp", "AttemptFails")
                 - c("Tcp", "CurrEstab"),
             retransmitted: c("Tcp", "RetransSegs"),
-            states: SS_STATES.iter().map(|(name, ss)| (*name, ns.ss(ss).len() as f64)).collect(),
+            states: SS_STATES.iter().map(|(name, state)| (*name, common::ss_in(&ss, state).len() as f64)).collect(),
         }
     }
 
@@ -419,15 +422,19 @@ impl Kernel {
     }
 }
 
-/// Scrapes until twmon's gauges equal `ss` and the kernel's counters stand still between two
-/// readings around the scrape; returns both. Fails when that never happens within `timeout`.
+/// Scrapes until twmon's gauges equal `ss` and the kernel's counters have stood still from the
+/// previous round (200 ms earlier, longer than the agent waits for a re-arm before it counts a
+/// cancelled timer as an end) to after the scrape; returns both. Fails when that never happens
+/// within `timeout`.
 pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel) {
     let deadline = Instant::now() + timeout;
+    let mut previous: Option<Kernel> = None;
     loop {
         let before = Kernel::read(ns);
         let m = agent.metrics();
         let after = Kernel::read(ns);
-        let still = before.created == after.created && before.states == after.states;
+        let same = |a: &Kernel, b: &Kernel| a.created == b.created && a.states == b.states;
+        let still = same(&before, &after) && previous.as_ref().is_some_and(|p| same(p, &before));
         let equal = SS_STATES.iter().all(|(s, _)| m.sockets(s) == after.sockets(s));
         if still && equal {
             return (m, after);
@@ -443,6 +450,7 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
             ns.exec(&["cat", "/proc/net/tcp6"]),
             agent.log().lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
         );
+        previous = Some(after);
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -457,30 +465,32 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     assert_eq!(skipped, 0.0, "{ctx}: events the kernel skipped (twmon_bpf_program_missed_total)\n{n}");
     let remaining = k.sockets("time_wait") + k.sockets("fin_wait2");
     let ended = ends(m, "reuse") + ends(m, "killed") + ends(m, "expired") + ends(m, "fin_timeout");
-    let never_fin = if made.orphans_unknown {
-        m.transitions("fin_wait2", "close") - m.get("twmon_timewait_handoff_missed_total", &[]) + k.sockets("fin_wait2")
+    // Timewait sockets that never got their FIN (orphans in FIN_WAIT2): known exactly to the
+    // harness, or, with a real server and client, only bounded by twmon's fin_wait2 -> close,
+    // which also counts full sockets aborted in FIN_WAIT2 (SO_LINGER 0, data after close).
+    let (fewest, most) = if made.orphans_unknown {
+        let most = m.transitions("fin_wait2", "close") - m.get("twmon_timewait_handoff_missed_total", &[])
+            + k.sockets("fin_wait2");
+        (0.0, most)
     } else {
-        made.never_fin as f64
+        (made.never_fin as f64, made.never_fin as f64)
     };
-    if tw_counted_at_creation() {
-        assert_eq!(
-            into_state(m, "time_wait") + never_fin,
-            k.created,
-            "{ctx}: transitions into time_wait + orphans without a FIN vs TcpExt TW + TWKilled\n{n}"
-        );
+    let (without_fin, against) = if tw_counted_at_creation() {
         assert_eq!(ended, k.created - remaining, "{ctx}: timewait sockets ended vs created - still there\n{n}");
+        (k.created - into_state(m, "time_wait"), "TcpExt TW + TWKilled")
     } else {
         assert_eq!(
             ends(m, "expired") + ends(m, "fin_timeout"),
             k.created,
             "{ctx}: timers that ran out vs TcpExt TW + TWKilled (counted then on this kernel)\n{n}"
         );
-        assert_eq!(
-            into_state(m, "time_wait") + never_fin,
-            ended + remaining,
-            "{ctx}: transitions into time_wait + orphans without a FIN vs ended + still there\n{n}"
-        );
-    }
+        (ended + remaining - into_state(m, "time_wait"), "ended + still there")
+    };
+    assert!(
+        fewest <= without_fin && without_fin <= most,
+        "{ctx}: {against} - transitions into time_wait = {without_fin}, but the orphans without a FIN \
+         are {fewest}..={most}\n{n}"
+    );
     assert_eq!(
         m.get("twmon_timewait_handoff_missed_total", &[]),
         k.overflow,
