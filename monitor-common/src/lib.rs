@@ -50,13 +50,13 @@ pub mod kind {
     /// itself over the kernel's socket map): only sockets older than the leak threshold cross.
     pub const CLOSE_WAIT_AGE: u8 = 5;
     /// A followed timewait socket ended without the cancel program seeing it (counted in the
-    /// kernel as missed, `reason` KILLED); `to` says where it was found ([`super::found`]),
+    /// kernel as missed and as killed); `reason` says where it was found ([`super::found`]),
     /// `duration_ns` how long its entry had been in `from`. For the agent's log: a missed end
     /// is a defect to report.
     pub const MISSED_END: u8 = 6;
 }
 
-/// Where a missed timewait end was found (`to` of a [`kind::MISSED_END`] record).
+/// Where a missed timewait end was found (`reason` of a [`kind::MISSED_END`] record).
 pub mod found {
     /// A new timewait socket's timer started in the memory of a followed one.
     pub const TIMER_START: u8 = 1;

@@ -269,6 +269,9 @@ fn report_all() -> bool {
 /// per record) cost twice the rest of the program. The agent drains the ring on a short timer.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 
+/// Map update flag: replace an existing element only.
+const BPF_EXIST: u64 = 2;
+
 #[inline(always)]
 fn emit(ev: &Event) {
     if EVENTS.output::<Event>(ev, BPF_RB_NO_WAKEUP).is_err() {
@@ -498,6 +501,7 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
 
     let mut to = new;
+    let reset_before = new == tcp::CLOSE && take_notes(sk);
     if new == tcp::CLOSE && (old == tcp::FIN_WAIT1 || old == tcp::FIN_WAIT2 || old == tcp::CLOSING) {
         if let Some(h) = take_handoff(&c) {
             // The connection lives on as a timewait socket: RFC 793's view is old -> TIME_WAIT,
@@ -514,10 +518,11 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
                 return Ok(());
             }
             to = h.state;
-        } else if handoff_due(&c, sk, old) {
+        } else if handoff_due(sk, old, reset_before) {
             // The kernel meant to hand the connection over and could not: no timewait socket
             // (tcp_max_tw_buckets reached, or no memory).
             count(counter::HANDOFF_MISSED);
+            note_unconfirmed(sk);
         }
     }
 
@@ -545,51 +550,73 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
 /// to FIN_WAIT2 first), and only once the application closed the socket (`SOCK_DEAD`) or the
 /// peer's FIN arrived (`SOCK_DONE`): a close() or connect(AF_UNSPEC) that aborts has done
 /// neither yet. Aborts on other paths set the error the application sees (a reset taken, a
-/// timeout) before the close, or send a reset: before it (an orphan's FIN_WAIT2 timeout) or
-/// right after it on the same CPU (data after close, `SO_LINGER` 0 on a FIN_WAIT2 socket), when
-/// `twmon_send_reset` takes the count back. What is left: an `SO_LINGER` 0 close of a CLOSING
-/// socket whose FIN was sent, which neither sends a reset nor sets an error.
+/// timeout) before the close, or send a reset: just before it (an orphan's FIN_WAIT2 timeout,
+/// `reset_before`) or right after it on the same CPU (data after close, `SO_LINGER` 0 or
+/// unread data on a FIN_WAIT2 socket), when `twmon_send_reset` takes the count back. What is
+/// left: an `SO_LINGER` 0 close of a CLOSING socket whose FIN was sent, which neither sends a
+/// reset nor sets an error.
 #[inline(always)]
-fn handoff_due(c: &Btf, sk: u64, old: u8) -> bool {
-    if old != tcp::FIN_WAIT2 && old != tcp::CLOSING {
+fn handoff_due(sk: u64, old: u8, reset_before: bool) -> bool {
+    if (old != tcp::FIN_WAIT2 && old != tcp::CLOSING) || reset_before {
         return false;
     }
     if field::<i32>(sk, layout!(sk_err)) != 0 {
         return false;
     }
     let flags: u64 = field(sk, layout!(sk_flags));
-    if flags & layout!(sk_flags_dead_or_done) as u64 == 0 {
-        return false;
-    }
-    let Ok((net, dport, hash)) = c.identity() else { return true };
-    let this = Handoff { tw: sk, net, dport, hash, state: old, _pad: [0; 7] };
-    let Some(all) = HANDOFF.get_ptr_mut(0) else { return true };
-    // SAFETY: a per-CPU map value, valid for this program run.
-    let all = unsafe { &mut *all };
-    if all.reset_by.same(&this) {
-        all.reset_by.tw = 0;
-        return false;
-    }
-    all.unconfirmed = this;
-    true
+    flags & layout!(sk_flags_dead_or_done) as u64 != 0
 }
 
-/// A full socket sent a reset: an abort, so if it just closed and was counted as a missed
-/// hand-off, that count is taken back; else it is noted for a close that follows.
+/// A full socket as the reset notes know it: its address and connection (a new one may be
+/// made in the same memory, on the same 4-tuple when ports are few).
 #[inline(always)]
-fn reset_sent(sk: u64) {
-    let Ok((net, dport, hash)) = Btf(sk).identity() else { return };
-    let this = Handoff { tw: sk, net, dport, hash, state: 0, _pad: [0; 7] };
-    let Some(all) = HANDOFF.get_ptr_mut(0) else { return };
+fn note_of(sk: u64) -> Option<Handoff> {
+    let (net, dport, hash) = Btf(sk).identity().ok()?;
+    Some(Handoff { tw: sk, net, dport, hash, state: 0, _pad: [0; 7] })
+}
+
+/// The per-CPU notes for the close of a full socket: whether this socket sent a reset just
+/// before. Both notes are good for one close only, so both are cleared: the reset that
+/// confirms an abort comes right after the close, before any other close on this CPU.
+#[inline(always)]
+fn take_notes(sk: u64) -> bool {
+    let Some(all) = HANDOFF.get_ptr_mut(0) else { return false };
     // SAFETY: a per-CPU map value, valid for this program run.
     let all = unsafe { &mut *all };
-    if all.unconfirmed.same(&this) {
+    let before = all.reset_by.tw == sk && note_of(sk).is_some_and(|n| all.reset_by.same(&n));
+    all.reset_by.tw = 0;
+    all.unconfirmed.tw = 0;
+    before
+}
+
+/// Notes a close counted as a missed hand-off, for a reset right after it to take back.
+#[inline(always)]
+fn note_unconfirmed(sk: u64) {
+    if let (Some(all), Some(n)) = (HANDOFF.get_ptr_mut(0), note_of(sk)) {
+        // SAFETY: a per-CPU map value, valid for this program run.
+        unsafe { (*all).unconfirmed = n };
+    }
+}
+
+/// A full socket sent a reset. From CLOSE, right after its close: an abort, so a close just
+/// counted as a missed hand-off is taken back. From FIN_WAIT2: an orphan timing out, whose
+/// close follows.
+#[inline(always)]
+fn reset_sent(sk: u64) {
+    let state: u8 = field(sk, layout!(skc_state));
+    if state != tcp::CLOSE && state != tcp::FIN_WAIT2 {
+        return;
+    }
+    let (Some(all), Some(this)) = (HANDOFF.get_ptr_mut(0), note_of(sk)) else { return };
+    // SAFETY: a per-CPU map value, valid for this program run.
+    let all = unsafe { &mut *all };
+    if state == tcp::FIN_WAIT2 {
+        all.reset_by = this;
+    } else if all.unconfirmed.same(&this) {
         all.unconfirmed.tw = 0;
         if let Some(p) = COUNTERS.get_ptr_mut(counter::HANDOFF_MISSED) {
             add(p, u64::MAX); // minus one, on the CPU that counted it
         }
-    } else {
-        all.reset_by = this;
     }
 }
 
@@ -1006,16 +1033,21 @@ extern "C" fn sweep_all_cb(_map: *mut c_void, key: *const u64, _value: *mut Sock
 /// kernel dequeues a timer right after the cancel event that would have ended the entry, and
 /// queues it again before the start event of a re-arm, so a live socket's timer is queued
 /// whenever its entry is in the map).
+///
+/// The sweep runs beside the programs on the other CPUs, so it works on a copy and replaces
+/// the entry only while it is still this connection's: a pointer into the map would write into
+/// an element the cancel program had just freed and another socket's insert had taken (the map
+/// is preallocated), seen in a soak as re-arms no segment caused. A TIME_WAIT entry is never
+/// written here: a silent re-arm is counted at its end, against the expiry last seen.
 #[inline(always)]
 fn sweep_one(tw: u64, all: bool) {
-    let Some(entry) = TIMEWAIT.get_ptr_mut(tw) else {
+    let Some(seen) = (unsafe { TIMEWAIT.get(tw) }).copied() else {
         // Ended meanwhile (its end was reported where it happened), or cancelled for a re-arm
         // that has not put it back yet: the re-arm adds it again if it is still an orphan.
         let _ = ORPHANS.remove(tw);
         return;
     };
-    let entry = unsafe { &mut *entry };
-    if entry.state != tcp::FIN_WAIT2 {
+    if seen.state != tcp::FIN_WAIT2 {
         let _ = ORPHANS.remove(tw);
         if !all {
             return;
@@ -1023,18 +1055,25 @@ fn sweep_one(tw: u64, all: bool) {
     }
     let timer = tw + layout!(tw_timer) as u64;
     let now = unsafe { bpf_ktime_get_ns() };
-    let seen = *entry;
-    // Looked up again before ending it: the socket may have ended on another CPU meanwhile and
-    // the map's element been taken by another socket's entry (the map is preallocated), which
-    // `entry` then shows. Only an entry still under this key, of this connection, is ended.
+    let still_this = || unsafe { TIMEWAIT.get(tw) }.map(|e| e.hash) == Some(seen.hash);
     if let Some(at) = gone(tw, timer, seen.hash)
-        && unsafe { TIMEWAIT.get(tw) }.map(|e| e.hash) == Some(seen.hash)
+        && still_this()
     {
         end_missed(&seen, tw, now, at);
         return;
     }
+    if seen.state != tcp::FIN_WAIT2 || kread::<u8>(tw + layout!(tw_substate) as u64) != Ok(tcp::TIME_WAIT) {
+        return;
+    }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return };
-    let _ = refresh(entry, tw, expires, now, unsafe { bpf_jiffies64() });
+    // A timer we have not seen move is being re-armed for this very change (the kernel sets the
+    // substate, then restarts the timer); a timer that moved was restarted then.
+    let at = if expires == seen.expires { now } else { change_time(expires, now, unsafe { bpf_jiffies64() }) };
+    let mut entry = SockEntry { expires, ..seen };
+    let changed = SockEntry { state: tcp::TIME_WAIT, entered_ns: at, ..entry };
+    if still_this() && TIMEWAIT.insert(tw, changed, BPF_EXIST).is_ok() {
+        to_time_wait(&mut entry, tw, at, false);
+    }
 }
 
 /// A timewait entry whose socket ended without our cancel program seeing it: ended here,
@@ -1044,7 +1083,15 @@ fn end_missed(entry: &SockEntry, tw: u64, now: u64, at: u8) {
     gauge(entry.state, -1);
     count(counter::TIMEWAIT_MISSED);
     end(entry, tw, reason::KILLED, now, flags::SILENT);
-    let mut ev = Event { ts_ns: now, obj: tw, kind: kind::MISSED_END, from: entry.state, to: at, ..Event::default() };
+    let mut ev = Event {
+        ts_ns: now,
+        obj: tw,
+        kind: kind::MISSED_END,
+        from: entry.state,
+        to: tcp::CLOSE,
+        reason: at,
+        ..Event::default()
+    };
     (ev.duration_ns, ev.flags) = since(now, entry.entered_ns);
     emit(&ev);
     let _ = TIMEWAIT.remove(tw);

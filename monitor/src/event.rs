@@ -20,8 +20,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     // SAFETY: the length is checked; Event is plain data valid for any bit pattern;
     // read_unaligned makes no alignment assumption about the ring buffer.
     let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    if !matches!(ev.kind, kind::TRANSITION | kind::TW_CANCEL | kind::REARM | kind::UNTRACKED_END | kind::CLOSE_WAIT_AGE)
-    {
+    if !matches!(
+        ev.kind,
+        kind::TRANSITION
+            | kind::TW_CANCEL
+            | kind::REARM
+            | kind::UNTRACKED_END
+            | kind::CLOSE_WAIT_AGE
+            | kind::MISSED_END
+    ) {
         return Err(DecodeError::Kind(ev.kind));
     }
     let valid = |s: u8| s >= tcp::ESTABLISHED && (s as u32) < tcp::MAX_STATES;

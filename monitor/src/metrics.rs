@@ -295,8 +295,8 @@ impl Metrics {
                     "twmon_timewait_handoff_missed_total",
                     "Connections the kernel meant to hand over to a timewait socket and could not \
                      (tcp_max_tw_buckets reached, as TcpExt TCPTimeWaitOverflow counts, or no \
-                     memory): they went from fin_wait1, fin_wait2 or closing straight to close. \
-                     Aborts (a reset, a timeout) are not counted here.",
+                     memory): they went from fin_wait2 or closing straight to close. Aborts (a \
+                     reset, a timeout, SO_LINGER 0, a close with unread data) are not counted here.",
                 )?,
             )?,
             timewait_missed: reg(

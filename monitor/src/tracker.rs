@@ -155,7 +155,7 @@ impl Tracker {
         self.events.inc();
         if ev.kind == kind::MISSED_END {
             let state = state_name(ev.from);
-            let (at, age) = (found::name(ev.to), ev.duration_ns as f64 / 1e9);
+            let (at, age) = (found::name(ev.reason), ev.duration_ns as f64 / 1e9);
             tracing::warn!(
                 "a {state} timewait socket ended unseen (found by {at}, {age:.3} s after it entered {state}); \
                  counted in twmon_timewait_end_missed_total: please report it with the kernel version"

@@ -167,8 +167,9 @@ fn nginx_closing_first_under_wrk() {
         .lines()
         .find_map(|l| l.split_once(" requests in ")?.0.trim().parse().ok())
         .unwrap_or_else(|| panic!("wrk's output: {out}"));
-    // Thousands here; hundreds in a software-emulated VM.
-    assert!(requests > 200, "wrk made only {requests} requests:\n{out}");
+    // Tens of thousands here; a few hundred in a software-emulated VM (196 once, on a loaded
+    // machine).
+    assert!(requests > 50, "wrk made only {requests} requests:\n{out}");
     drop(nginx);
 
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
@@ -220,9 +221,12 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
     }
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
     let n = numbers(&m);
+    // Every client went from fin_wait2 to close: the first two kinds as aborts of the full
+    // socket; the third too, unless the ACK of its FIN came before the data, and the data then
+    // reset an orphaned FIN_WAIT2 timewait socket (an end, not an abort the kernel counts).
     let aborts = ns.counter("TcpExt", "TCPAbortOnData") + ns.counter("TcpExt", "TCPAbortOnClose");
-    assert!(aborts >= 2 * EACH as u64, "the kernel counted only {aborts} aborts\n{n}");
-    assert_eq!(m.transitions("fin_wait2", "close"), aborts as f64, "fin_wait2 -> close vs the kernel's aborts\n{n}");
+    assert!((2 * EACH..=3 * EACH).contains(&(aborts as usize)), "the kernel counted {aborts} aborts\n{n}");
+    assert_eq!(m.transitions("fin_wait2", "close"), (3 * EACH) as f64, "every connection made\n{n}");
     assert_eq!(k.overflow, 0.0);
     assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), 0.0, "aborts counted as missed hand-offs\n{n}");
 }

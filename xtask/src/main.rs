@@ -42,7 +42,8 @@ enum Task {
         /// 6.1 and 6.12.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Test suites (monitor/tests/NAME.rs) to run; repeat for several. Default: kernel, ground.
+        /// Test suites (monitor/tests/NAME.rs) to run; repeat for several. Default: kernel, ground,
+        /// exact.
         #[arg(long = "suite")]
         suites: Vec<String>,
         /// Only tests whose name contains this (passed to the test binaries).
