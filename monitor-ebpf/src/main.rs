@@ -1055,9 +1055,18 @@ fn sweep_one(tw: u64, all: bool) {
     }
     let timer = tw + layout!(tw_timer) as u64;
     let now = unsafe { bpf_ktime_get_ns() };
-    let still_this = || unsafe { TIMEWAIT.get(tw) }.map(|e| e.hash) == Some(seen.hash);
+    // The very entry seen: a re-arm on another CPU takes it out and puts it back with the
+    // timer's new expiry (or a new state), and its timer is out of the wheel in between.
+    let still_this = || {
+        unsafe { TIMEWAIT.get(tw) }.is_some_and(|e| {
+            e.hash == seen.hash && e.expires == seen.expires && e.state == seen.state && e.entered_ns == seen.entered_ns
+        })
+    };
+    // Gone, then the same entry still there, then still gone: not a re-arm caught between its
+    // cancel and its start.
     if let Some(at) = gone(tw, timer, seen.hash)
         && still_this()
+        && gone(tw, timer, seen.hash).is_some()
     {
         end_missed(&seen, tw, now, at);
         return;
