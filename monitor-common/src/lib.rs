@@ -178,10 +178,13 @@ impl Lifecycle {
         }
     }
 
-    /// Counts a transition, with the time spent in `from` when it is known.
+    /// Counts a transition, with the time spent in `from` when it is known; a state out of
+    /// range is ignored.
     #[inline(always)]
     pub fn count(&mut self, from: u8, to: u8, duration_ns: Option<u64>) {
-        self.count_with(from, to, duration_ns, |n, v| *n += v);
+        if (from as u32) < tcp::MAX_STATES && (to as u32) < tcp::MAX_STATES {
+            self.count_with(from, to, duration_ns, |n, v| *n += v);
+        }
     }
 
     /// [`Lifecycle::count`] with the addition given: the kernel programs add atomically, as a
@@ -190,8 +193,8 @@ impl Lifecycle {
     #[inline(always)]
     pub fn count_with(&mut self, from: u8, to: u8, duration_ns: Option<u64>, add: impl Fn(&mut u64, u64)) {
         // Masked, not checked: 5.10's verifier loses a checked bound on the way to the address
-        // (of a state read from a map) and rejects the program; a mask it keeps. Every state
-        // is below STATES, so a mask changes none.
+        // (of a state read from a map) and rejects the program; a mask it keeps. The kernel's
+        // states are below STATES, so a mask changes none of them.
         let (f, t) = (from as usize & (STATES - 1), to as usize & (STATES - 1));
         if let Some(n) = self.transitions.get_mut(f * STATES + t) {
             add(n, 1);
