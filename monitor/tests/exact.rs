@@ -221,12 +221,15 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
     }
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
     let n = numbers(&m);
-    // Every client went from fin_wait2 to close: the first two kinds as aborts of the full
-    // socket; the third too, unless the ACK of its FIN came before the data, and the data then
-    // reset an orphaned FIN_WAIT2 timewait socket (an end, not an abort the kernel counts).
+    // Every client left fin_wait2 once: the first two kinds to close, as aborts of the full
+    // socket. The third too, unless the ACK of its FIN came before the data: then the data
+    // reset an orphaned FIN_WAIT2 timewait socket (to close, not an abort the kernel counts),
+    // or, in an emulated VM, the server's FIN came alone and the orphan went to time_wait.
     let aborts = ns.counter("TcpExt", "TCPAbortOnData") + ns.counter("TcpExt", "TCPAbortOnClose");
     assert!((2 * EACH..=3 * EACH).contains(&(aborts as usize)), "the kernel counted {aborts} aborts\n{n}");
-    assert_eq!(m.transitions("fin_wait2", "close"), (3 * EACH) as f64, "every connection made\n{n}");
+    let left = m.transitions("fin_wait2", "close") + m.transitions("fin_wait2", "time_wait");
+    assert_eq!(left, (3 * EACH) as f64, "every connection made left fin_wait2 once\n{n}");
+    assert!(m.transitions("fin_wait2", "close") >= aborts as f64, "every abort\n{n}");
     assert_eq!(k.overflow, 0.0);
     assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), 0.0, "aborts counted as missed hand-offs\n{n}");
 }
