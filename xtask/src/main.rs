@@ -42,8 +42,7 @@ enum Task {
         /// 6.1 and 6.12.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Test suites (monitor/tests/NAME.rs) to run; repeat for several. Default: kernel, ground,
-        /// exact.
+        /// Test suites (monitor/tests/NAME.rs) to run; repeat for several. Default: kernel, ground.
         #[arg(long = "suite")]
         suites: Vec<String>,
         /// Only tests whose name contains this (passed to the test binaries).

@@ -20,7 +20,9 @@ pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12"];
 /// Test binaries (monitor/tests/*.rs) run in each guest: every kernel program and map is
 /// exercised by `kernel` (states, timers, sweep, retransmits, resets, full maps, lost records)
 /// and `ground` (seeding from sock_diag, untracked ends, the CLOSE_WAIT leak scan, drift).
-pub const DEFAULT_SUITES: &[&str] = &["kernel", "ground", "exact"];
+/// The exact suite is not among them yet: under software emulation it still fails now and then
+/// (README, "Exact against the kernel"); run it with `--suite exact`.
+pub const DEFAULT_SUITES: &[&str] = &["kernel", "ground"];
 const VIRTME_NG: &str = "1.42";
 /// Debian packages the runner needs: qemu, kmod (depmod for the unpacked modules) and a static
 /// busybox (virtme-ng's initramfs, which loads the 9p modules of a distribution kernel).
