@@ -4,8 +4,8 @@
 //! kernel skips it only when the same program is already running on that CPU (a classic
 //! tracepoint program is skipped while any other BPF program runs there, say when an interrupt
 //! arrives during one). An interrupt whose softirq changes a socket's state while `twmon_state`
-//! runs in process context is such a nested run: the programs on the close path have a twin
-//! that handles exactly those (see `monitor_common::twin`); the agent exports what is left.
+//! runs in process context is such a nested run: `twmon_state` has a twin that handles exactly
+//! those (see `monitor_common::twin`); the agent exports what is left.
 //!
 //! Full sockets are followed on `sock:inet_sock_set_state`. TIME_WAIT is not visible there: in
 //! `tcp_time_wait()` the kernel hands the connection to a separate `inet_timewait_sock` and moves
@@ -125,7 +125,7 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 static CLOCK: Array<ClockSample> = Array::with_max_entries(1, 0);
 
-/// What a twinned program ran for, newest at `next - 1`.
+/// The events a twinned program ran for, newest at `next - 1`, each until its twin finds it.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Ran {
@@ -144,7 +144,10 @@ struct EventId {
     value: u64,
 }
 
-const RAN_SLOTS: usize = 4;
+/// Notes a twin can look back on: an interrupt between a program and its twin runs both for
+/// each event it brings (a softirq may bring a batch of state changes, each noted), and a note
+/// pushed out before its twin ran makes that twin handle its event a second time.
+const RAN_SLOTS: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -303,12 +306,12 @@ fn since(now: u64, then: u64) -> (u64, u16) {
 #[inline(always)]
 fn primary(which: u32, id: EventId, body: impl FnOnce()) -> u32 {
     if let Some(r) = RAN.get_ptr_mut(which) {
-        // SAFETY: a per-CPU array element, valid for this program run; a nested twin only
-        // reads it and clears one of its slots.
+        // SAFETY: a per-CPU array element, valid for this program run. A twin nested here only
+        // reads it (its program, this one, was skipped).
         unsafe {
-            let at = (*r).next as usize % RAN_SLOTS;
-            (*r).ids[at] = id;
-            (*r).next = (*r).next.wrapping_add(1);
+            let at = (*r).next;
+            (*r).ids[at as usize & (RAN_SLOTS - 1)] = id;
+            (*r).next = at.wrapping_add(1);
         }
     }
     body();
@@ -319,15 +322,19 @@ fn primary(which: u32, id: EventId, body: impl FnOnce()) -> u32 {
 /// that is, when the event is nested in the program and the kernel skipped it. Every such
 /// event counts as handled (`counter::NESTED`), the ones `body` ignores too: the kernel counts
 /// a skipped run for each, and the agent takes those handled here off it, leaving those lost.
+///
+/// The note is looked for from the newest back: with nothing nested, it is the newest.
 #[inline(always)]
 fn nested(which: u32, id: EventId, body: impl FnOnce()) -> u32 {
     let Some(r) = RAN.get_ptr_mut(which) else { return 0 };
-    for i in 0..RAN_SLOTS {
-        // SAFETY: a per-CPU array element, valid for this program run. The program may run
-        // nested in this twin and note another event meanwhile; clearing one slot is enough.
-        unsafe {
-            if (*r).ids[i] == id {
-                (*r).ids[i].ptr = 0;
+    // SAFETY: a per-CPU array element, valid for this program run. The program may run nested
+    // in this twin and note another event meanwhile, in a slot this search has passed.
+    unsafe {
+        let newest = (*r).next.wrapping_sub(1);
+        for back in 0..RAN_SLOTS as u32 {
+            let slot = &mut (*r).ids[newest.wrapping_sub(back) as usize & (RAN_SLOTS - 1)];
+            if *slot == id {
+                slot.ptr = 0;
                 return 0;
             }
         }
@@ -453,10 +460,11 @@ fn state_id(ctx: &BtfTracePointContext) -> EventId {
 }
 
 /// The state changes `try_state` looks at, what the close path is made of: into a teardown
-/// state or CLOSE, not from CLOSE or LISTEN (bind, listen).
+/// state or CLOSE, not from CLOSE or LISTEN (bind, listen), and not to the same state (a
+/// close() after shutdown() sets FIN_WAIT1, FIN_WAIT2, CLOSING or LAST_ACK again: no change).
 #[inline(always)]
 fn state_wanted(old: u8, new: u8) -> bool {
-    (tcp::is_teardown(new) || new == tcp::CLOSE) && old != tcp::CLOSE && old != tcp::LISTEN
+    (tcp::is_teardown(new) || new == tcp::CLOSE) && old != tcp::CLOSE && old != tcp::LISTEN && old != new
 }
 
 #[inline(always)]
@@ -670,18 +678,13 @@ fn put_handoff(h: Handoff) {
 // ---------------------------------------------------------------------------------------------
 // Timewait sockets: timer:timer_start, timer:timer_cancel and the sweep.
 
+/// The timer tracepoints fire with the timer base's lock held and interrupts off: nothing can
+/// nest in these programs on their CPU, so they need no twin (a skipped run would still be
+/// counted, in `twmon_bpf_program_missed_total`).
 #[btf_tracepoint(function = "timer_start")]
 pub fn twmon_timer_start(ctx: BtfTracePointContext) -> u32 {
-    primary(twin::TIMER_START, EventId { ptr: ctx.arg(0), value: ctx.arg(1) }, || {
-        let _ = try_timer_start(&ctx);
-    })
-}
-
-#[btf_tracepoint(function = "timer_start")]
-pub fn nested_timer_start(ctx: BtfTracePointContext) -> u32 {
-    nested(twin::TIMER_START, EventId { ptr: ctx.arg(0), value: ctx.arg(1) }, || {
-        let _ = try_timer_start(&ctx);
-    })
+    let _ = try_timer_start(&ctx);
+    0
 }
 
 #[inline(always)]
@@ -830,18 +833,11 @@ fn refresh(entry: &mut SockEntry, tw: u64, expires: u64, now: u64, now_jiffies: 
     Ok(())
 }
 
+/// Without a twin, as `twmon_timer_start`.
 #[btf_tracepoint(function = "timer_cancel")]
 pub fn twmon_timer_cancel(ctx: BtfTracePointContext) -> u32 {
-    primary(twin::TIMER_CANCEL, EventId { ptr: ctx.arg(0), value: 0 }, || {
-        let _ = try_timer_cancel(&ctx);
-    })
-}
-
-#[btf_tracepoint(function = "timer_cancel")]
-pub fn nested_timer_cancel(ctx: BtfTracePointContext) -> u32 {
-    nested(twin::TIMER_CANCEL, EventId { ptr: ctx.arg(0), value: 0 }, || {
-        let _ = try_timer_cancel(&ctx);
-    })
+    let _ = try_timer_cancel(&ctx);
+    0
 }
 
 #[inline(always)]

@@ -214,6 +214,43 @@ fn close_wait_held_then_released() {
     assert!((shortest - 0.2..=longest).contains(&fw2), "mean FIN_WAIT2 {fw2:.3} s, held {shortest:.3}-{longest:.3} s");
 }
 
+/// A close() after shutdown(): the kernel sets the state the socket is already in once more
+/// (FIN_WAIT2 here). That is no transition, and the time in FIN_WAIT2 counts from entering it.
+#[test]
+fn close_after_shutdown_is_no_transition() {
+    const HOLD: Duration = Duration::from_millis(500);
+    let ns = Netns::new("shutclose");
+    let agent = Agent::start(&ns);
+    let pairs = connect(&ns, N, false);
+    let mut kept = Vec::new();
+    for (c, mut s) in pairs {
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "EOF after the client's shutdown");
+        kept.push((c, s));
+    }
+    let deadline = std::time::Instant::now() + SETTLE;
+    while ns.ss("FIN-WAIT-2").len() < N && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ns.ss("FIN-WAIT-2").len(), N, "every client in FIN_WAIT2 after its shutdown");
+    let entered = std::time::Instant::now();
+    std::thread::sleep(HOLD);
+    // Each client's close() sets FIN_WAIT2 again; the server's close() then ends it.
+    for (c, s) in kept {
+        drop(c);
+        drop(s);
+    }
+    let m = expect_transitions(&agent, &full_close(N));
+    let fw2 = m.duration_sum("fin_wait2") / m.duration_count("fin_wait2");
+    assert!(
+        fw2 >= HOLD.as_secs_f64() - 0.05 && fw2 <= entered.elapsed().as_secs_f64() + 0.3,
+        "mean FIN_WAIT2 {fw2:.3} s: counted from the shutdown, held at least {HOLD:?}"
+    );
+    assert_eq!(m.sockets("time_wait"), N as f64);
+    assert_eq!(ns.ss("TIME-WAIT").len(), N);
+}
+
 /// Test 5: the final ACK is lost (nftables drops it): the passive closer retransmits its FIN from
 /// LAST_ACK, and the active closer's TIME_WAIT timer is re-armed by each retransmission.
 #[test]
