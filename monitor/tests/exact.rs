@@ -31,6 +31,17 @@ use socket2::{Domain, Socket, Type};
 /// in a software-emulated VM running four tests at once.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// One test of this file at a time. On a machine whose cores are all busy (nginx and wrk beside
+/// the randomized cases, two cores), a few state changes made in process context, as `close()`
+/// processes the segments queued meanwhile, reach no BPF program at all: measured with 327 573
+/// connections, 55 `fin_wait1 -> fin_wait2` and `fin_wait2 -> close` were missed by two agents
+/// alike, while the kernel counted no skipped run and ftrace saw every one (README, "Exact
+/// against the kernel"). The cases here check exact equality, so they run on quiet cores.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Timewait sockets that ended before 2MSL, by twmon: every reason but expiry.
 fn early_ends(m: &Metrics) -> f64 {
     ends(m, "reuse") + ends(m, "killed")
@@ -46,6 +57,7 @@ fn created(ns: &Netns) -> u64 {
 /// IPv4 and IPv6 from several threads, checked at rest against the kernel.
 #[test]
 fn randomized_cases_match_the_kernel() {
+    let _one = serial();
     // 0x7419 loses ACKs (nftables) and overflows tcp_max_tw_buckets.
     const SEEDS: [u64; 5] = [0x7411, 0x7412, 0x7413, 0x7414, 0x7419];
     let cases: Vec<_> = SEEDS
@@ -157,6 +169,7 @@ fn namespace_churn(seed: u64) {
 /// and clients reuse ports whose 4-tuple the server still holds in TIME_WAIT (a SYN reopens it).
 #[test]
 fn nginx_closing_first_under_wrk() {
+    let _one = serial();
     common::raise_nofile();
     let ns = Netns::new("nginx");
     let config = Agent::config_file("nginx", common::FAST_RECONCILE);
@@ -186,6 +199,7 @@ fn nginx_closing_first_under_wrk() {
 /// not yet set the error these aborts report, and sends its reset only after.
 #[test]
 fn aborts_after_the_fin_are_not_missed_hand_offs() {
+    let _one = serial();
     const EACH: usize = 8;
     let ns = Netns::new("abortfin");
     let agent = Agent::start(&ns);
@@ -240,6 +254,7 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
 /// the memory of the one just freed, on the same 4-tuple: not a re-arm.
 #[test]
 fn syn_reopens_time_wait() {
+    let _one = serial();
     const N: usize = 20;
     let ns = Netns::new("reopen");
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40003"]);
@@ -277,6 +292,7 @@ fn syn_reopens_time_wait() {
 /// counted in the gauge again, as if that end had never been seen.
 #[test]
 fn timewait_entry_without_socket_is_ended() {
+    let _one = serial();
     let ns = Netns::new("ghost");
     let config = Agent::config_file("ghost", common::FAST_RECONCILE);
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
