@@ -23,7 +23,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{Agent, Metrics, Netns};
-use harness::{Made, ends, numbers};
+use harness::{Made, ends};
 use monitor_common::{SockEntry, tcp};
 use socket2::{Domain, Socket, Type};
 
@@ -223,7 +223,7 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
         drop(s);
     }
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
-    let n = numbers(&m);
+    let n = m.explain();
     // Every client left fin_wait2 once: the first two kinds to close, as aborts of the full
     // socket. The third too, unless the ACK of its FIN came before the data: then the data
     // reset an orphaned FIN_WAIT2 timewait socket (to close, not an abort the kernel counts),
@@ -270,7 +270,7 @@ fn syn_reopens_time_wait() {
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
     harness::check("reopened 4-tuples", &m, &k, &Made::default());
     assert_eq!(early_ends(&m), reopened as f64);
-    assert_eq!(m.transitions("fin_wait2", "time_wait"), N as f64, "{}", numbers(&m));
+    assert_eq!(m.transitions("fin_wait2", "time_wait"), N as f64, "{}", m.explain());
     assert_eq!(m.get("twmon_timewait_rearms_total", &[]), 0.0, "no segment re-armed a timer");
     assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "killed")]), reopened as f64);
 }
@@ -311,7 +311,7 @@ fn timewait_entry_without_socket_is_ended() {
     let mut again = ns.run(client);
     let (mut s2, _) = server.accept().unwrap();
     let m = agent.wait_for(SETTLE, |m| early_ends(m) == 1.0);
-    assert_eq!(m.sockets("time_wait"), 0.0, "{}", numbers(&m));
+    assert_eq!(m.sockets("time_wait"), 0.0, "{}", m.explain());
     assert!(maps.timewait().iter().next().is_none(), "the entry ended with its socket");
 
     // Back into the map and the gauge: an entry without a socket.
@@ -323,8 +323,8 @@ fn timewait_entry_without_socket_is_ended() {
     maps.add_to_gauge(tcp::TIME_WAIT, 1);
     let missed = |m: &Metrics| m.get("twmon_timewait_end_missed_total", &[]);
     let m = agent.wait_for(SETTLE, |m| missed(m) == 1.0 && m.sockets("time_wait") == 0.0);
-    assert_eq!(missed(&m), 1.0, "{}", numbers(&m));
-    assert_eq!(m.sockets("time_wait"), 0.0, "{}", numbers(&m));
+    assert_eq!(missed(&m), 1.0, "{}", m.explain());
+    assert_eq!(m.sockets("time_wait"), 0.0, "{}", m.explain());
     assert!(maps.timewait().iter().next().is_none(), "the entry without a socket was ended");
     let m = agent.wait_for(SETTLE, |m| m.value("twmon_reconcile_drift", &[("state", "time_wait")]) == Some(0.0));
     assert_eq!(m.get("twmon_reconcile_drift", &[("state", "time_wait")]), 0.0);

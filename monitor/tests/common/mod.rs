@@ -433,6 +433,22 @@ impl Metrics {
         self.get("twmon_state_duration_seconds_bucket", &[("state", state), ("le", le)])
     }
 
+    /// What a failed comparison needs to be understood, for its message: every non-zero
+    /// twmon series but histogram buckets, program run statistics and sysctls.
+    pub fn explain(&self) -> String {
+        self.text
+            .lines()
+            .filter(|l| {
+                l.starts_with("twmon_")
+                    && !l.contains("_bucket")
+                    && !l.contains("bpf_program_run")
+                    && !l.contains("sysctl")
+                    && !l.ends_with(" 0")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Every `twmon_state_transitions_total` series with a non-zero value, for messages.
     pub fn all_transitions(&self) -> Vec<(String, f64)> {
         let mut v: Vec<(String, f64)> = self

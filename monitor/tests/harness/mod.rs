@@ -336,21 +336,6 @@ pub fn ends(m: &Metrics, reason: &str) -> f64 {
     m.get("twmon_timewait_ends_total", &[("reason", reason)])
 }
 
-/// Every non-zero number twmon derives, for failure messages.
-pub fn numbers(m: &Metrics) -> String {
-    m.text
-        .lines()
-        .filter(|l| {
-            l.starts_with("twmon_")
-                && !l.contains("_bucket")
-                && !l.contains("bpf_program_run")
-                && !l.contains("sysctl")
-                && !l.ends_with(" 0")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Whether this kernel counts TcpExt `TW`/`TWKilled` when a timewait socket is created (since
 /// early 2022) rather than when its timer runs out (5.10): found once, from one socket.
 pub fn tw_counted_at_creation() -> bool {
@@ -444,7 +429,7 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
             "twmon's gauges never equalled ss at rest: kernel {after:?}, sockstat tw {}\n{}\nss:\n{}\n\
              /proc/net/tcp and tcp6 (the kernel's other view):\n{}{}\nthe agent's log, last lines:\n{}",
             ns.sockstat_tw(),
-            numbers(&m),
+            m.explain(),
             ns.exec(&["ss", "-tanH"]),
             ns.exec(&["cat", "/proc/net/tcp"]),
             ns.exec(&["cat", "/proc/net/tcp6"]),
@@ -458,7 +443,7 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
 /// The invariants at a rest point, over everything since the agent started in a fresh
 /// namespace (`made` is the harness's own total).
 pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
-    let n = numbers(m);
+    let n = m.explain();
     // Events the kernel skipped (a program's tracepoint hit again on its CPU from an interrupt,
     // outside the window its twin covers): counted, and every number below is off by them.
     let skipped: f64 = m.series("twmon_bpf_program_missed_total").iter().map(|(_, v)| v).sum();
