@@ -264,6 +264,8 @@ pub mod counter {
     /// The orphan map was full: an orphaned FIN_WAIT2's FIN is seen only at its timer's next
     /// event (a re-arm across a timer-wheel bucket, or its end).
     pub const ORPHANS_FULL: u32 = 5;
+    /// The closers map was full: a close was not attributed to its process.
+    pub const CLOSERS_FULL: u32 = 6;
     /// `RETRANSMITS + state`: retransmitted segments by the socket's state (err == 0 only).
     pub const RETRANSMITS: u32 = 8;
     /// `RESETS_SENT + state`: RSTs sent, by the state of the socket that sent them.
@@ -282,12 +284,6 @@ pub mod counter {
     pub const COUNT: u32 = NESTED + super::twin::COUNT;
 }
 
-/// Programs that have a nested twin. The kernel skips a tracing program when the same program
-/// is already running on the CPU: an interrupt that arrives while `twmon_state` runs in process
-/// context and whose softirq changes another socket's state would lose that change. Each of
-/// these programs is attached twice: the twin runs right after it and acts only while the
-/// program's body is running on that CPU, that is, only when the kernel skipped the program
-/// for a nested event.
 /// The second argument of a test run of `twmon_sweep_one` (kernels without `bpf_for_each_map_elem`).
 pub mod sweep {
     /// Only the orphaned FIN_WAIT2 timewait sockets.
@@ -296,6 +292,12 @@ pub mod sweep {
     pub const ALL: u64 = 1;
 }
 
+/// Programs that have a nested twin. The kernel skips a tracing program when the same program
+/// is already running on the CPU: an interrupt that arrives while `twmon_state` runs in process
+/// context and whose softirq changes another socket's state would lose that change. Each of
+/// these programs is attached twice: the twin runs right after it and acts only while the
+/// program's body is running on that CPU, that is, only when the kernel skipped the program
+/// for a nested event.
 pub mod twin {
     pub const STATE: u32 = 0;
     pub const COUNT: u32 = 1;
@@ -350,9 +352,36 @@ pub struct KernelLayout {
     /// application closed it) and `SOCK_DONE` (the peer's FIN arrived).
     pub sk_flags: u32,
     pub sk_flags_dead_or_done: u32,
+    /// `struct task_struct` -> `group_leader` and `comm`: the process (not the thread) that
+    /// closed a connection.
+    pub task_group_leader: u32,
+    pub task_comm: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 24 * 4 + 16);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 26 * 4 + 16);
+
+/// Who closed connections: a process name in a network namespace (the key of `CLOSERS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CloserKey {
+    /// The process's name (its main thread's `comm`), NUL-padded.
+    pub comm: [u8; 16],
+    /// Network namespace inode.
+    pub netns: u32,
+}
+
+/// How many connections a [`CloserKey`] closed: first (its close() or shutdown() took the
+/// connection from ESTABLISHED to FIN_WAIT1) or second (from CLOSE_WAIT to LAST_ACK).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closes {
+    pub active: u64,
+    pub passive: u64,
+}
+
+/// Entries of the `CLOSERS` map: distinct process names per namespace (a closer past them is
+/// counted in [`counter::CLOSERS_FULL`]).
+pub const MAX_CLOSERS: u32 = 4096;
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]
@@ -407,6 +436,8 @@ mod pod {
     unsafe impl aya::Pod for super::ClockSample {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::Lifecycle {}
+    unsafe impl aya::Pod for super::CloserKey {}
+    unsafe impl aya::Pod for super::Closes {}
 }
 
 #[cfg(test)]

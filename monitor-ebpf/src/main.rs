@@ -42,7 +42,7 @@ use core::{
 
 use aya_ebpf::{
     helpers::{
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_for_each_map_elem, bpf_jiffies64},
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
@@ -51,8 +51,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    ClockSample, Event, KernelLayout, Lifecycle, Settings, SockEntry, counter, flags, found, kind, reason, sweep, tcp,
-    twin,
+    ClockSample, CloserKey, Closes, Event, KernelLayout, Lifecycle, MAX_CLOSERS, Settings, SockEntry, counter, flags,
+    found, kind, reason, sweep, tcp, twin,
 };
 
 const AF_INET6: u16 = 10;
@@ -92,6 +92,11 @@ static TIMEWAIT: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, 0)
 /// backtrace, "trace type BPF program uses run-time allocation").
 #[map]
 static ORPHANS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
+
+/// Connections closed, by process name and namespace (see `closed_by`). Preallocated, as the
+/// others.
+#[map]
+static CLOSERS: HashMap<CloserKey, Closes> = HashMap::with_max_entries(MAX_CLOSERS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -272,7 +277,8 @@ fn report_all() -> bool {
 /// per record) cost twice the rest of the program. The agent drains the ring on a short timer.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 
-/// Map update flag: replace an existing element only.
+/// Map update flags: create a new element only; replace an existing element only.
+const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 
 #[inline(always)]
@@ -485,6 +491,9 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
+    if (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK) {
+        closed_by(c.netns()?, new == tcp::FIN_WAIT1);
+    }
 
     // Leaving `old`: its entry time gives the duration. Teardown to teardown updates the entry
     // in place (no delete and insert).
@@ -549,6 +558,43 @@ fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         report(&c, sk, kind::TRANSITION, old, to, now, entered)?;
     }
     Ok(())
+}
+
+/// Counts a close for the process that made it: these two state changes happen only in the
+/// close() or shutdown() of the socket's owner, so the current task is the closer. Its process
+/// is named after the main thread (a worker thread's name, such as nginx's or a JVM's, would
+/// split one process into many).
+#[inline(always)]
+fn closed_by(netns: u32, active: bool) {
+    let Some(comm) = process_name() else { return };
+    let key = CloserKey { comm, netns };
+    let mut closes = CLOSERS.get_ptr_mut(&key);
+    if closes.is_none() {
+        // Another CPU may add the same key meanwhile: then this insert fails and the lookup finds
+        // theirs.
+        let _ = CLOSERS.insert(&key, &Closes::default(), BPF_NOEXIST);
+        closes = CLOSERS.get_ptr_mut(&key);
+    }
+    let Some(c) = closes else {
+        count(counter::CLOSERS_FULL);
+        return;
+    };
+    // SAFETY: a map value, valid for this program run; both cells are added to atomically.
+    unsafe {
+        if active {
+            add(&raw mut (*c).active, 1u64);
+        } else {
+            add(&raw mut (*c).passive, 1u64);
+        }
+    }
+}
+
+/// The current process's name: its main thread's `comm`.
+#[inline(always)]
+fn process_name() -> Option<[u8; 16]> {
+    let task = unsafe { bpf_get_current_task() };
+    let leader: u64 = kread(task + layout!(task_group_leader) as u64).ok()?;
+    kread(leader + layout!(task_comm) as u64).ok()
 }
 
 /// Whether a full socket's `old -> CLOSE` with no timewait socket for it is a hand-off the

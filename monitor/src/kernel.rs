@@ -11,7 +11,10 @@ use aya::{
 };
 use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, sweep, tcp, twin};
 
-use crate::layout::{self, LayoutError};
+use crate::{
+    closers::ClosersMap,
+    layout::{self, LayoutError},
+};
 
 /// The kernel object built by `build.rs` from `monitor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -73,6 +76,8 @@ pub struct Kernel {
     walk_in_kernel: bool,
     settings_map: Array<MapData, Settings>,
     settings: Settings,
+    /// Until the agent takes it for its collector.
+    closers: Option<ClosersMap>,
     pub hz: u32,
     pub attached: usize,
 }
@@ -194,6 +199,7 @@ impl Kernel {
         let lifecycle =
             PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
+        let closers = HashMap::try_from(take(&mut ebpf, "CLOSERS")?).map_err(|e| KernelError::Load(e.into()))?;
 
         let own: &[&str] =
             if walk_in_kernel { &[SWEEP, SWEEP_ALL, CLOSE_WAIT_SCAN] } else { &[SWEEP_ONE, CLOSE_WAIT_ONE] };
@@ -215,6 +221,7 @@ impl Kernel {
                     / (std::mem::size_of::<monitor_common::Event>() as u64 + 8),
                 ..Settings::default()
             },
+            closers: Some(closers),
             hz: 0,
             attached: 0,
         };
@@ -266,6 +273,11 @@ impl Kernel {
 
     fn write_settings(&mut self) -> Result<(), aya::maps::MapError> {
         self.settings_map.set(0, self.settings, 0)
+    }
+
+    /// The map of closes by process, for the collector that reads it at scrape time (once).
+    pub fn take_closers(&mut self) -> Option<ClosersMap> {
+        self.closers.take()
     }
 
     /// Asks the programs to report the end of timewait sockets they do not follow, while the

@@ -269,6 +269,8 @@ pub fn read(netns_only: u32) -> Result<(KernelLayout, Features), LayoutError> {
         sk_flags: skc("skc_flags")?,
         sk_flags_dead_or_done: 1 << enumerator(&btf, "sock_flags", "SOCK_DEAD")?
             | 1 << enumerator(&btf, "sock_flags", "SOCK_DONE")?,
+        task_group_leader: member_offset(&btf, "task_struct", "group_leader")?,
+        task_comm: member_offset(&btf, "task_struct", "comm")?,
         _pad: 0,
     };
     Ok((layout, features))

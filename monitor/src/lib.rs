@@ -4,6 +4,7 @@
 //! and attaches the programs and reads their maps, [`event`] decodes ring-buffer records,
 //! [`tracker`] turns events into counters and histograms (no BPF in it), [`metrics`] holds the
 //! registry, [`http`] has the routes and [`serve`] the listener they run under.
+pub mod closers;
 pub mod config;
 pub mod diag;
 pub mod event;
@@ -37,6 +38,7 @@ use tokio::{
 };
 
 use crate::{
+    closers::Closers,
     ground::NsView,
     kernel::Kernel,
     metrics::{GAUGE_STATES, Leak, Metrics},
@@ -130,6 +132,8 @@ pub struct Agent {
     /// at each scrape, and they are checked every sweep interval, so that a deleted one's other
     /// series go within seconds.
     namespaces_read: netns_counters::Watched,
+    /// Closes by process, read from the kernel at each scrape and snapshot.
+    closers: Arc<Closers>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -487,7 +491,7 @@ impl Agent {
         let sockets: BTreeMap<&str, i64> =
             GAUGE_STATES.iter().map(|s| (state_name(*s), readout.sockets[*s as usize] + seeded[*s as usize])).collect();
         let report = lock(&self.report).clone();
-        serde_json::json!({ "sockets": sockets, "reconcile": report })
+        serde_json::json!({ "sockets": sockets, "reconcile": report, "closers": self.closers.rows() })
     }
 
     /// Removes the series of namespaces deleted since the last reconcile: one stat of a file
@@ -593,9 +597,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
         anyhow::anyhow!("cannot listen on {}: {e}; {why} (--web.listen-address)", config.listen)
     })?;
-    let (kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
+    let (mut kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
     let namespaces_read = netns_counters::Watched::default();
+    let closers_map = kernel.take_closers().ok_or_else(|| anyhow::anyhow!("the closers map was taken already"))?;
+    let closers = Arc::new(Closers::new(closers_map, namespaces_read.clone(), config.settings.breakdown.top_k)?);
     let metrics = Metrics::new(&kernel_release(), kernel.hz, namespaces_read.clone())?;
+    metrics.registry.register(Box::new(closers::Registered(closers.clone())))?;
     let tracker = Tracker::new(&metrics.registry)?;
     tracing::info!(programs = kernel.attached, hz = kernel.hz, netns = config.netns, "kernel programs attached");
     let attached = kernel.attached;
@@ -613,6 +620,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         attached: AtomicUsize::new(attached),
         settings: RwLock::new(Arc::new(config.settings.clone())),
         namespaces_read,
+        closers,
     });
     let seeded = agent.seed();
     trim();

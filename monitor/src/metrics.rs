@@ -486,7 +486,7 @@ impl Metrics {
         for s in GAUGE_STATES {
             m.sockets.with_label_values(&[state_name(s)]);
         }
-        for map in ["sockets", "timewait", "orphans"] {
+        for map in ["sockets", "timewait", "orphans", "closers"] {
             m.map_full.with_label_values(&[map]);
         }
         for r in [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT] {
@@ -543,6 +543,7 @@ impl Metrics {
         sync(&self.map_full.with_label_values(&["sockets"]), k.counter(counter::SOCKS_FULL));
         sync(&self.map_full.with_label_values(&["timewait"]), k.counter(counter::TIMEWAIT_FULL));
         sync(&self.map_full.with_label_values(&["orphans"]), k.counter(counter::ORPHANS_FULL));
+        sync(&self.map_full.with_label_values(&["closers"]), k.counter(counter::CLOSERS_FULL));
         sync(&self.handoff_missed, k.counter(counter::HANDOFF_MISSED));
         sync(&self.timewait_missed, k.counter(counter::TIMEWAIT_MISSED));
         self.programs_attached.set(attached as i64);

@@ -504,3 +504,74 @@ fn lost_events_are_counted() {
     let log = agent.wait_log(SETTLE, "raise --bpf.ring-buffer-size");
     assert!(log.contains("kernel records lost"), "the loss was not logged:\n{log}");
 }
+
+/// Who closes first: each close is counted for the process whose close() made it, by name and
+/// role. Clients are bash under names of their own (a process's name is its executable's), the
+/// servers this test process, closing on one of its threads: a process is named after its main
+/// thread, not the thread that closed.
+#[test]
+fn closes_are_counted_by_process() {
+    const FIRST: usize = 17; // the clients close first
+    const SECOND: usize = 11; // the server closes first
+    let ns = Netns::new("closers");
+    let agent = Agent::start(&ns);
+    let dir = std::env::temp_dir().join(format!("twmon-closers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let named = |name: &str| {
+        let p = dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink("/bin/bash", &p).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let (first, second) = (named("client-first"), named("client-second"));
+    let serve = |n: usize, close_first: bool| {
+        let l = ns.run(|| TcpListener::bind("127.0.0.1:0").expect("listen"));
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for _ in 0..n {
+                let (mut s, _) = l.accept().expect("accept");
+                if close_first {
+                    drop(s);
+                } else {
+                    let _ = s.read_to_end(&mut Vec::new());
+                }
+            }
+        });
+        (port, server)
+    };
+
+    let (port, server) = serve(FIRST, false);
+    let script = format!("for i in $(seq {FIRST}); do exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3>&-; done");
+    ns.exec(&[&first, "-c", &script]);
+    server.join().unwrap();
+    let (port, server) = serve(SECOND, true);
+    let script = format!(
+        "for i in $(seq {SECOND}); do exec 3<>/dev/tcp/127.0.0.1/{port}; while read -u 3 x; do :; done; exec 3>&-; done"
+    );
+    ns.exec(&[&second, "-c", &script]);
+    server.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // This test process, as the kernel names it: its executable's name, cut to 15 bytes.
+    let exe = std::env::current_exe().unwrap();
+    let me: String = exe.file_name().unwrap().to_string_lossy().chars().take(15).collect();
+    let netns = format!("netns/{}", ns.name);
+    let closes = |m: &Metrics, comm: &str, role: &str| {
+        m.get("twmon_closes_total", &[("netns", &netns), ("comm", comm), ("role", role)])
+    };
+    let want = [
+        ("client-first", "active", FIRST),
+        (me.as_str(), "passive", FIRST),
+        (me.as_str(), "active", SECOND),
+        ("client-second", "passive", SECOND),
+        ("client-first", "passive", 0),
+        ("client-second", "active", 0),
+    ];
+    let m = agent.wait_for(SETTLE, |m| want.iter().all(|(c, r, n)| closes(m, c, r) == *n as f64));
+    for (comm, role, n) in want {
+        assert_eq!(closes(&m, comm, role), n as f64, "{comm} {role}\n{}", m.explain());
+    }
+    assert_eq!(m.series("twmon_closes_total").len(), want.len(), "{:?}", m.series("twmon_closes_total"));
+    // The kernel's view: each connection left one TIME_WAIT, on the side that closed first.
+    assert_eq!(ns.ss("TIME-WAIT").len(), FIRST + SECOND);
+}
