@@ -54,22 +54,35 @@ fn created(ns: &Netns) -> u64 {
 
 /// Fixed seeds of the randomized harness: each a namespace of its own with its own agent, a
 /// random mix of closes, aborts, held CLOSE_WAITs, port reuse, overflow, short fin timeouts,
-/// IPv4 and IPv6 from several threads, checked at rest against the kernel.
+/// IPv4 and IPv6 from several threads, checked at rest against the kernel. A case that some of
+/// its state changes were hidden from BPF in (made on a thread of PID 1, see `harness::Blind`)
+/// runs again, at most twice.
 #[test]
-#[ignore = "open: state changes no BPF program sees fail it (README, Exact against the kernel); \
-            run it with `cargo test --release --test exact -- --ignored randomized`"]
 fn randomized_cases_match_the_kernel() {
     let _one = serial();
     // 0x7419 loses ACKs (nftables) and overflows tcp_max_tw_buckets. One after another, for the
     // reason `serial` gives: five cases at once keep both cores busy.
     const SEEDS: [u64; 5] = [0x7411, 0x7412, 0x7413, 0x7414, 0x7419];
+    const ATTEMPTS: usize = 3;
     for seed in SEEDS {
-        let ns = Netns::new("case");
-        let config = Agent::config_file(&format!("case{seed}"), common::FAST_RECONCILE);
-        let agent = Agent::start_with(&ns, &["--config.file", &config]);
-        let made = harness::run_case(&ns, seed);
-        let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
-        harness::check(&format!("seed {seed:#x} (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"), &m, &k, &made);
+        for attempt in 1..=ATTEMPTS {
+            let ns = Netns::new("case");
+            let config = Agent::config_file(&format!("case{seed}"), common::FAST_RECONCILE);
+            let agent = Agent::start_with(&ns, &["--config.file", &config]);
+            let blind = harness::Blind::watch();
+            let made = harness::run_case(&ns, seed);
+            let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
+            if hidden > 0 && attempt < ATTEMPTS {
+                eprintln!("seed {seed:#x}: {hidden} state changes made on PID 1's threads, hidden from BPF; again");
+                continue;
+            }
+            let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
+            let ctx = format!(
+                "seed {seed:#x}, {hidden} state changes hidden from BPF (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"
+            );
+            harness::check(&ctx, &m, &k, &made);
+            break;
+        }
     }
 }
 
@@ -84,9 +97,14 @@ fn soak() {
     let seed = env("TWMON_SOAK_SEED", 0x50a6);
     let max_cases = env("TWMON_SOAK_CASES", u64::MAX);
     common::raise_nofile();
-    let ns = Netns::new("soak");
-    let config = Agent::config_file("soak", common::FAST_RECONCILE);
-    let agent = Agent::start_with(&ns, &["--config.file", &config]);
+    let fresh = || {
+        let ns = Netns::new("soak");
+        let config = Agent::config_file("soak", common::FAST_RECONCILE);
+        let agent = Agent::start_with(&ns, &["--config.file", &config]);
+        (ns, agent)
+    };
+    let (mut ns, mut agent) = fresh();
+    let mut restarts = 0u64;
     let start = Instant::now();
     let mut rng = harness::Rng::new(seed);
     let mut made = harness::Made::default();
@@ -98,8 +116,22 @@ fn soak() {
         let case_seed = if case == 0 { seed } else { rng.next() };
         // Other namespaces come and go with live TIME_WAIT sockets meanwhile.
         let churn = std::thread::spawn(move || namespace_churn(case_seed));
-        made += harness::run_case(&ns, case_seed);
+        let blind = harness::Blind::watch();
+        let this = harness::run_case(&ns, case_seed);
         churn.join().expect("namespace churn");
+        let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
+        if hidden > 0 {
+            // Every count from here on would be off by them: start again in a new namespace.
+            println!(
+                "soak: case {case}: {hidden} state changes made on PID 1's threads, hidden from BPF; a new namespace and agent"
+            );
+            restarts += 1;
+            (ns, agent) = fresh();
+            made = harness::Made::default();
+            case += 1;
+            continue;
+        }
+        made += this;
         let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
         if m.get("twmon_timewait_end_missed_total", &[]) > 0.0 {
             let log = agent.log();
@@ -124,7 +156,10 @@ fn soak() {
         );
         case += 1;
     }
-    println!("soak: {case} cases, every invariant held at every rest point");
+    println!(
+        "soak: {case} cases, every invariant held at every rest point ({restarts} cases hidden in part from BPF, \
+         each followed by a new namespace and agent)"
+    );
 }
 
 fn parse_u64(s: &str) -> Option<u64> {
