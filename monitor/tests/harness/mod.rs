@@ -184,10 +184,16 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
         // (and time out) seconds after others, after FINs sent again from FIN_WAIT1.
         // One seen in FIN_WAIT2 and then in TIME_WAIT got its FIN after all (a worker's last
         // server-first close, whose client's FIN was still on its way).
+        // Timewait sockets only: an orphan whose FIN's ACK came while close() still held it
+        // stays a full socket in FIN_WAIT2 (`ss` shows both alike, but for the timer), and
+        // ends with a reset at its keepalive timer, without ever becoming a timewait socket.
         let mut orphans = std::collections::HashSet::new();
         let start = Instant::now();
         loop {
-            let now = ns.ss("FIN-WAIT-2");
+            let dump = ns.exec(&["ss", "-tanoH"]);
+            let timewait: String =
+                dump.lines().filter(|l| l.contains("timer:(timewait")).collect::<Vec<_>>().join("\n");
+            let now = common::ss_in(&timewait, "FIN-WAIT-2");
             let closing = ns.ss("FIN-WAIT-1").len();
             for pair in ns.ss("TIME-WAIT") {
                 orphans.remove(&pair);
