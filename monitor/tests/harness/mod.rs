@@ -513,20 +513,32 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     }
 }
 
-/// State changes made on a thread of PID 1, which some kernels hide from every BPF program:
-/// this project's CI machine runs one whose `bpf_trace_run*`, `trace_call_bpf` and trampolines
-/// return before the program when the current task's thread group is 1 (its init) and the
-/// program was not loaded by init. A softirq that happens to run on one of init's threads then
-/// takes the connections it handles out of the sight of twmon, or of any BPF tool. ftrace still
-/// sees them: a tracefs instance of this harness's own records the TCP state changes made on
-/// init's threads, so that a case they touched is told from a defect of twmon.
+/// Kernel work done on a thread of PID 1, which some kernels hide from every BPF program: this
+/// project's CI machine runs one whose `bpf_trace_run*`, `trace_call_bpf` and trampolines return
+/// before the program when the current task's thread group is 1 (its init) and the program was
+/// not loaded by init. A softirq runs on whatever task the CPU was running, so when it runs on
+/// one of init's threads, the connections it handles, and the timewait timers it runs out, are
+/// out of the sight of twmon, or of any BPF tool. ftrace still sees them: a tracefs instance of
+/// this harness's own records, on init's threads, TCP state changes, network receive softirqs
+/// and timewait timers running out, so that a case they touched is told from a defect of twmon.
 pub struct Blind {
     dir: std::path::PathBuf,
 }
 
 impl Blind {
-    /// `None` where tracefs cannot be had (then nothing is told apart).
+    /// The events recorded, each with a condition beside the thread's.
+    const EVENTS: [(&str, &str); 3] = [
+        ("sock/inet_sock_set_state", ""),
+        ("irq/softirq_entry", "vec == 3"), // NET_RX
+        ("timer/timer_expire_entry", "function == TW_TIMER_HANDLER"),
+    ];
+
+    /// `None` where tracefs cannot be had (then nothing is told apart, and this says why).
     pub fn watch() -> Option<Self> {
+        Self::try_watch().map_err(|e| eprintln!("harness: PID 1's threads not watched: {e}")).ok()
+    }
+
+    fn try_watch() -> std::io::Result<Self> {
         let root = std::path::Path::new("/sys/kernel/tracing");
         if !root.join("instances").exists() {
             let _ = std::process::Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(root).status();
@@ -534,29 +546,39 @@ impl Blind {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = root.join("instances").join(format!("twmon-blind-{}-{n}", std::process::id()));
-        std::fs::create_dir(&dir).ok()?;
+        std::fs::create_dir(&dir)?;
         let blind = Self { dir };
-        let init: Vec<String> = std::fs::read_dir("/proc/1/task")
-            .ok()?
+        let init: Vec<String> = std::fs::read_dir("/proc/1/task")?
             .filter_map(|e| Some(format!("common_pid == {}", e.ok()?.file_name().to_str()?)))
             .collect();
-        let event = blind.dir.join("events/sock/inet_sock_set_state");
-        std::fs::write(event.join("filter"), init.join(" || ")).ok()?;
-        std::fs::write(event.join("enable"), "1").ok()?;
-        Some(blind)
+        let handler = std::fs::read_to_string("/proc/kallsyms")?
+            .lines()
+            .find(|l| l.ends_with(" tw_timer_handler"))
+            .and_then(|l| l.split(' ').next().map(|a| format!("0x{a}")))
+            .ok_or_else(|| std::io::Error::other("tw_timer_handler not in /proc/kallsyms"))?;
+        for (event, also) in Self::EVENTS {
+            let also = also.replace("TW_TIMER_HANDLER", &handler);
+            let filter = if also.is_empty() { init.join(" || ") } else { format!("({}) && {also}", init.join(" || ")) };
+            let event = blind.dir.join("events").join(event);
+            std::fs::write(event.join("filter"), filter)?;
+            std::fs::write(event.join("enable"), "1")?;
+        }
+        Ok(blind)
     }
 
-    /// TCP state changes made on init's threads since `watch`.
+    /// What was recorded on init's threads since `watch`.
     pub fn hidden(&self) -> usize {
         std::fs::read_to_string(self.dir.join("trace"))
-            .map(|t| t.lines().filter(|l| l.contains("inet_sock_set_state:")).count())
+            .map(|t| t.lines().filter(|l| !l.starts_with('#')).count())
             .unwrap_or(0)
     }
 }
 
 impl Drop for Blind {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.dir.join("events/sock/inet_sock_set_state/enable"), "0");
+        for (event, _) in Self::EVENTS {
+            let _ = std::fs::write(self.dir.join("events").join(event).join("enable"), "0");
+        }
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
