@@ -55,7 +55,7 @@ fn created(ns: &Netns) -> u64 {
 /// Fixed seeds of the randomized harness: each a namespace of its own with its own agent, a
 /// random mix of closes, aborts, held CLOSE_WAITs, port reuse, overflow, short fin timeouts,
 /// IPv4 and IPv6 from several threads, checked at rest against the kernel. A case that some of
-/// its state changes were hidden from BPF in (made on a thread of PID 1, see `harness::Blind`)
+/// its kernel work was hidden from BPF in (done on a thread of PID 1, see `harness::Blind`)
 /// runs again, at most twice.
 #[test]
 fn randomized_cases_match_the_kernel() {
@@ -73,12 +73,14 @@ fn randomized_cases_match_the_kernel() {
             let made = harness::run_case(&ns, seed);
             let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
             if hidden > 0 && attempt < ATTEMPTS {
-                eprintln!("seed {seed:#x}: {hidden} state changes made on PID 1's threads, hidden from BPF; again");
+                eprintln!(
+                    "seed {seed:#x}: {hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again"
+                );
                 continue;
             }
             let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
             let ctx = format!(
-                "seed {seed:#x}, {hidden} state changes hidden from BPF (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"
+                "seed {seed:#x}, {hidden} events hidden from BPF (rerun: cargo xtask soak --seed {seed:#x} --cases 1)"
             );
             harness::check(&ctx, &m, &k, &made);
             break;
@@ -123,7 +125,7 @@ fn soak() {
         if hidden > 0 {
             // Every count from here on would be off by them: start again in a new namespace.
             println!(
-                "soak: case {case}: {hidden} state changes made on PID 1's threads, hidden from BPF; a new namespace and agent"
+                "soak: case {case}: {hidden} events on PID 1's threads, hidden from BPF (harness::Blind); a new namespace and agent"
             );
             restarts += 1;
             (ns, agent) = fresh();
