@@ -592,6 +592,7 @@ fn closed_by(netns: u32, active: bool) {
 /// The current process's name: its main thread's `comm`.
 #[inline(always)]
 fn process_name() -> Option<[u8; 16]> {
+    // SAFETY: a helper without arguments; it returns the current task's address.
     let task = unsafe { bpf_get_current_task() };
     let leader: u64 = kread(task + layout!(task_group_leader) as u64).ok()?;
     kread(leader + layout!(task_comm) as u64).ok()
