@@ -123,7 +123,7 @@ fn soak() {
     let mut made = harness::Made::default();
     let mut case = 0u64;
     println!(
-        "soak: seed {seed:#x}, {minutes} min; minute  case  connections  timewait-created  ended  time_wait  drift  rss-kib"
+        "soak: seed {seed:#x}, {minutes} min; minute  case  connections  timewait-created  ended  time_wait  drift  rss-kib  abandoned"
     );
     while start.elapsed() < Duration::from_secs(minutes * 60) && case < max_cases {
         let case_seed = if case == 0 { seed } else { rng.next() };
@@ -156,7 +156,7 @@ fn soak() {
         let drift = total(&agent.wait_for(SETTLE, |m| total(m) == 0.0));
         assert_eq!(drift, 0.0, "soak case {case} seed {case_seed:#x}: drift at rest");
         println!(
-            "soak: {:6.1} {:5} {:12} {:17} {:6} {:10} {:6} {:8}",
+            "soak: {:6.1} {:5} {:12} {:17} {:6} {:10} {:6} {:8} {:10}",
             start.elapsed().as_secs_f64() / 60.0,
             case,
             made.connections,
@@ -165,7 +165,8 @@ fn soak() {
                 - k.states.iter().filter(|(s, _)| *s == "time_wait" || *s == "fin_wait2").map(|(_, n)| n).sum::<f64>(),
             m.sockets("time_wait"),
             drift,
-            agent.rss_kib()
+            agent.rss_kib(),
+            made.abandoned
         );
         case += 1;
     }
