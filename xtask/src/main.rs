@@ -134,7 +134,18 @@ fn main() -> Result<()> {
             setup::ensure()?;
             run(Command::new("cargo").args(["fmt", "--all", "--check"]))
                 .context("formatting differs: run `cargo fmt --all`")?;
-            run(Command::new("cargo").args(["clippy", "--all-targets", "--release", "--", "-D", "warnings"]))
+            run(Command::new("cargo").args(["clippy", "--all-targets", "--release", "--", "-D", "warnings"]))?;
+            // The kernel programs, for their own target with the toolchain that builds them.
+            run(Command::new("cargo").args(["+nightly", "clippy", "--package", "monitor-ebpf", "--release"]).args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+            .context("clippy on the kernel programs failed (`cargo +nightly clippy` needs nightly's clippy)")
         }
         Task::Vm { kernels, suites, filter } => {
             if !is_root() {

@@ -1,0 +1,61 @@
+//! Between the programs and the agent: the settings it writes, and the records it reads from the
+//! ring buffer (only what needs a decision the programs cannot make).
+
+use monitor_common::{Event, Settings, counter, flags};
+
+use crate::{
+    count::count,
+    kernel::kread,
+    maps::{EVENTS, SETTINGS, layout},
+    sock::SockCommon,
+};
+
+/// True while the agent seeds from sock_diag and wants every transition reported.
+#[inline(always)]
+pub(crate) fn report_all() -> bool {
+    settings().report_all != 0
+}
+
+/// Records are written without waking the agent: a wake-up (an irq_work and a context switch
+/// per record) cost twice the rest of the program. The agent drains the ring on a short timer.
+pub(crate) const BPF_RB_NO_WAKEUP: u64 = 1;
+
+#[inline(always)]
+pub(crate) fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, BPF_RB_NO_WAKEUP).is_err() {
+        count(counter::EVENTS_LOST);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn settings() -> Settings {
+    match SETTINGS.get(0) {
+        Some(s) => *s,
+        None => Settings::default(),
+    }
+}
+
+#[inline(always)]
+pub(crate) fn since(now: u64, then: u64) -> (u64, u16) {
+    if then != 0 && now >= then { (now - then, flags::DURATION) } else { (0, 0) }
+}
+
+/// Tells the agent about a full socket (a transition, unless `kind` says otherwise).
+#[inline(always)]
+pub(crate) fn report<S: SockCommon>(
+    c: &S,
+    sk: u64,
+    kind: u8,
+    from: u8,
+    to: u8,
+    now: u64,
+    entered: u64,
+) -> Result<(), i64> {
+    let mut ev = Event { ts_ns: now, obj: sk, netns: c.netns()?, kind, from, to, ..Event::default() };
+    c.fill(&mut ev)?;
+    // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
+    ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);
+    (ev.duration_ns, ev.flags) = since(now, entered);
+    emit(&ev);
+    Ok(())
+}
