@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Parser;
-use twmon::{Config, Web, kernel::Limits, serve};
+use twmon::{Config, Web, export::serve, kernel::Limits};
 
 /// The most entries a kernel map may be given: 2^24, about 1.5 GiB of kernel memory reserved at
 /// start-up (96 bytes an entry). The kernel's own bound is higher, the memory rarely there.
@@ -115,7 +115,7 @@ fn netns_inode(path: &Path) -> anyhow::Result<u32> {
     let what = || format!("--netns {}", path.display());
     let file = std::fs::File::open(path)
         .map_err(|e| anyhow::anyhow!("{}: {e}; give a namespace file such as /run/netns/NAME", what()))?;
-    match twmon::netns::namespace_type(&file) {
+    match twmon::view::netns::namespace_type(&file) {
         Ok(t) if t == libc::CLONE_NEWNET => {}
         Ok(_) => anyhow::bail!(
             "{}: a namespace, but not a network namespace; give /run/netns/NAME or /proc/PID/ns/net",
@@ -194,7 +194,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 shutdown_grace: Duration::from_secs(3),
             },
             config: match &args.web_config_file {
-                Some(p) => twmon::webconfig::WebConfig::load(p)?,
+                Some(p) => twmon::export::webconfig::WebConfig::load(p)?,
                 None => Default::default(),
             },
         },

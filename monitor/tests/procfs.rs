@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use twmon::{
+use twmon::view::{
     netns::{self, Namespace},
     procfs::{self, Sysctls, TcpExt},
 };

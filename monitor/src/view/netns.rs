@@ -437,7 +437,7 @@ fn is_dns_label(s: &str) -> bool {
 /// each. If `f` panics, the panic is resumed on the calling thread.
 ///
 /// Note that /proc/net (= /proc/self/net) follows the *process's* first thread, not the calling
-/// thread: code in `f` must read /proc/thread-self/net/*, as [`crate::procfs`] does.
+/// thread: code in `f` must read /proc/thread-self/net/*, as [`crate::view::procfs`] does.
 pub fn visit<T: Send + 'static>(
     namespaces: Vec<Namespace>,
     mut f: impl FnMut(&Namespace) -> T + Send + 'static,

@@ -14,7 +14,7 @@ use axum::{
 use tokio::sync::Semaphore;
 use tower_http::compression::CompressionLayer;
 
-use crate::{Agent, webconfig::WebConfig};
+use crate::{Agent, export::webconfig::WebConfig};
 
 /// What the routes share.
 #[derive(Clone)]

@@ -12,11 +12,13 @@ use std::{
 use monitor_common::tcp;
 
 use crate::{
+    agent::tracker::Tuple,
     config::Config,
-    diag::{self, DiagSocket},
-    netns::{self, Namespace},
-    procfs::{self, Sysctls},
-    tracker::Tuple,
+    view::{
+        diag::{self, DiagSocket},
+        netns::{self, Namespace},
+        procfs::{self, Sysctls},
+    },
 };
 
 /// One namespace as the kernel sees it.

@@ -3,7 +3,7 @@
 //!
 //! Per-namespace files are read through /proc/thread-self/net/ and /proc/sys/net/, which
 //! follow the calling *thread's* namespace, so a thread started by
-//! [`crate::netns::visit`] reads the namespace it entered. /proc/net (a link to
+//! [`crate::view::netns::visit`] reads the namespace it entered. /proc/net (a link to
 //! /proc/self/net) would not do: it follows the process's first thread.
 use std::{
     collections::{HashMap, HashSet},

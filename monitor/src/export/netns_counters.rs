@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, core::Collector, core::Desc, proto};
 
-use crate::{
+use crate::view::{
     netns::{self, Namespace},
     procfs::{self, Sysctls, TcpExt},
 };

@@ -17,7 +17,7 @@ use aya::maps::{HashMap, MapData};
 use monitor_common::{CloserKey, Closes};
 use prometheus::{IntCounterVec, Opts, core::Collector, core::Desc, proto};
 
-use crate::netns_counters::Watched;
+use crate::export::netns_counters::Watched;
 
 pub type ClosersMap = HashMap<MapData, CloserKey, Closes>;
 

@@ -11,10 +11,10 @@ use prometheus::{
 };
 
 use crate::{
-    ground::{Breakdowns, role},
+    agent::tracker::{Decided, reason_name, state_name},
+    export::netns_counters::{NamespaceCounters, Watched},
     kernel::{ProgramStats, Readout},
-    netns_counters::{NamespaceCounters, Watched},
-    tracker::{Decided, reason_name, state_name},
+    view::ground::{Breakdowns, role},
 };
 
 /// A process holding CLOSE_WAIT sockets past the leak threshold.

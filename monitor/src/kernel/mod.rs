@@ -1,4 +1,9 @@
-//! Loading and attaching the kernel programs, and reading what they keep in the kernel.
+//! The kernel side: loading and attaching the programs, and reading what they keep in the
+//! kernel. [`layout`] finds the running kernel's offsets in its BTF, [`event`] decodes the
+//! records the programs write to the ring buffer.
+pub mod event;
+pub mod layout;
+
 use std::{
     os::fd::{AsFd, AsRawFd},
     time::Duration,
@@ -11,15 +16,13 @@ use aya::{
 };
 use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, sweep, tcp, twin};
 
-use crate::{
-    closers::ClosersMap,
-    layout::{self, LayoutError},
-};
+use crate::export::closers::ClosersMap;
+use layout::LayoutError;
 
 /// The kernel object built by `build.rs` from `monitor-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
-pub use crate::layout::TRACEPOINTS;
+pub use layout::TRACEPOINTS;
 /// The programs the agent runs itself (BPF_PROG_TEST_RUN): the sweep and the CLOSE_WAIT scan
 /// walk their map in one run where the kernel has `bpf_for_each_map_elem` (5.13+); before
 /// that, the agent walks the map and runs the `_one` variant per entry.
