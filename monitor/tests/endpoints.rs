@@ -144,3 +144,133 @@ fn missing_capability_is_named() {
         assert!(err.contains(&format!("lacks {without}:")), "without {without}: {err}");
     }
 }
+
+/// The shape of the exposition: every metric's name, type, HELP text and label names, compared
+/// with `tests/golden/metrics.txt`, so that no metric changes name, type, meaning or labels
+/// unnoticed (values are the other tests' business). After a change that is meant, write the
+/// file again with `TWMON_GOLDEN=update cargo test --release --test endpoints golden`, and review
+/// its diff.
+#[test]
+fn metrics_match_the_golden_file() {
+    let golden_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/metrics.txt");
+    let ns = Netns::new("golden");
+    let config =
+        Agent::config_file("golden", &format!("{}[close_wait]\nleak_threshold = \"1s\"\n", common::FAST_RECONCILE));
+    let agent = Agent::start_with(&ns, &["--config.file", &config]);
+    // Traffic that gives every family series: closes by either side, a reset, durations,
+    // TIME_WAIT for the reconcile's breakdowns, and a CLOSE_WAIT held past the leak threshold.
+    let _held = ns.run(|| {
+        use std::io::Read as _;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        for i in 0..6 {
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let (s, _) = l.accept().unwrap();
+            let (first, mut second) = if i % 2 == 0 { (c, s) } else { (s, c) };
+            if i == 4 {
+                socket2::SockRef::from(&first).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            }
+            drop(first);
+            let _ = second.read(&mut [0u8; 8]);
+        }
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let (s, _) = l.accept().unwrap();
+        drop(c);
+        (l, s)
+    });
+    let expected = std::fs::read_to_string(golden_path).unwrap_or_default();
+    let wanted: Vec<&str> = expected.lines().filter_map(|l| l.strip_prefix("# ")?.split_whitespace().next()).collect();
+    if std::env::var("TWMON_GOLDEN").as_deref() == Ok("update") {
+        // Until the shape has stood still for 5 s: the leak and the breakdowns come with
+        // reconciles, a second apart.
+        let (mut got, mut since) = (String::new(), std::time::Instant::now());
+        while since.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let now = shape(&agent.metrics().text);
+            if now != got {
+                (got, since) = (now, std::time::Instant::now());
+            }
+        }
+        std::fs::write(golden_path, &got).unwrap();
+        return;
+    }
+    // Families appear with their first series: wait until the golden file's all have.
+    let m = agent.wait_for(std::time::Duration::from_secs(30), |m| {
+        let now = shape(&m.text);
+        wanted.iter().all(|name| now.contains(&format!("# {name} ")))
+    });
+    let got = shape(&m.text);
+    let diff: Vec<String> = {
+        let (e, g): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), got.lines().collect());
+        e.iter()
+            .filter(|l| !g.contains(l))
+            .map(|l| format!("- {l}"))
+            .chain(g.iter().filter(|l| !e.contains(l)).map(|l| format!("+ {l}")))
+            .collect()
+    };
+    assert!(
+        diff.is_empty(),
+        "the exposition differs from {golden_path} (- expected, + scraped). If the change is meant, \
+         write the file again: TWMON_GOLDEN=update cargo test --release --test endpoints golden\n{}",
+        diff.join("\n")
+    );
+}
+
+/// A text exposition reduced to its shape: per family `# name type help`, then one line per
+/// distinct sample name and label-name set, `name{label,...}`; sorted.
+fn shape(text: &str) -> String {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut families: BTreeMap<String, (String, String, BTreeSet<String>)> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            families.entry(name.to_string()).or_default().1 = help.to_string();
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            families.entry(name.to_string()).or_default().0 = kind.to_string();
+        } else if !line.is_empty() && !line.starts_with('#') {
+            samples.push(line.to_string());
+        }
+    }
+    for line in samples {
+        let series = line.rsplit_once(' ').map_or(line.as_str(), |(s, _)| s);
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let mut names = label_names(labels);
+        names.sort();
+        // The longest family name the sample's is, or starts with before a suffix (`_bucket`).
+        let family = families
+            .keys()
+            .filter(|f| name == f.as_str() || name.strip_prefix(f.as_str()).is_some_and(|s| s.starts_with('_')))
+            .max_by_key(|f| f.len())
+            .cloned()
+            .unwrap_or_else(|| panic!("sample without a family: {line}"));
+        families.get_mut(&family).unwrap().2.insert(format!("{name}{{{}}}", names.join(",")));
+    }
+    families
+        .iter()
+        .map(|(name, (kind, help, samples))| {
+            let lines: Vec<&str> = samples.iter().map(String::as_str).collect();
+            format!("# {name} {kind} {help}\n{}\n", lines.join("\n"))
+        })
+        .collect()
+}
+
+/// The label names of `k="v",k2="v2"}`: values may hold commas, equals signs and escaped quotes.
+fn label_names(mut rest: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    while let Some((name, value)) = rest.split_once("=\"") {
+        names.push(name.trim_start_matches(','));
+        let mut escaped = false;
+        let end = value
+            .char_indices()
+            .find(|&(_, c)| {
+                let closes = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes
+            })
+            .map_or(value.len(), |(i, _)| i + 1);
+        rest = &value[end..];
+    }
+    names
+}
