@@ -17,12 +17,7 @@ use tokio::{
 use crate::{
     Config,
     agent::{Agent, DRAIN_INTERVAL, Parts, reconcile_wait, tracker::Tracker},
-    export::{
-        closers::{self, Closers},
-        http,
-        metrics::Metrics,
-        netns_counters, serve,
-    },
+    export::{closers::Closers, family::Shared, http, metrics::Metrics, netns_counters, serve},
     kernel::{self, Kernel},
     sys,
 };
@@ -73,7 +68,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let closers_map = kernel.take_closers().ok_or_else(|| anyhow::anyhow!("the closers map was taken already"))?;
     let closers = Arc::new(Closers::new(closers_map, namespaces_read.clone(), config.settings.breakdown.top_k)?);
     let metrics = Metrics::new(&sys::kernel_release(), kernel.hz, namespaces_read.clone())?;
-    metrics.registry.register(Box::new(closers::Registered(closers.clone())))?;
+    metrics.registry.register(Box::new(Shared(closers.clone())))?;
     let tracker = Tracker::new(&metrics.registry)?;
     tracing::info!(programs = kernel.attached, hz = kernel.hz, netns = config.netns, "kernel programs attached");
     let agent =

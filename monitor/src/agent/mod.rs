@@ -25,6 +25,7 @@ use crate::{
     Config, config,
     export::{
         closers::Closers,
+        kernel_metrics::Reading,
         metrics::Metrics,
         netns_counters::Watched,
         serve,
@@ -118,7 +119,13 @@ impl Agent {
             if let Err(e) = kernel.run_sweep(false) {
                 tracing::warn!("timewait sweep failed: {e}");
             }
-            self.metrics.refresh(&kernel.read(), &decided, &seeded, kernel.attached, &kernel.program_stats());
+            self.metrics.set_reading(Reading {
+                readout: kernel.read(),
+                decided,
+                seeded: seeded.to_vec(),
+                attached: kernel.attached,
+                programs: kernel.program_stats(),
+            });
         }
         self.metrics.scrape_seconds.set(start.elapsed().as_secs_f64());
         let mut out = String::new();

@@ -9,7 +9,7 @@ use std::{
 
 use super::{Agent, lock};
 use crate::{
-    export::{metrics::GAUGE_STATES, snapshot::Report},
+    export::{ground_metrics::Reconciled, metrics::GAUGE_STATES, snapshot::Report},
     sys::{self, monotonic_ns, process_cpu},
     view::{
         ground::{self, NsView},
@@ -141,9 +141,10 @@ impl Agent {
         let b = ground::breakdown(&watched, &self.settings());
         let leaks = self.leaks(&watched);
         let took = start.elapsed();
-        self.metrics.refresh_ground(&drift, &b, &leaks, took, process_cpu().saturating_sub(cpu_start));
+        *lock(&self.report) = Report::new(&drift, &b, leaks.clone());
+        let reconciled = Reconciled { drift: drift.to_vec(), breakdowns: b, leaks };
+        self.metrics.set_reconciled(reconciled, took, process_cpu().saturating_sub(cpu_start));
         sys::trim();
-        *lock(&self.report) = Report::new(&drift, &b, leaks);
         took
     }
 

@@ -10,7 +10,7 @@
 //! (a drop reads as a reset to `rate()`), so the set is not re-ranked.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
 use aya::maps::{HashMap, MapData};
@@ -77,19 +77,6 @@ impl Closers {
             .collect();
         rows.sort_by(|a, b| (b.active + b.passive).cmp(&(a.active + a.passive)).then(a.comm.cmp(&b.comm)));
         rows
-    }
-}
-
-/// The collector as registered: the agent reads it too (the JSON snapshot).
-pub struct Registered(pub Arc<Closers>);
-
-impl Collector for Registered {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
-    }
-
-    fn collect(&self) -> Vec<proto::MetricFamily> {
-        self.0.collect()
     }
 }
 
