@@ -248,6 +248,17 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
 
+/// One record on the trace ring buffer: a transition or a timewait end as it happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRecord {
+    pub event: Event,
+    /// The process that made the change, where it is the socket's owner's close() or
+    /// shutdown() (`ESTABLISHED -> FIN_WAIT1`, `CLOSE_WAIT -> LAST_ACK`); zeroes elsewhere.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<TraceRecord>() == 88);
+
 /// Indexes into the per-CPU `COUNTERS` array.
 pub mod counter {
     use super::tcp::MAX_STATES;
@@ -266,6 +277,8 @@ pub mod counter {
     pub const ORPHANS_FULL: u32 = 5;
     /// The closers map was full: a close was not attributed to its process.
     pub const CLOSERS_FULL: u32 = 6;
+    /// A trace record was dropped: the trace ring buffer was full (only while a trace runs).
+    pub const TRACE_LOST: u32 = 7;
     /// `RETRANSMITS + state`: retransmitted segments by the socket's state (err == 0 only).
     pub const RETRANSMITS: u32 = 8;
     /// `RESETS_SENT + state`: RSTs sent, by the state of the socket that sent them.
@@ -425,12 +438,16 @@ pub struct Settings {
     /// (CLOCK_MONOTONIC ns), at most `scan_limit` of them.
     pub close_wait_before: u64,
     pub scan_limit: u64,
+    /// Non-zero while someone traces (`twmon trace`): every transition and timewait end is
+    /// written to the trace ring buffer as a [`TraceRecord`]. Nothing is written otherwise.
+    pub trace: u64,
 }
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data: repr(C), no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::SockEntry {}
     unsafe impl aya::Pod for super::ClockSample {}

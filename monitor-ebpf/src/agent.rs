@@ -1,12 +1,13 @@
-//! Between the programs and the agent: the settings it writes, and the records it reads from the
-//! ring buffer (only what needs a decision the programs cannot make).
+//! Between the programs and the agent: the settings it writes, the records it reads from the
+//! ring buffer (only what needs a decision the programs cannot make), and, while someone
+//! traces, every transition on the trace ring buffer.
 
-use monitor_common::{Event, Settings, counter, flags};
+use monitor_common::{Event, Settings, TraceRecord, counter, flags};
 
 use crate::{
     count::count,
     kernel::kread,
-    maps::{EVENTS, SETTINGS, layout},
+    maps::{EVENTS, SETTINGS, TRACE, layout},
     sock::SockCommon,
 };
 
@@ -24,6 +25,22 @@ pub(crate) const BPF_RB_NO_WAKEUP: u64 = 1;
 pub(crate) fn emit(ev: &Event) {
     if EVENTS.output::<Event>(ev, BPF_RB_NO_WAKEUP).is_err() {
         count(counter::EVENTS_LOST);
+    }
+}
+
+/// True while someone traces (`twmon trace`): only then are trace records written.
+#[inline(always)]
+pub(crate) fn tracing() -> bool {
+    settings().trace != 0
+}
+
+/// Writes a trace record, `comm` the process that made the change where it is known; a full
+/// trace ring is counted, and never holds up the counts.
+#[inline(always)]
+pub(crate) fn trace(event: &Event, comm: [u8; 16]) {
+    let record = TraceRecord { event: *event, comm };
+    if TRACE.output::<TraceRecord>(&record, BPF_RB_NO_WAKEUP).is_err() {
+        count(counter::TRACE_LOST);
     }
 }
 
@@ -51,11 +68,25 @@ pub(crate) fn report<S: SockCommon>(
     now: u64,
     entered: u64,
 ) -> Result<(), i64> {
+    emit(&socket_event(c, sk, kind, from, to, now, entered)?);
+    Ok(())
+}
+
+/// A full socket's record: its connection, the change, and the time spent in `from`.
+#[inline(always)]
+pub(crate) fn socket_event<S: SockCommon>(
+    c: &S,
+    sk: u64,
+    kind: u8,
+    from: u8,
+    to: u8,
+    now: u64,
+    entered: u64,
+) -> Result<Event, i64> {
     let mut ev = Event { ts_ns: now, obj: sk, netns: c.netns()?, kind, from, to, ..Event::default() };
     c.fill(&mut ev)?;
     // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
     ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);
     (ev.duration_ns, ev.flags) = since(now, entered);
-    emit(&ev);
-    Ok(())
+    Ok(ev)
 }

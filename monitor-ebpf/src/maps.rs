@@ -32,6 +32,11 @@ pub(crate) use layout;
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
 
+/// Every transition and timewait end, written only while someone traces (`twmon trace`). Apart
+/// from `EVENTS`, so that a busy trace can never cost the counts a record.
+#[map]
+pub(crate) static TRACE: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
 /// Full sockets in a teardown state: when they entered it. Bounded; a full map is counted.
 /// Preallocated, like TIMEWAIT: an insert then allocates nothing (measured: about a fifth of the
 /// state program's time), at the price of memory reserved up front (the agent sizes both).

@@ -6,8 +6,8 @@ use aya_log_ebpf::warn;
 use monitor_common::{SockEntry, counter, kind, tcp, twin};
 
 use crate::{
-    agent::{report, report_all},
-    closers::closed_by,
+    agent::{report, report_all, socket_event, trace, tracing},
+    closers::{closed_by, process_name},
     count::{count, count_warn, gauge, record},
     handoff::{handoff_due, note_unconfirmed, take_handoff, take_notes},
     kernel::{field, now},
@@ -63,7 +63,10 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let now = now();
-    if (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK) {
+    // The owner's close() or shutdown(): the current task is the closer.
+    let closing =
+        (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK);
+    if closing {
         closed_by(c.netns()?, new == tcp::FIN_WAIT1);
     }
 
@@ -127,6 +130,10 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     record(old, to, entered, now);
+    if tracing() {
+        let comm = if closing { process_name().unwrap_or_default() } else { [0; 16] };
+        trace(&socket_event(&c, sk, kind::TRANSITION, old, to, now, entered)?, comm);
+    }
     // The agent lets go of seeded sockets (in a teardown state the programs did not know) when
     // they move.
     if (tcp::is_teardown(old) && !known) || report_all() {

@@ -7,7 +7,7 @@ use aya_log_ebpf::warn;
 use monitor_common::{Event, SockEntry, counter, flags, found, kind, reason, tcp};
 
 use crate::{
-    agent::{emit, report_all, settings, since},
+    agent::{emit, report_all, settings, since, trace, tracing},
     count::{count, count_warn, gauge, record},
     handoff::{Handoff, put_handoff},
     kernel::{copied, field, jiffies, kread, now},
@@ -136,7 +136,8 @@ pub(crate) fn tw_event(tw: u64, now: u64) -> Result<Event, i64> {
 #[inline(always)]
 pub(crate) fn to_time_wait(entry: &mut SockEntry, tw: u64, at: u64, report: bool) {
     record(tcp::FIN_WAIT2, tcp::TIME_WAIT, entry.entered_ns, at);
-    if (report || report_all())
+    let traced = tracing();
+    if (report || report_all() || traced)
         && let Ok(mut ev) = tw_event(tw, at)
     {
         ev.kind = kind::TRANSITION;
@@ -145,7 +146,12 @@ pub(crate) fn to_time_wait(entry: &mut SockEntry, tw: u64, at: u64, report: bool
         let (d, f) = since(at, entry.entered_ns);
         ev.duration_ns = d;
         ev.flags |= f;
-        emit(&ev);
+        if traced {
+            trace(&ev, [0; 16]);
+        }
+        if report || report_all() {
+            emit(&ev);
+        }
     }
     gauge(tcp::FIN_WAIT2, -1);
     gauge(tcp::TIME_WAIT, 1);
@@ -252,12 +258,13 @@ pub(crate) fn try_timer_cancel(ctx: &BtfTracePointContext) -> Result<(), i64> {
 }
 
 /// A timewait socket ended in a way the kernel programs can tell on their own: counted here,
-/// reported only while the agent seeds.
+/// reported only while the agent seeds, traced while someone traces.
 #[inline(always)]
 pub(crate) fn end(entry: &SockEntry, tw: u64, why: u8, now: u64, extra: u16) {
     record(entry.state, tcp::CLOSE, entry.entered_ns, now);
     count(counter::TIMEWAIT_ENDS + why as u32);
-    if report_all()
+    let (seeding, traced) = (report_all(), tracing());
+    if (seeding || traced)
         && let Ok(mut ev) = tw_event(tw, now)
     {
         ev.kind = kind::TRANSITION;
@@ -265,7 +272,15 @@ pub(crate) fn end(entry: &SockEntry, tw: u64, why: u8, now: u64, extra: u16) {
         ev.to = tcp::CLOSE;
         ev.reason = why;
         ev.flags |= extra;
-        emit(&ev);
+        if seeding {
+            emit(&ev);
+        }
+        if traced {
+            let (d, f) = since(now, entry.entered_ns);
+            ev.duration_ns = d;
+            ev.flags |= f;
+            trace(&ev, [0; 16]);
+        }
     }
 }
 

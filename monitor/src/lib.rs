@@ -9,9 +9,11 @@
 //! - [`view`]: the kernel's own view: sock_diag, procfs, network namespaces and their names.
 //! - [`export`]: metrics and their collectors, the HTTP routes and listener, the JSON snapshot.
 //!
-//! [`config`] is the configuration file, [`sys`] a few C library calls, and `run` wires it all
+//! [`client`] holds the commands that read a running agent (`twmon trace`). [`config`] is the
+//! configuration file, [`sys`] a few C library calls, and `run` wires it all
 //! together.
 pub mod agent;
+pub mod client;
 pub mod config;
 pub mod export;
 pub mod kernel;

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use twmon::{Config, Web, export::serve, kernel::Limits};
 
 /// The most entries a kernel map may be given: 2^24, about 1.5 GiB of kernel memory reserved at
@@ -19,6 +19,8 @@ const MAX_MAP_ENTRIES: u32 = 1 << 24;
 #[derive(Parser, Debug)]
 #[command(name = "twmon", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to serve /metrics on: HOST:PORT (a name such as localhost is resolved), or
     /// :PORT for every interface. Port 0 lets the kernel pick one; the log says which.
     #[arg(long = "web.listen-address", default_value = ":9864", value_parser = parse_listen)]
@@ -73,6 +75,37 @@ struct Args {
     /// (e.g. `500ms`, `2s`).
     #[arg(long = "timewait.sweep-interval", default_value = "1s", value_parser = parse_duration)]
     sweep_interval: Duration,
+}
+
+/// Commands that read a running agent; without one, twmon runs the agent.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream teardown events as they happen, one line each: time, namespace, process (where
+    /// its close() made the change), both ends, `from -> to`, time spent in `from`, and how a
+    /// timewait socket ended. Reads a running agent; filters are applied there.
+    Trace {
+        /// The agent to read.
+        #[arg(long, default_value = "http://127.0.0.1:9864")]
+        agent: String,
+        /// Only connections with this port at either end.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only connections with this address at either end.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// Only this network namespace, named as the metrics name it (e.g. netns/NAME, a pod).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Only changes from or to this state (e.g. time_wait, close_wait).
+        #[arg(long, value_parser = ["established", "fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait", "close"])]
+        state: Option<String>,
+        /// Only changes made by this process's close() (its name, as in twmon_closes_total).
+        #[arg(long)]
+        comm: Option<String>,
+        /// JSON lines, as the agent sends them.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -161,6 +194,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Trace { agent, port, address, netns, state, comm, json }) = args.command {
+        let opts = twmon::client::trace::Options { agent, port, address, netns, state, comm, json };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(twmon::client::trace::run(opts));
+    }
     if args.config_example {
         print!("{}", twmon::config::EXAMPLE);
         return Ok(());

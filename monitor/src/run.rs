@@ -67,12 +67,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let namespaces_read = netns_counters::Watched::default();
     let closers_map = kernel.take_closers().ok_or_else(|| anyhow::anyhow!("the closers map was taken already"))?;
     let closers = Arc::new(Closers::new(closers_map, namespaces_read.clone(), config.settings.breakdown.top_k)?);
+    let trace_ring = kernel.take_trace().ok_or_else(|| anyhow::anyhow!("the trace ring buffer was taken already"))?;
     let metrics = Metrics::new(&sys::kernel_release(), kernel.hz, namespaces_read.clone())?;
     metrics.registry.register(Box::new(Shared(closers.clone())))?;
     let tracker = Tracker::new(&metrics.registry)?;
     tracing::info!(programs = kernel.attached, hz = kernel.hz, netns = config.netns, "kernel programs attached");
-    let agent =
-        Arc::new(Agent::new(config.clone(), kernel, ring, Parts { tracker, metrics, namespaces_read, closers }));
+    let agent = Arc::new(Agent::new(
+        config.clone(),
+        kernel,
+        ring,
+        Parts { tracker, metrics, namespaces_read, closers, trace_ring },
+    ));
     let seeded = agent.seed();
     sys::trim();
     tracing::info!(sockets = seeded, "seeded sockets already in teardown states from sock_diag");
@@ -141,7 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Completes at the first SIGINT or SIGTERM.
-fn shutdown() -> std::io::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown() -> std::io::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(async move {

@@ -4,6 +4,8 @@
 //!
 //! Needs root (the agent loads BPF programs; namespaces and nftables need CAP_NET_ADMIN).
 mod common;
+#[allow(dead_code)] // Only `Blind` is used here.
+mod harness;
 
 use std::{
     io::{Read, Write},
@@ -590,5 +592,130 @@ fn closes_are_counted_by_process() {
     assert_eq!(servers(&m, "active"), SECOND as f64, "servers' active closes\n{}", m.explain());
     for role in ["active", "passive"] {
         assert!(closes(&m, &me, role) > 0.0, "{me} {role}: not named after its main thread?\n{}", m.explain());
+    }
+}
+
+/// `twmon trace` prints every change of known connections, both sides, TIME_WAIT and its end
+/// included, in order per connection, and nothing else: closes by either side, and an orphan
+/// whose peer held CLOSE_WAIT past tcp_fin_timeout. Deleting the namespace ends the TIME_WAIT
+/// sockets left (killed), as the agent decides.
+#[test]
+fn trace_shows_each_connection_in_order() {
+    use std::{
+        io::{BufRead, BufReader},
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+    use twmon::export::trace::TraceLine;
+    const ATTEMPTS: usize = 3;
+    const ACTIVE: &[&str] = &["established>fin_wait1", "fin_wait1>fin_wait2", "fin_wait2>time_wait", "time_wait>close"];
+    const PASSIVE: &[&str] = &["established>close_wait", "close_wait>last_ack", "last_ack>close"];
+    const ORPHAN: &[&str] = &["established>fin_wait1", "fin_wait1>fin_wait2", "fin_wait2>close"];
+    for attempt in 1..=ATTEMPTS {
+        let blind = harness::Blind::watch();
+        let ns = Netns::new("trace");
+        ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=1"]);
+        let agent = Agent::start(&ns);
+        let mut trace = std::process::Command::new(env!("CARGO_BIN_EXE_twmon"))
+            .args(["trace", "--json", "--agent", &format!("http://{}", agent.addr)])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start twmon trace");
+        let mut stderr = BufReader::new(trace.stderr.take().unwrap());
+        let mut said = String::new();
+        stderr.read_line(&mut said).unwrap();
+        assert!(said.contains("streaming from"), "twmon trace: {said}");
+        let lines = Arc::new(Mutex::new(Vec::<TraceLine>::new()));
+        let reader = {
+            let (lines, stdout) = (lines.clone(), trace.stdout.take().unwrap());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let l: TraceLine = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                    lines.lock().unwrap().push(l);
+                }
+            })
+        };
+
+        // (local, remote) of each side, with the changes it must show.
+        let expected: Vec<((SocketAddr, SocketAddr), &'static [&'static str])> = ns.run(|| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut expected: Vec<((SocketAddr, SocketAddr), &'static [&'static str])> = Vec::new();
+            let ends = |t: &TcpStream| (t.local_addr().unwrap(), t.peer_addr().unwrap());
+            for i in 0..7 {
+                let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (mut s, _) = l.accept().unwrap();
+                let (tc, ts) = (ends(&c), ends(&s));
+                match i % 3 {
+                    0 => {
+                        drop(c);
+                        let _ = s.read_to_end(&mut Vec::new());
+                        expected.extend([(tc, ACTIVE), (ts, PASSIVE)]);
+                    }
+                    1 => {
+                        drop(s);
+                        let _ = c.read_to_end(&mut Vec::new());
+                        expected.extend([(ts, ACTIVE), (tc, PASSIVE)]);
+                    }
+                    _ => {
+                        // Held in CLOSE_WAIT until the orphan's tcp_fin_timeout (1 s) has run out.
+                        drop(c);
+                        let _ = s.read_to_end(&mut Vec::new());
+                        std::thread::sleep(Duration::from_millis(2500));
+                        expected.extend([(tc, ORPHAN), (ts, PASSIVE)]);
+                    }
+                }
+            }
+            expected
+        });
+        // The TIME_WAIT sockets left end with their namespace.
+        drop(ns);
+        let changes = |lines: &[TraceLine], t: (SocketAddr, SocketAddr)| -> Vec<String> {
+            lines.iter().filter(|l| (l.local, l.remote) == t).map(|l| format!("{}>{}", l.from, l.to)).collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let got = lines.lock().unwrap().clone();
+            if expected.iter().all(|(t, want)| changes(&got, *t).len() >= want.len()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // SIGINT stops it, with 0.
+        // SAFETY: kill with a child's pid, which it still is (not waited for yet).
+        unsafe { libc::kill(trace.id() as i32, libc::SIGINT) };
+        let status = trace.wait().unwrap();
+        reader.join().unwrap();
+        let got = lines.lock().unwrap().clone();
+        let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
+        let complete = expected.iter().all(|(t, want)| changes(&got, *t) == *want);
+        if !complete && hidden > 0 && attempt < ATTEMPTS {
+            eprintln!("{hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again");
+            continue;
+        }
+        assert!(status.success(), "twmon trace exited with {status} on SIGINT");
+        for (t, want) in &expected {
+            assert_eq!(changes(&got, *t), *want, "{} -> {}: its trace (all lines: {got:#?})", t.0, t.1);
+        }
+        let ours = |l: &&TraceLine| expected.iter().any(|(t, _)| *t == (l.local, l.remote));
+        let others: Vec<&TraceLine> = got.iter().filter(|l| !ours(l)).collect();
+        assert!(others.is_empty(), "lines of other connections: {others:#?}");
+        // The process is named where its close() made the change; the end says how.
+        for l in &got {
+            let closing = (l.from == "established" && l.to == "fin_wait1") || l.from == "close_wait";
+            assert_eq!(l.comm.is_some(), closing, "{l:?}");
+            let reason = match (l.from.as_str(), l.to.as_str()) {
+                ("time_wait", "close") => Some("killed"),
+                ("fin_wait2", "close") => Some("fin_timeout"),
+                _ => None,
+            };
+            assert_eq!(l.reason.as_deref(), reason, "{l:?}");
+            assert!(l.seconds.is_some() || l.from == "established", "no time in the state: {l:?}");
+        }
+        assert!(got.iter().any(|l| l.to == "close" && l.seconds.is_some_and(|s| s >= 1.0) && l.from == "fin_wait2"));
+        let m = agent.metrics();
+        assert_eq!(m.get("twmon_trace_clients", &[]), 0.0, "the client left");
+        assert_eq!(m.get("twmon_trace_records_lost_total", &[]), 0.0);
+        return;
     }
 }

@@ -7,6 +7,7 @@
 //! they share, the ring drain and what the HTTP side asks of it.
 mod leaks;
 mod reconcile;
+mod trace;
 pub mod tracker;
 
 use std::{
@@ -30,6 +31,7 @@ use crate::{
         netns_counters::Watched,
         serve,
         snapshot::{self, Report},
+        trace::Tracer,
     },
     kernel::{self, Kernel, event},
     sys::{self, monotonic_ns},
@@ -63,6 +65,11 @@ pub struct Agent {
     namespaces_read: Watched,
     /// Closes by process, read from the kernel at each scrape and snapshot.
     closers: Arc<Closers>,
+    /// The kernel's trace records, read while someone traces, and the clients they go to.
+    trace_ring: Mutex<RingBuf<MapData>>,
+    pub(crate) tracer: Tracer,
+    /// Held while the programs' tracing is switched on or off.
+    trace_switch: Mutex<()>,
 }
 
 /// What the agent is built from besides the kernel: the export side, made first so that the
@@ -72,6 +79,7 @@ pub struct Parts {
     pub metrics: Metrics,
     pub namespaces_read: Watched,
     pub closers: Arc<Closers>,
+    pub trace_ring: RingBuf<MapData>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -100,6 +108,9 @@ impl Agent {
             attached: AtomicUsize::new(attached),
             namespaces_read: parts.namespaces_read,
             closers: parts.closers,
+            trace_ring: Mutex::new(parts.trace_ring),
+            tracer: Tracer::default(),
+            trace_switch: Mutex::new(()),
         }
     }
 
@@ -228,6 +239,12 @@ impl Agent {
         }
         // Safe: the re-arm that would follow a cancel is on the ring already, and was just read.
         tracker.settle(monotonic_ns());
+        let ended_early = tracker.take_ended_early();
+        drop(tracker);
+        drop(ring);
+        if self.tracer.active() {
+            self.drain_trace(&ended_early);
+        }
     }
 }
 

@@ -132,6 +132,8 @@ pub struct Tracker {
     /// CLOSE_WAIT sockets past the leak threshold, from the last leak scan, with when they
     /// entered the state (CLOCK_MONOTONIC ns).
     close_wait_since: HashMap<Tuple, u64>,
+    /// While someone traces: the early ends decided since the last drain, for the trace.
+    ended_early: Option<Vec<Event>>,
 }
 
 impl Tracker {
@@ -146,6 +148,7 @@ impl Tracker {
             window: None,
             seeded_at: 0,
             close_wait_since: HashMap::new(),
+            ended_early: None,
         })
     }
 
@@ -211,11 +214,24 @@ impl Tracker {
 
     /// Counts a cancelled timewait timer that no re-arm followed as the socket's end.
     fn end_early(&mut self, ev: &Event) {
+        if let Some(ended) = self.ended_early.as_mut() {
+            ended.push(*ev);
+        }
         let d = (ev.flags & flags::DURATION != 0).then_some(ev.duration_ns);
         self.decided.lifecycle.count(ev.from, tcp::CLOSE, d);
         if let Some(n) = self.decided.ends.get_mut(ev.reason as usize) {
             *n += 1;
         }
+    }
+
+    /// Keeps the early ends for the trace (`on`), or stops.
+    pub fn set_tracing(&mut self, on: bool) {
+        self.ended_early = on.then(Vec::new);
+    }
+
+    /// The early ends decided since the last call, while tracing.
+    pub fn take_ended_early(&mut self) -> Vec<Event> {
+        self.ended_early.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn pending(&self) -> usize {

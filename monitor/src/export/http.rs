@@ -1,11 +1,12 @@
 //! HTTP routes: the metrics (at `--web.telemetry-path`, `/metrics` by default, gzip when the
-//! scraper asks), `/healthz`, `/api/v1/snapshot` and a small index page. The listener they run
-//! under (timeouts, connection limit, shutdown) is in `serve`.
-use std::sync::Arc;
+//! scraper asks), `/healthz`, `/api/v1/snapshot`, the `/api/v1/trace` stream and a small index
+//! page. The listener they run under (timeouts, connection limit, shutdown) is in `serve`.
+use std::{convert::Infallible, sync::Arc};
 
 use axum::{
     Router,
-    extract::{Request, State},
+    body::Body,
+    extract::{Query, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{Html, IntoResponse, Response},
@@ -14,7 +15,13 @@ use axum::{
 use tokio::sync::Semaphore;
 use tower_http::compression::CompressionLayer;
 
-use crate::{Agent, export::webconfig::WebConfig};
+use crate::{
+    Agent,
+    export::{
+        trace::{Filter, MAX_CLIENTS},
+        webconfig::WebConfig,
+    },
+};
 
 /// What the routes share.
 #[derive(Clone)]
@@ -41,6 +48,8 @@ pub fn router(agent: Arc<Agent>, opts: &crate::Web) -> Router {
     }
     router
         .layer(CompressionLayer::new().gzip(true))
+        // After the compression layer, which would hold lines back to fill its blocks.
+        .route("/api/v1/trace", get(trace))
         .layer(middleware::from_fn_with_state(web.clone(), guard))
         .with_state(web)
 }
@@ -79,7 +88,8 @@ async fn index(State(web): State<Web>) -> Html<String> {
         "<!doctype html><html><head><title>twmon</title></head><body><h1>twmon {}</h1>\
          <p>How TCP connections end: teardown states, TIME_WAIT, retransmitted FINs.</p>\
          <ul><li><a href=\"{path}\">metrics</a></li><li><a href=\"healthz\">healthz</a></li>\
-         <li><a href=\"api/v1/snapshot\">api/v1/snapshot</a></li></ul></body></html>",
+         <li><a href=\"api/v1/snapshot\">api/v1/snapshot</a></li>\
+         <li><a href=\"api/v1/trace\">api/v1/trace</a> (a stream)</li></ul></body></html>",
         env!("CARGO_PKG_VERSION")
     ))
 }
@@ -102,6 +112,32 @@ async fn snapshot(State(web): State<Web>) -> Response {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot: {e}\n")).into_response(),
     }
+}
+
+/// Teardown events as they happen, one JSON line each, those passing the query's filter
+/// (`port`, `address`, `netns`, `state`, `comm`): see `export::trace`.
+async fn trace(State(web): State<Web>, Query(filter): Query<Filter>) -> Response {
+    let Some(client) = web.agent.trace() else {
+        web.agent.metrics.http_refused.with_label_values(&["requests"]).inc();
+        let why = format!("{MAX_CLIENTS} traces are running already; retry later\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    };
+    let lines = futures_util::stream::unfold((client, filter, web), |(mut client, filter, web)| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let line = loop {
+            match client.lines.recv().await {
+                Ok(line) if filter.matches(&line) => break serde_json::to_string(&*line).unwrap_or_default(),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(n)) => {
+                    web.agent.metrics.trace_lines_lost.inc_by(n);
+                    break format!("{{\"lost\":{n}}}");
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        };
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(line + "\n")), (client, filter, web)))
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response()
 }
 
 /// 200 while the kernel programs are attached and events are being consumed. Answered from

@@ -83,6 +83,7 @@ pub struct KernelMetrics {
     map_full: Spec,
     handoff_missed: Spec,
     end_missed: Spec,
+    trace_lost: Spec,
     attached: Spec,
     program_runs: Spec,
     program_missed: Spec,
@@ -168,6 +169,12 @@ impl KernelMetrics {
                  sweep found them gone and ended them (reason killed).",
                 &[],
             )?,
+            trace_lost: Spec::counter(
+                "twmon_trace_records_lost_total",
+                "Trace records the kernel programs dropped because the trace ring buffer was full \
+                 (only while someone traces; the counts are never affected).",
+                &[],
+            )?,
             attached: Spec::gauge("twmon_bpf_programs_attached", "Kernel programs attached to tracepoints.", &[])?,
             program_runs: Spec::counter(
                 "twmon_bpf_program_runs_total",
@@ -200,7 +207,7 @@ impl KernelMetrics {
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(reading);
     }
 
-    fn specs(&self) -> [&Spec; 17] {
+    fn specs(&self) -> [&Spec; 18] {
         [
             &self.sockets,
             &self.seeded,
@@ -214,6 +221,7 @@ impl KernelMetrics {
             &self.map_full,
             &self.handoff_missed,
             &self.end_missed,
+            &self.trace_lost,
             &self.attached,
             &self.program_runs,
             &self.program_missed,
@@ -294,6 +302,7 @@ impl Collector for KernelMetrics {
         let handoff = self.handoff_missed_seen.fetch_max(k.counter(counter::HANDOFF_MISSED), Ordering::Relaxed);
         one(&self.handoff_missed, handoff.max(k.counter(counter::HANDOFF_MISSED)) as f64, &mut out);
         one(&self.end_missed, k.counter(counter::TIMEWAIT_MISSED) as f64, &mut out);
+        one(&self.trace_lost, k.counter(counter::TRACE_LOST) as f64, &mut out);
         one(&self.attached, r.attached as f64, &mut out);
 
         let mut runs = self.program_runs.family();

@@ -4,7 +4,7 @@
 //! agent's own counters about itself.
 use std::sync::Arc;
 
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub use crate::export::kernel_metrics::GAUGE_STATES;
 use crate::export::{
@@ -40,6 +40,10 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Configuration reloads (SIGHUP) by `result`: `success`, `failure`.
     pub reloads: IntCounterVec,
+    /// Clients streaming `/api/v1/trace` now.
+    pub trace_clients: IntGauge,
+    /// Trace lines a client lost because it read too slowly.
+    pub trace_lines_lost: IntCounter,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
@@ -133,6 +137,18 @@ impl Metrics {
                          previous configuration stays).",
                     ),
                     &["result"],
+                )?,
+            )?,
+            trace_clients: reg(
+                &r,
+                IntGauge::new("twmon_trace_clients", "Clients streaming the trace (/api/v1/trace, twmon trace) now.")?,
+            )?,
+            trace_lines_lost: reg(
+                &r,
+                IntCounter::new(
+                    "twmon_trace_lines_lost_total",
+                    "Trace lines a client lost because it read more slowly than they came (it is told \
+                     how many).",
                 )?,
             )?,
             registry: r,

@@ -81,6 +81,8 @@ pub struct Kernel {
     settings: Settings,
     /// Until the agent takes it for its collector.
     closers: Option<ClosersMap>,
+    /// The trace ring buffer, until the agent takes it (written only while someone traces).
+    trace: Option<RingBuf<MapData>>,
     pub hz: u32,
     pub attached: usize,
 }
@@ -203,6 +205,7 @@ impl Kernel {
             PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
         let closers = HashMap::try_from(take(&mut ebpf, "CLOSERS")?).map_err(|e| KernelError::Load(e.into()))?;
+        let trace = RingBuf::try_from(take(&mut ebpf, "TRACE")?).map_err(|e| KernelError::Load(e.into()))?;
 
         let own: &[&str] =
             if walk_in_kernel { &[SWEEP, SWEEP_ALL, CLOSE_WAIT_SCAN] } else { &[SWEEP_ONE, CLOSE_WAIT_ONE] };
@@ -225,6 +228,7 @@ impl Kernel {
                 ..Settings::default()
             },
             closers: Some(closers),
+            trace: Some(trace),
             hz: 0,
             attached: 0,
         };
@@ -283,6 +287,16 @@ impl Kernel {
         self.closers.take()
     }
 
+    /// The trace ring buffer, for the agent to read while someone traces (once).
+    pub fn take_trace(&mut self) -> Option<RingBuf<MapData>> {
+        self.trace.take()
+    }
+
+    /// Asks the programs to write every transition to the trace ring buffer, or nothing.
+    pub fn set_trace(&mut self, on: bool) {
+        self.update(|s| s.trace = on as u64);
+    }
+
     /// Asks the programs to report the end of timewait sockets they do not follow, while the
     /// agent holds seeded ones.
     pub fn set_seeded(&mut self, on: bool) {
@@ -298,7 +312,8 @@ impl Kernel {
     fn update(&mut self, f: impl FnOnce(&mut Settings)) {
         let before = self.settings;
         f(&mut self.settings);
-        if (before.seeded, before.report_all) != (self.settings.seeded, self.settings.report_all)
+        let flags = |s: &Settings| (s.seeded, s.report_all, s.trace);
+        if flags(&before) != flags(&self.settings)
             && let Err(e) = self.write_settings()
         {
             tracing::warn!("updating kernel settings: {e}");

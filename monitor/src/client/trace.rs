@@ -1,0 +1,129 @@
+//! `twmon trace`: streams a running agent's `/api/v1/trace` and prints one line per teardown
+//! event, or the JSON lines as they come (`--json`). The agent does the filtering.
+use std::{io::Write, net::SocketAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode, Uri, header};
+use hyper_util::rt::TokioIo;
+
+use crate::export::trace::TraceLine;
+
+/// What `twmon trace` was asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The agent's address, `http://HOST:PORT`.
+    pub agent: String,
+    pub port: Option<u16>,
+    pub address: Option<std::net::IpAddr>,
+    pub netns: Option<String>,
+    pub state: Option<String>,
+    pub comm: Option<String>,
+    pub json: bool,
+}
+
+impl Options {
+    fn path(&self) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        let pairs = [
+            ("port", self.port.map(|p| p.to_string())),
+            ("address", self.address.map(|a| a.to_string())),
+            ("netns", self.netns.clone()),
+            ("state", self.state.clone()),
+            ("comm", self.comm.clone()),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                q.append_pair(k, &v);
+            }
+        }
+        let q = q.finish();
+        if q.is_empty() { "/api/v1/trace".into() } else { format!("/api/v1/trace?{q}") }
+    }
+}
+
+/// Streams until the agent stops, stdout closes (`| head`), or SIGINT or SIGTERM.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let uri: Uri = opts
+        .agent
+        .parse()
+        .with_context(|| format!("--agent {}: not a URL such as http://127.0.0.1:9864", opts.agent))?;
+    match uri.scheme_str() {
+        Some("http") | None => {}
+        Some(other) => bail!(
+            "--agent {}: twmon trace speaks plain HTTP; for an agent behind TLS ({other}) use \
+             curl -N {}/api/v1/trace",
+            opts.agent,
+            opts.agent.trim_end_matches('/')
+        ),
+    }
+    let host = uri.host().context("--agent: no host; give http://HOST:PORT")?.trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(9864);
+    let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("--agent {}: cannot resolve {host}", opts.agent))?
+        .next()
+        .with_context(|| format!("--agent {}: {host} has no address", opts.agent))?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
+        .with_context(|| {
+            format!("cannot connect to the agent at {addr}: is twmon running there (--web.listen-address)?")
+        })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request =
+        Request::get(opts.path()).header(header::HOST, format!("{host}:{port}")).body(Empty::<Bytes>::new())?;
+    let mut response = sender.send_request(request).await.context("the agent closed the connection")?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        bail!("the agent answered {status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    eprintln!("twmon trace: streaming from {addr}; Ctrl-C stops");
+    let mut out = std::io::stdout().lock();
+    if !opts.json {
+        let _ = writeln!(
+            out,
+            "{:<12} {:<16} {:<15} {:<22} {:<22} {:>10}    TO",
+            "TIME", "NETNS", "COMM", "LOCAL", "REMOTE", "FROM"
+        );
+    }
+    let stop = crate::run::shutdown()?;
+    tokio::pin!(stop);
+    let mut pending = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            f = response.body_mut().frame() => f,
+        };
+        let Some(frame) = frame else { bail!("the agent ended the stream (it stopped?)") };
+        let Ok(data) = frame?.into_data() else { continue };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line[..end]);
+            if writeln!(out, "{}", render(&line, opts.json)).and_then(|_| out.flush()).is_err() {
+                // Whoever read stdout is gone (`| head`): done.
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A JSON line as it came, or for people.
+fn render(line: &str, json: bool) -> String {
+    if json {
+        return line.to_string();
+    }
+    if let Ok(l) = serde_json::from_str::<TraceLine>(line) {
+        return l.text();
+    }
+    match serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("lost")?.as_u64()) {
+        Some(n) => {
+            format!("... {n} lines lost: this terminal read more slowly than they came; filter (--port, --netns)")
+        }
+        None => line.to_string(),
+    }
+}
