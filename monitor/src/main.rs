@@ -106,6 +106,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of teardown: sockets per state with their trend, transitions per second,
+    /// the processes closing first, port pressure, CLOSE_WAIT leaks, how TIME_WAIT ends. Keys:
+    /// q quits, s sorts the processes, n and p pick a namespace and a destination port. With no
+    /// agent at the default address and root privileges, it runs one for as long as it runs.
+    Top {
+        /// The agent to read.
+        #[arg(long, default_value = twmon::client::top::DEFAULT_AGENT)]
+        agent: String,
+        /// How often to read it (e.g. `1s`).
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+    },
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -194,10 +206,16 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(Command::Trace { agent, port, address, netns, state, comm, json }) = args.command {
-        let opts = twmon::client::trace::Options { agent, port, address, netns, state, comm, json };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        return rt.block_on(twmon::client::trace::run(opts));
+    match args.command {
+        Some(Command::Trace { agent, port, address, netns, state, comm, json }) => {
+            let opts = twmon::client::trace::Options { agent, port, address, netns, state, comm, json };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            return rt.block_on(twmon::client::trace::run(opts));
+        }
+        Some(Command::Top { agent, interval }) => {
+            return twmon::client::top::run(twmon::client::top::Options { agent, interval });
+        }
+        None => {}
     }
     if args.config_example {
         print!("{}", twmon::config::EXAMPLE);

@@ -274,3 +274,77 @@ fn label_names(mut rest: &str) -> Vec<&str> {
     }
     names
 }
+
+/// `twmon top` in a real terminal (tmux): the sockets it shows equal `ss` in the namespace, a
+/// key changes the view, and `q` quits with 0.
+#[test]
+fn top_shows_what_ss_shows() {
+    use std::{io::Read as _, time::Duration};
+    let ns = Netns::new("top");
+    let agent = Agent::start(&ns);
+    // TIME_WAIT on the clients' side, and CLOSE_WAIT held by the server.
+    let _held = ns.run(|| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut held = Vec::new();
+        for i in 0..10 {
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            drop(c);
+            if i < 7 {
+                let _ = s.read_to_end(&mut Vec::new());
+            } else {
+                held.push(s);
+            }
+        }
+        (l, held)
+    });
+    let session = format!("twmon-top-{}", std::process::id());
+    let exit = std::env::temp_dir().join(format!("{session}.exit"));
+    let _ = std::fs::remove_file(&exit);
+    let command = format!(
+        "{} top --agent http://{} --interval 1s; echo $? > {}",
+        env!("CARGO_BIN_EXE_twmon"),
+        agent.addr,
+        exit.display()
+    );
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux (Debian package tmux)");
+    let out = tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "45", &command]);
+    assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    // The `now` column of a state's row in the Sockets panel.
+    let shown = |screen: &str, state: &str| -> Option<u64> {
+        screen.lines().find_map(|l| {
+            let cell = l.split('│').nth(1)?;
+            let mut words = cell.split_whitespace();
+            (words.next()? == state).then(|| words.next()?.parse().ok()).flatten()
+        })
+    };
+    let wait = |what: &str, ok: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = screen();
+            if ok(&s) {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}; the screen:\n{s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let ss = |state: &str| ns.ss(state).len() as u64;
+    let s = wait("twmon top never showed what ss shows", &|s| {
+        shown(s, "time_wait") == Some(ss("TIME-WAIT")) && shown(s, "close_wait") == Some(ss("CLOSE-WAIT"))
+    });
+    assert_eq!((shown(&s, "time_wait"), shown(&s, "close_wait")), (Some(7), Some(3)), "{s}");
+    assert!(s.contains("Who closes first (sorted by active)"), "{s}");
+    tmux(&["send-keys", "-t", &session, "s"]);
+    wait("the s key did not sort by passive closes", &|s| s.contains("Who closes first (sorted by passive)"));
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !exit.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = tmux(&["kill-session", "-t", &session]);
+    let status = std::fs::read_to_string(&exit).unwrap_or_default();
+    let _ = std::fs::remove_file(&exit);
+    assert_eq!(status.trim(), "0", "twmon top did not quit with 0 on q");
+}

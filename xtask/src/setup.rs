@@ -20,6 +20,7 @@ const APT: &[&str] = &[
     "procps",
     "nginx-light",
     "wrk",
+    "tmux",
 ];
 const BPF_LINKER: &str = "0.13.0";
 

@@ -183,14 +183,19 @@ impl Agent {
 
     /// JSON for `/api/v1/snapshot`: live socket counts and the last reconcile.
     pub fn snapshot(&self) -> serde_json::Value {
-        let seeded = lock(&self.tracker).seeded();
+        self.drain();
+        let (seeded, decided) = {
+            let tracker = lock(&self.tracker);
+            (tracker.seeded(), tracker.decided().clone())
+        };
         let readout = {
             let kernel = lock(&self.kernel);
             let _ = kernel.run_sweep(false);
             kernel.read()
         };
         let sockets: Vec<i64> = readout.sockets.iter().zip(&seeded).map(|(k, s)| k + s).collect();
-        snapshot::json(&sockets, lock(&self.report).clone(), self.closers.rows())
+        let counts = snapshot::Counts::new(&readout, &decided);
+        snapshot::json(&sockets, counts, lock(&self.report).clone(), self.closers.rows())
     }
 
     /// Between reconciles, every sweep interval: brings orphaned FIN_WAIT2 entries up to date,

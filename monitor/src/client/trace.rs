@@ -1,13 +1,11 @@
 //! `twmon trace`: streams a running agent's `/api/v1/trace` and prints one line per teardown
 //! event, or the JSON lines as they come (`--json`). The agent does the filtering.
-use std::{io::Write, net::SocketAddr, time::Duration};
+use std::io::Write;
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode, Uri, header};
-use hyper_util::rt::TokioIo;
+use anyhow::bail;
+use http_body_util::BodyExt;
 
+use super::http::Agent;
 use crate::export::trace::TraceLine;
 
 /// What `twmon trace` was asked for.
@@ -45,42 +43,9 @@ impl Options {
 
 /// Streams until the agent stops, stdout closes (`| head`), or SIGINT or SIGTERM.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let uri: Uri = opts
-        .agent
-        .parse()
-        .with_context(|| format!("--agent {}: not a URL such as http://127.0.0.1:9864", opts.agent))?;
-    match uri.scheme_str() {
-        Some("http") | None => {}
-        Some(other) => bail!(
-            "--agent {}: twmon trace speaks plain HTTP; for an agent behind TLS ({other}) use \
-             curl -N {}/api/v1/trace",
-            opts.agent,
-            opts.agent.trim_end_matches('/')
-        ),
-    }
-    let host = uri.host().context("--agent: no host; give http://HOST:PORT")?.trim_matches(['[', ']']).to_string();
-    let port = uri.port_u16().unwrap_or(9864);
-    let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .with_context(|| format!("--agent {}: cannot resolve {host}", opts.agent))?
-        .next()
-        .with_context(|| format!("--agent {}: {host} has no address", opts.agent))?;
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
-        .with_context(|| {
-            format!("cannot connect to the agent at {addr}: is twmon running there (--web.listen-address)?")
-        })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request =
-        Request::get(opts.path()).header(header::HOST, format!("{host}:{port}")).body(Empty::<Bytes>::new())?;
-    let mut response = sender.send_request(request).await.context("the agent closed the connection")?;
-    let status = response.status();
-    if status != StatusCode::OK {
-        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        bail!("the agent answered {status}: {}", String::from_utf8_lossy(&body).trim());
-    }
+    let agent = Agent::locate(&opts.agent).await?;
+    let mut response = agent.get(&opts.path()).await?;
+    let addr = agent.addr();
     eprintln!("twmon trace: streaming from {addr}; Ctrl-C stops");
     let mut out = std::io::stdout().lock();
     if !opts.json {

@@ -2,12 +2,15 @@
 //! closes by process.
 use std::collections::BTreeMap;
 
+use monitor_common::{Lifecycle, counter, reason};
+
 use crate::{
-    agent::tracker::state_name,
+    agent::tracker::{Decided, reason_name, state_name},
     export::{
         closers::CloserRow,
         metrics::{GAUGE_STATES, Leak},
     },
+    kernel::Readout,
     view::ground::{self, Breakdowns},
 };
 
@@ -86,9 +89,51 @@ impl Report {
     }
 }
 
-/// The whole snapshot: `sockets` (the agent's live counts, by state number), the last reconcile
-/// and the closes by process.
-pub fn json(sockets: &[i64], report: Report, closers: Vec<CloserRow>) -> serde_json::Value {
+/// Running totals since the agent started, as the metrics count them.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Counts {
+    /// `"from -> to"`: transitions that happened at least once.
+    pub transitions: BTreeMap<String, u64>,
+    /// How timewait sockets ended, by reason.
+    pub timewait_ends: BTreeMap<&'static str, u64>,
+    /// Records lost to a full ring buffer, entries lost to full maps, timewait ends no program
+    /// saw: each one a number that may be off.
+    pub events_lost: u64,
+    pub map_full: u64,
+    pub timewait_end_missed: u64,
+}
+
+impl Counts {
+    pub fn new(k: &Readout, decided: &Decided) -> Self {
+        let mut total: Lifecycle = k.lifecycle;
+        total.add(&decided.lifecycle);
+        let n = monitor_common::STATES;
+        let transitions = total
+            .transitions
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| (format!("{} -> {}", state_name((i / n) as u8), state_name((i % n) as u8)), *c))
+            .collect();
+        let ends = [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT];
+        let timewait_ends = ends
+            .iter()
+            .map(|r| (reason_name(*r), k.counter(counter::TIMEWAIT_ENDS + *r as u32) + decided.ends[*r as usize]))
+            .collect();
+        let full = [counter::SOCKS_FULL, counter::TIMEWAIT_FULL, counter::ORPHANS_FULL, counter::CLOSERS_FULL];
+        Self {
+            transitions,
+            timewait_ends,
+            events_lost: k.counter(counter::EVENTS_LOST),
+            map_full: full.iter().map(|c| k.counter(*c)).sum(),
+            timewait_end_missed: k.counter(counter::TIMEWAIT_MISSED),
+        }
+    }
+}
+
+/// The whole snapshot: `sockets` (the agent's live counts, by state number), the running
+/// counts, the last reconcile and the closes by process.
+pub fn json(sockets: &[i64], counts: Counts, report: Report, closers: Vec<CloserRow>) -> serde_json::Value {
     let sockets: BTreeMap<&str, i64> = GAUGE_STATES.iter().map(|s| (state_name(*s), sockets[*s as usize])).collect();
-    serde_json::json!({ "sockets": sockets, "reconcile": report, "closers": closers })
+    serde_json::json!({ "sockets": sockets, "counts": counts, "reconcile": report, "closers": closers })
 }
