@@ -6,7 +6,7 @@ use aya_log_ebpf::warn;
 use monitor_common::{SockEntry, counter, kind, tcp, twin};
 
 use crate::{
-    agent::{report, report_all, socket_event, trace, tracing},
+    agent::{report, settings, socket_event, trace},
     closers::{closed_by, process_name},
     count::{count, count_warn, gauge, record},
     handoff::{handoff_due, note_unconfirmed, take_handoff, take_notes},
@@ -63,6 +63,9 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let now = now();
+    // Read once: what the agent wants reported (while it seeds) and traced (while someone traces).
+    let wants = settings();
+    let (report_all, tracing) = (wants.report_all != 0, wants.trace != 0);
     // The owner's close() or shutdown(): the current task is the closer.
     let closing =
         (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK);
@@ -107,7 +110,7 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
                     // SAFETY: a map value, valid for this program run (preallocated).
                     unsafe { (*tw).entered_ns = entered };
                 }
-                if report_all() {
+                if report_all {
                     report(&c, sk, kind::TRANSITION, old, old, now, 0)?;
                 }
                 return Ok(());
@@ -130,13 +133,13 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     }
     record(old, to, entered, now);
-    if tracing() {
+    if tracing {
         let comm = if closing { process_name().unwrap_or_default() } else { [0; 16] };
         trace(&socket_event(&c, sk, kind::TRANSITION, old, to, now, entered)?, comm);
     }
     // The agent lets go of seeded sockets (in a teardown state the programs did not know) when
     // they move.
-    if (tcp::is_teardown(old) && !known) || report_all() {
+    if (tcp::is_teardown(old) && !known) || report_all {
         report(&c, sk, kind::TRANSITION, old, to, now, entered)?;
     }
     Ok(())

@@ -114,9 +114,40 @@ impl Prometheus {
     }
 }
 
+/// Prometheus on a port free when picked. The host's own connections may take that port before
+/// Prometheus binds it (seen once, with every other test running beside this one): then again
+/// on another.
+fn start_prometheus(dir: &Path) -> Result<(Proc, SocketAddr)> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut prom = Proc::spawn(
+            "prometheus",
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--log.level=warn"),
+            &dir.join(format!("prometheus-{attempt}.log")),
+        )?;
+        let ready = wait_for("prometheus /-/ready", Duration::from_secs(30), || {
+            prom.alive()?;
+            Ok(http_get(addr, "/-/ready").map(|(c, _)| c == 200).unwrap_or(false))
+        });
+        match ready {
+            Ok(()) => return Ok((prom, addr)),
+            Err(_) if attempt < ATTEMPTS && prom.log_tail(5).contains("address already in use") => {
+                println!("  prometheus lost port {addr} to another socket before it bound it; another port");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) -> Result<()> {
     let dir = tools.scratch("e2e")?;
-    let prom_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
 
     // A short leak threshold, so that CLOSE_WAIT sockets held for the length of the workload
     // are named as leaked at the reconcile 10 s in.
@@ -139,20 +170,8 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
         rules.display()
     );
     std::fs::write(dir.join("prometheus.yml"), config)?;
-    let mut prom = Proc::spawn(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address={prom_addr}"))
-            .arg("--log.level=warn"),
-        &dir.join("prometheus.log"),
-    )?;
+    let (mut prom, prom_addr) = start_prometheus(&dir)?;
     let p = Prometheus { addr: prom_addr };
-    wait_for("prometheus /-/ready", Duration::from_secs(30), || {
-        prom.alive()?;
-        Ok(http_get(prom_addr, "/-/ready").map(|(c, _)| c == 200).unwrap_or(false))
-    })?;
     wait_for("first scrape of the agent", Duration::from_secs(20), || {
         Ok(!p.query(r#"up{job="twmon"} == 1"#)?.is_empty())
     })?;
