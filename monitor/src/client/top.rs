@@ -3,6 +3,9 @@
 //! second, the processes closing first, port pressure, CLOSE_WAIT leaks, how TIME_WAIT ends, and
 //! what may make a number wrong. With no agent at the default address and root privileges it
 //! starts one of its own for as long as it runs.
+//!
+//! Over 400 lines on purpose: one function per panel, each short, all reading the same
+//! snapshot pair; a module per panel would only pass that pair around.
 use std::{
     collections::{HashMap, VecDeque},
     io::{BufRead, BufReader},

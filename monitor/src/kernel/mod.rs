@@ -1,6 +1,10 @@
 //! The kernel side: loading and attaching the programs, and reading what they keep in the
 //! kernel. [`layout`] finds the running kernel's offsets in its BTF, [`event`] decodes the
 //! records the programs write to the ring buffer.
+//!
+//! Over 400 lines on purpose: loading, attaching, calibrating and every read of the programs'
+//! maps share one `Ebpf` object and its error handling; split, each part would reach into the
+//! others' maps.
 pub mod event;
 pub mod layout;
 

@@ -10,6 +10,10 @@
 //! container's root); it never asks the container runtime or the Kubernetes API. The parsing is
 //! done by pure functions ([`workload_from_cgroup`], [`environ_get`], [`pod_label`]) so every
 //! runtime's layout is covered by fixtures in the tests below.
+//!
+//! Over 400 lines on purpose: finding, naming and entering are one concern (a namespace is
+//! found through a process, and named and entered through the same one), and the naming
+//! parsers stay beside the lookups that feed them.
 use std::{
     collections::{BTreeMap, HashMap},
     ffi::CString,
