@@ -80,19 +80,23 @@ fn first_scrape_shows_sockets_from_before_start() {
     let config = Agent::config_file("seed", common::FAST_RECONCILE);
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     let m = agent.metrics();
-    assert_eq!(m.sockets("time_wait"), 200.0, "first scrape, time_wait:\n{}", m.text);
-    assert_eq!(m.sockets("time_wait"), ss_state(&ns, "TIME-WAIT"), "time_wait vs ss");
+    // The kernel's own count is the oracle: under software emulation it once ended one of the
+    // 200 early, before the agent started (6.1 in CI, twmon's seed equal to sock_diag's 199).
+    let made = m.sockets("time_wait");
+    assert_eq!(made, ss_state(&ns, "TIME-WAIT"), "first scrape, time_wait vs ss:\n{}", m.text);
+    assert!(made >= 195.0, "first scrape: {made} in TIME_WAIT of the 200 made\n{}", m.text);
     assert_eq!(m.sockets("close_wait"), 20.0, "first scrape, close_wait");
     assert_eq!(m.sockets("close_wait"), ss_state(&ns, "CLOSE-WAIT"));
     assert_eq!(m.sockets("fin_wait2"), ss_state(&ns, "FIN-WAIT-2"), "fin_wait2 vs ss");
-    assert_eq!(m.get("twmon_seeded_sockets", &[("state", "time_wait")]), 200.0);
+    assert_eq!(m.get("twmon_seeded_sockets", &[("state", "time_wait")]), made);
     assert_eq!(drift(&m), vec![], "drift on the first scrape");
 
     drop(held);
+    let all = made + 20.0;
     let m = agent
-        .wait_for(SETTLE, |m| m.sockets("close_wait") == 0.0 && m.sockets("time_wait") == 220.0 && drift(m).is_empty());
+        .wait_for(SETTLE, |m| m.sockets("close_wait") == 0.0 && m.sockets("time_wait") == all && drift(m).is_empty());
     assert_eq!(m.sockets("close_wait"), 0.0);
-    assert_eq!(m.sockets("time_wait"), 220.0, "the released FIN_WAIT2 peers are in TIME_WAIT now");
+    assert_eq!(m.sockets("time_wait"), all, "the released FIN_WAIT2 peers are in TIME_WAIT now");
     assert_eq!(m.sockets("time_wait"), ss_state(&ns, "TIME-WAIT"));
     assert_eq!(drift(&m), vec![], "drift after release");
     // The release went through the close path the agent follows.
@@ -103,14 +107,14 @@ fn first_scrape_shows_sockets_from_before_start() {
     // slack (a 60 s timer may fire up to 1/8 late) and, under software emulation, a late softirq
     // (a 5.10 VM in CI showed 161 of 220 beyond 66 s).
     let expired = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "expired")]);
-    let m = agent.wait_for(Duration::from_secs(90), |m| expired(m) == 220.0 && m.sockets("time_wait") == 0.0);
-    assert_eq!(expired(&m), 220.0, "expired ends:\n{}\nagent log:\n{}", m.text, agent.log());
+    let m = agent.wait_for(Duration::from_secs(90), |m| expired(m) == all && m.sockets("time_wait") == 0.0);
+    assert_eq!(expired(&m), all, "expired ends:\n{}\nagent log:\n{}", m.text, agent.log());
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert_eq!(ss_state(&ns, "TIME-WAIT"), 0.0);
-    assert_eq!(m.transitions("time_wait", "close"), 220.0);
-    assert_eq!(m.duration_count("time_wait"), 220.0);
+    assert_eq!(m.transitions("time_wait", "close"), all);
+    assert_eq!(m.duration_count("time_wait"), all);
     assert_eq!(m.bucket("time_wait", "59"), 0.0, "TIME_WAIT shorter than 59 s");
-    assert_eq!(m.bucket("time_wait", "90"), 220.0, "TIME_WAIT longer than 90 s");
+    assert_eq!(m.bucket("time_wait", "90"), all, "TIME_WAIT longer than 90 s");
     assert_eq!(m.get("twmon_seeded_sockets", &[("state", "time_wait")]), 0.0);
 }
 
