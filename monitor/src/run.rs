@@ -133,6 +133,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "serving /metrics"
     );
     let app = http::router(agent.clone(), &config.web);
+    // At SIGINT or SIGTERM the trace streams end first: a client must not hold the shutdown up.
+    let stop = {
+        let agent = agent.clone();
+        async move {
+            stop.await;
+            agent.tracer.close();
+        }
+    };
     serve::serve(listener, app, config.web.limits, config.web.config.tls.clone(), agent.clone(), stop).await;
     tasks.shutdown().await;
     stop_drain.store(true, Ordering::Relaxed);

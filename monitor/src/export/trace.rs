@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -127,13 +127,14 @@ impl Filter {
 
 /// The lines of the running trace, for every client.
 pub struct Tracer {
-    tx: broadcast::Sender<Arc<TraceLine>>,
+    /// `None` once the agent shuts down: every stream ends with the lines it has.
+    tx: Mutex<Option<broadcast::Sender<Arc<TraceLine>>>>,
     clients: AtomicUsize,
 }
 
 impl Default for Tracer {
     fn default() -> Self {
-        Self { tx: broadcast::channel(BACKLOG).0, clients: AtomicUsize::new(0) }
+        Self { tx: Mutex::new(Some(broadcast::channel(BACKLOG).0)), clients: AtomicUsize::new(0) }
     }
 }
 
@@ -150,9 +151,19 @@ impl Tracer {
     /// A new client: its receiver, and whether it is the first (the programs start tracing).
     /// `None` when [`MAX_CLIENTS`] stream already.
     pub fn join(&self) -> Option<(broadcast::Receiver<Arc<TraceLine>>, bool)> {
+        let lines = self.sender()?.subscribe();
         let before =
             self.clients.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < MAX_CLIENTS).then_some(n + 1));
-        before.ok().map(|n| (self.tx.subscribe(), n == 0))
+        before.ok().map(|n| (lines, n == 0))
+    }
+
+    fn sender(&self) -> Option<broadcast::Sender<Arc<TraceLine>>> {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Ends every stream (the agent shuts down), so that no client holds the shutdown up.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// A client left; whether it was the last (the programs stop tracing).
@@ -162,7 +173,9 @@ impl Tracer {
 
     pub fn publish(&self, line: TraceLine) {
         // No receiver: the last client left meanwhile.
-        let _ = self.tx.send(Arc::new(line));
+        if let Some(tx) = self.sender() {
+            let _ = tx.send(Arc::new(line));
+        }
     }
 }
 
