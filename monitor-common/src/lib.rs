@@ -254,10 +254,13 @@ const _: () = assert!(core::mem::size_of::<Event>() == 72);
 pub struct TraceRecord {
     pub event: Event,
     /// The process that made the change, where it is the socket's owner's close() or
-    /// shutdown() (`ESTABLISHED -> FIN_WAIT1`, `CLOSE_WAIT -> LAST_ACK`); zeroes elsewhere.
+    /// shutdown() (`ESTABLISHED -> FIN_WAIT1`, `CLOSE_WAIT -> LAST_ACK`): its name (its main
+    /// thread's `comm`) and its pid. Zeroes elsewhere.
     pub comm: [u8; 16],
+    pub pid: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<TraceRecord>() == 88);
+const _: () = assert!(core::mem::size_of::<TraceRecord>() == 96);
 
 /// Indexes into the per-CPU `COUNTERS` array.
 pub mod counter {

@@ -34,11 +34,11 @@ pub(crate) fn tracing() -> bool {
     settings().trace != 0
 }
 
-/// Writes a trace record, `comm` the process that made the change where it is known; a full
-/// trace ring is counted, and never holds up the counts.
+/// Writes a trace record, `comm` and `pid` the process that made the change where it is known
+/// (zeroes elsewhere); a full trace ring is counted, and never holds up the counts.
 #[inline(always)]
-pub(crate) fn trace(event: &Event, comm: [u8; 16]) {
-    let record = TraceRecord { event: *event, comm };
+pub(crate) fn trace(event: &Event, comm: [u8; 16], pid: u32) {
+    let record = TraceRecord { event: *event, comm, pid, _pad: 0 };
     if TRACE.output::<TraceRecord>(&record, BPF_RB_NO_WAKEUP).is_err() {
         count(counter::TRACE_LOST);
     }

@@ -4,7 +4,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_jiffies64},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_jiffies64,
+    },
     maps::HashMap,
 };
 
@@ -60,6 +63,12 @@ pub(crate) fn jiffies() -> u64 {
 pub(crate) fn current_task() -> u64 {
     // SAFETY: a helper without arguments; the address is only read through `kread`.
     unsafe { bpf_get_current_task() }
+}
+
+/// The current process's id (the thread group's, as `ps` shows it).
+#[inline(always)]
+pub(crate) fn current_pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
 /// A copy of the value `key` has in `map`, taken at once.

@@ -10,7 +10,7 @@ use crate::{
     closers::{closed_by, process_name},
     count::{count, count_warn, gauge, record},
     handoff::{handoff_due, note_unconfirmed, take_handoff, take_notes},
-    kernel::{field, now},
+    kernel::{current_pid, field, now},
     maps::{SOCKS, TIMEWAIT, layout},
     sock::{Btf, IPPROTO_TCP, SockCommon, wanted},
     twin::{EventId, nested, primary},
@@ -134,8 +134,8 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     record(old, to, entered, now);
     if tracing {
-        let comm = if closing { process_name().unwrap_or_default() } else { [0; 16] };
-        trace(&socket_event(&c, sk, kind::TRANSITION, old, to, now, entered)?, comm);
+        let (comm, pid) = if closing { (process_name().unwrap_or_default(), current_pid()) } else { ([0; 16], 0) };
+        trace(&socket_event(&c, sk, kind::TRANSITION, old, to, now, entered)?, comm, pid);
     }
     // The agent lets go of seeded sockets (in a teardown state the programs did not know) when
     // they move.

@@ -147,7 +147,7 @@ pub(crate) fn to_time_wait(entry: &mut SockEntry, tw: u64, at: u64, report: bool
         ev.duration_ns = d;
         ev.flags |= f;
         if traced {
-            trace(&ev, [0; 16]);
+            trace(&ev, [0; 16], 0);
         }
         if report || report_all() {
             emit(&ev);
@@ -279,7 +279,7 @@ pub(crate) fn end(entry: &SockEntry, tw: u64, why: u8, now: u64, extra: u16) {
             let (d, f) = since(now, entry.entered_ns);
             ev.duration_ns = d;
             ev.flags |= f;
-            trace(&ev, [0; 16]);
+            trace(&ev, [0; 16], 0);
         }
     }
 }

@@ -704,6 +704,7 @@ fn trace_shows_each_connection_in_order() {
         for l in &got {
             let closing = (l.from == "established" && l.to == "fin_wait1") || l.from == "close_wait";
             assert_eq!(l.comm.is_some(), closing, "{l:?}");
+            assert_eq!(l.pid.is_some(), closing, "{l:?}");
             let reason = match (l.from.as_str(), l.to.as_str()) {
                 ("time_wait", "close") => Some("killed"),
                 ("fin_wait2", "close") => Some("fin_timeout"),

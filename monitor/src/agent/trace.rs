@@ -60,13 +60,13 @@ impl Agent {
         let mut ring = lock(&self.trace_ring);
         while let Some(item) = ring.next() {
             match trace::decode(&item) {
-                Some(r) => self.tracer.publish(TraceLine::new(&r.event, &r.comm, clock, &names)),
+                Some(r) => self.tracer.publish(TraceLine::new(&r.event, &r.comm, r.pid, clock, &names)),
                 None => self.metrics.events_invalid.inc(),
             }
         }
         drop(ring);
         for ev in ended_early {
-            self.tracer.publish(TraceLine::new(ev, &[0; 16], clock, &names));
+            self.tracer.publish(TraceLine::new(ev, &[0; 16], 0, clock, &names));
         }
     }
 }

@@ -51,8 +51,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if !opts.json {
         let _ = writeln!(
             out,
-            "{:<12} {:<16} {:<15} {:<22} {:<22} {:>10}    TO",
-            "TIME", "NETNS", "COMM", "LOCAL", "REMOTE", "FROM"
+            "{:<12} {:<16} {:<22} {:<22} {:<22} {:>11}    TO",
+            "TIME", "NETNS", "PROCESS", "LOCAL", "REMOTE", "FROM"
         );
     }
     let stop = crate::run::shutdown()?;

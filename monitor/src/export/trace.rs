@@ -34,6 +34,9 @@ pub struct TraceLine {
     /// The process whose close() or shutdown() made the change, where it is one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub comm: Option<String>,
+    /// Its pid.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pid: Option<u32>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub from: String,
@@ -49,7 +52,7 @@ pub struct TraceLine {
 impl TraceLine {
     /// `clock`: Unix seconds minus CLOCK_MONOTONIC seconds, now. `names`: namespace names by
     /// inode.
-    pub fn new(ev: &Event, comm: &[u8; 16], clock: f64, names: &HashMap<u32, String>) -> Self {
+    pub fn new(ev: &Event, comm: &[u8; 16], pid: u32, clock: f64, names: &HashMap<u32, String>) -> Self {
         let ip = |a: &[u8; 16]| -> IpAddr {
             if ev.family == AF_INET6 { Ipv6Addr::from(*a).into() } else { Ipv4Addr::new(a[0], a[1], a[2], a[3]).into() }
         };
@@ -59,6 +62,7 @@ impl TraceLine {
             time: clock + ev.ts_ns as f64 / 1e9,
             netns: names.get(&ev.netns).cloned().unwrap_or_else(|| format!("inode/{}", ev.netns)),
             comm: (end > 0).then(|| String::from_utf8_lossy(&comm[..end]).into_owned()),
+            pid: (pid > 0).then_some(pid),
             local: (ip(&ev.saddr), ev.sport).into(),
             remote: (ip(&ev.daddr), ev.dport).into(),
             from: state_name(ev.from).to_string(),
@@ -68,14 +72,19 @@ impl TraceLine {
         }
     }
 
-    /// One line for people: `HH:MM:SS.mmm netns [comm] local remote from -> to (in from) reason`.
+    /// One line for people: `HH:MM:SS.mmm netns comm/pid local remote from -> to, time in from,
+    /// (reason)`.
     pub fn text(&self) -> String {
         let day = self.time.rem_euclid(86_400.0);
         let (h, m, s) = ((day / 3600.0) as u32, (day % 3600.0 / 60.0) as u32, day % 60.0);
         let mut line = format!(
-            "{h:02}:{m:02}:{s:06.3} {:<16} {:<15} {:<22} {:<22} {:>10} -> {:<10}",
+            "{h:02}:{m:02}:{s:06.3} {:<16} {:<22} {:<22} {:<22} {:>11} -> {:<10}",
             self.netns,
-            self.comm.as_deref().unwrap_or("-"),
+            match (&self.comm, self.pid) {
+                (Some(c), Some(p)) => format!("{c}/{p}"),
+                (Some(c), None) => c.clone(),
+                _ => "-".into(),
+            },
             self.local,
             self.remote,
             self.from,
@@ -213,8 +222,8 @@ mod tests {
             ..Event::default()
         };
         let names = HashMap::from([(7, "web".to_string())]);
-        let l = TraceLine::new(&ev, &[0; 16], 3600.0, &names);
-        assert_eq!((l.time, l.netns.as_str(), l.comm.as_deref()), (3601.5, "web", None));
+        let l = TraceLine::new(&ev, &[0; 16], 0, 3600.0, &names);
+        assert_eq!((l.time, l.netns.as_str(), l.comm.as_deref(), l.pid), (3601.5, "web", None, None));
         assert_eq!((l.local.to_string(), l.remote.to_string()), ("10.0.0.1:40000".into(), "10.0.0.2:80".into()));
         assert_eq!((l.seconds, l.reason.as_deref()), (Some(0.25), Some("expired")));
         let text = l.text();
@@ -222,7 +231,11 @@ mod tests {
         assert!(text.contains("time_wait -> close") && text.ends_with("after 250.0 ms (expired)"), "{text}");
         let json = serde_json::to_string(&l).unwrap();
         assert_eq!(serde_json::from_str::<TraceLine>(&json).unwrap(), l);
-        assert!(!json.contains("comm"), "{json}");
+        assert!(!json.contains("comm") && !json.contains("pid"), "{json}");
+        let mut nginx = [0u8; 16];
+        nginx[..5].copy_from_slice(b"nginx");
+        let closer = TraceLine::new(&ev, &nginx, 4242, 0.0, &names);
+        assert!(closer.text().contains(" nginx/4242 "), "{}", closer.text());
 
         assert!(Filter { port: Some(80), ..Filter::default() }.matches(&l));
         assert!(!Filter { port: Some(81), ..Filter::default() }.matches(&l));
