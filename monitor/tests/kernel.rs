@@ -713,7 +713,11 @@ fn trace_shows_each_connection_in_order() {
             assert_eq!(l.reason.as_deref(), reason, "{l:?}");
             assert!(l.seconds.is_some() || l.from == "established", "no time in the state: {l:?}");
         }
-        assert!(got.iter().any(|l| l.to == "close" && l.seconds.is_some_and(|s| s >= 1.0) && l.from == "fin_wait2"));
+        // Each orphan waited out tcp_fin_timeout (1 s) in FIN_WAIT2, and only the orphans ended there.
+        let orphans = expected.iter().filter(|(_, want)| *want == ORPHAN).count();
+        let timed_out = got.iter().filter(|l| l.from == "fin_wait2" && l.to == "close");
+        assert_eq!(timed_out.clone().count(), orphans, "{got:#?}");
+        assert!(timed_out.clone().all(|l| l.seconds.is_some_and(|s| s >= 1.0)), "{got:#?}");
         let m = agent.metrics();
         assert_eq!(m.get("twmon_trace_clients", &[]), 0.0, "the client left");
         assert_eq!(m.get("twmon_trace_records_lost_total", &[]), 0.0);

@@ -213,13 +213,9 @@ impl View {
     }
 
     /// Per second between the last two snapshots, of the number `at` finds in each.
+    /// A counter's: an agent restarted meanwhile reads as 0, not as a negative rate.
     fn rate(&self, at: impl Fn(&Value) -> u64) -> f64 {
-        match (&self.now, &self.before) {
-            (Some((t1, a)), Some((t0, b))) => {
-                at(a).saturating_sub(at(b)) as f64 / t1.duration_since(*t0).as_secs_f64().max(1e-3)
-            }
-            _ => 0.0,
-        }
+        self.change(|v| at(v) as i64).max(0.0)
     }
 
     /// Change per second between the last two snapshots, either way.
