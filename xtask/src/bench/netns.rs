@@ -34,6 +34,11 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Sets the loopback's MTU: at 1500 bytes, segment and timer rates are an Ethernet NIC's.
+    pub fn set_mtu(&self, mtu: u32) -> Result<()> {
+        ip(&["-n", &self.name, "link", "set", "lo", "mtu", &mtu.to_string()])
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
