@@ -6,11 +6,11 @@
 //!    drift and other load on the machine fall on every mode alike;
 //! 2. cost: mean run time per event of each kernel program (kernel run-time statistics) next to
 //!    floor programs on the same tracepoints, and events lost at the maximum rate;
-//! 3. steady: traffic that closes nothing (bulk transfer, keep-alive request/response) off,
+//! 3. scrape: /metrics latency on a fresh agent;
+//! 4. cpu: the agent's CPU time and memory at a fixed connection rate;
+//! 5. scrape: /metrics latency after that load;
+//! 6. steady: traffic that closes nothing (bulk transfer, keep-alive request/response) off,
 //!    with empty programs and on, and the timer programs' cost on unrelated timers;
-//! 4. scrape: /metrics latency on a fresh agent;
-//! 5. cpu: the agent's CPU time and memory at a fixed connection rate;
-//! 6. scrape: /metrics latency after that load;
 //! 7. memory: agent RSS and kernel map memory with many timewait sockets alive;
 //! 8. namespaces: a reconcile and a scrape over many namespaces with timewait sockets.
 //!
@@ -284,6 +284,7 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
         drop(servers);
         drop(ns);
     }
+    // After the churn namespace is gone with its timewait sockets, so that no timer here is one.
     if o.wants("steady") {
         let r = steady::steady_phase(twmon, o.rounds, o.round, o.cost, work, &mut f);
         record("steady", r, &mut failed)?;
@@ -1035,7 +1036,7 @@ fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
 }
 
 fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Result<()> {
-    println!("\n## 6. Memory with {} timewait sockets alive", o.timewait);
+    println!("\n## 7. Memory with {} timewait sockets alive", o.timewait);
     check_interrupted()?;
     let ns = Netns::create("tw")?;
     // No reuse: every connection leaves a timewait socket for 60 s. Eight server ports give
@@ -1177,7 +1178,7 @@ const TIMEWAIT_PER_NAMESPACE: usize = 20;
 /// and sysctls: both against the number of namespaces, with the size of the host's established
 /// hash table, which every sock_diag dump walks whatever the namespace holds.
 fn namespaces_phase(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
-    println!("\n## 7. {} namespaces with {TIMEWAIT_PER_NAMESPACE} timewait sockets each", o.namespaces);
+    println!("\n## 8. {} namespaces with {TIMEWAIT_PER_NAMESPACE} timewait sockets each", o.namespaces);
     check_interrupted()?;
     let spaces: Vec<Netns> = (0..o.namespaces).map(|i| Netns::create(&format!("many{i}"))).collect::<Result<_>>()?;
     let made = Instant::now();

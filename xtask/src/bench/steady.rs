@@ -48,7 +48,7 @@ pub(super) fn steady_phase(
     f: &mut Findings,
 ) -> Result<()> {
     println!(
-        "\n## 3. Traffic that closes nothing: {BULK_STREAMS}-stream bulk transfer and {RR_CONNECTIONS}-connection keep-alive \
+        "\n## 6. Traffic that closes nothing: {BULK_STREAMS}-stream bulk transfer and {RR_CONNECTIONS}-connection keep-alive \
          request/response ({MESSAGE} bytes each way) on loopback with a 1500-byte MTU; agent off, empty programs, on \
          ({rounds} rounds, {:.0} s per workload and mode, order rotated every round)",
         round.as_secs_f64(),
