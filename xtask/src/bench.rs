@@ -70,6 +70,7 @@ cargo xtask bench [-- OPTIONS]
   --timewait N         timewait sockets for the memory measurement (default 131072)
   --scrapes N          /metrics scrapes to time (default 200)
   --namespaces N       namespaces for the reconcile measurement (default 200, quick 100)
+  --twmon PATH         measure this build of the agent instead (an A/B against another commit)
   --only LIST          comma-separated phases: churn,cost,steady,cpu,scrape,memory,namespaces";
 
 const PHASES: [&str; 7] = ["churn", "cost", "steady", "cpu", "scrape", "memory", "namespaces"];
@@ -87,6 +88,8 @@ struct Options {
     cost: Duration,
     cpu: Duration,
     phases: Vec<String>,
+    /// Another build of the agent to measure (an A/B against an earlier commit).
+    twmon: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -104,6 +107,7 @@ impl Options {
             cost: Duration::from_secs(if quick { 5 } else { 10 }),
             cpu: Duration::from_secs(if quick { 10 } else { 20 }),
             phases: PHASES.map(String::from).to_vec(),
+            twmon: None,
         };
         let mut it = args.iter().filter(|a| *a != "--" && *a != "--quick");
         while let Some(a) = it.next() {
@@ -116,6 +120,7 @@ impl Options {
                 "--timewait" => o.timewait = value()?.parse()?,
                 "--scrapes" => o.scrapes = value()?.parse()?,
                 "--namespaces" => o.namespaces = value()?.parse()?,
+                "--twmon" => o.twmon = Some(value()?.into()),
                 "--only" => o.phases = value()?.split(',').map(|s| s.trim().to_string()).collect(),
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -161,6 +166,8 @@ struct Findings {
     /// ns/run of twmon_state and of an empty program, state changes per second, during the cost phase.
     state_ns: Option<f64>,
     state_floor_ns: Option<f64>,
+    /// The per-socket hash map floor on the state tracepoint (lookup, then update or delete).
+    state_socket_floor_ns: Option<f64>,
     state_reference_ns: Option<f64>,
     /// Agent CPU (% of a core) without reconciles, and reconciles on average.
     cpu_parts: Option<(f64, f64)>,
@@ -189,8 +196,12 @@ struct TwFindings {
     scrape_median_ms: f64,
 }
 
-pub fn run(twmon: &Path, args: &[String]) -> Result<()> {
+pub fn run(built: &Path, args: &[String]) -> Result<()> {
     let opts = Options::parse(args)?;
+    let twmon = opts.twmon.as_deref().unwrap_or(built);
+    if !twmon.is_file() {
+        bail!("--twmon {}: no such file", twmon.display());
+    }
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -240,6 +251,7 @@ fn machine() -> String {
 
 fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
     println!("twmon benchmark: {}", machine());
+    println!("agent: {}", twmon.display());
     println!(
         "options: rounds {} x {:.0} s per mode, {} clients, CPU at {:.0} conn/s, {} timewait sockets, {} scrapes{}",
         o.rounds,
@@ -670,8 +682,10 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
     let agent = Agent::start(twmon, &[], work)?;
     let mut floors = Vec::new();
     for (_, cat, tp) in COST_TRACEPOINTS {
-        for kind in [FloorKind::Empty, FloorKind::Count] {
-            floors.push(bpf::attach_floor(kind, cat, tp)?);
+        for kind in [FloorKind::Empty, FloorKind::Count, FloorKind::SocketMap] {
+            if kind != FloorKind::SocketMap || tp == "inet_sock_set_state" {
+                floors.push(bpf::attach_floor(kind, cat, tp)?);
+            }
         }
     }
     let mut tracers = Vec::new();
@@ -753,6 +767,9 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
         for ((kind, on), fl) in floor_ids.iter().zip(&w.runs) {
             if *on != tracepoint {
                 continue;
+            }
+            if *kind == FloorKind::SocketMap {
+                f.state_socket_floor_ns = Some(fl.ns_per_run());
             }
             if *kind == FloorKind::Empty {
                 floor_ns_per_conn += fl.run_time_ns as f64 / conns;
@@ -1276,10 +1293,13 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
         let _ = writeln!(
             s,
             "| per state change (program and twin) <= 3x the empty program | twmon_state {ns:.0} ns against {floor:.0} ns: \
-             {:.2}x; {:.0} ns when it writes no records; the bpftrace reference script {:.0} ns; one ring-buffer \
-             record {:.0} ns with a wake-up, {:.0} ns without | {} |",
+             {:.2}x; {:.0} ns when it writes no records; a program that only keeps each socket's entry time in a \
+             hash map {:.0} ns ({:.2}x); the bpftrace reference script {:.0} ns; one ring-buffer record {:.0} ns with \
+             a wake-up, {:.0} ns without | {} |",
             ns / floor,
             f.state_paused_ns.unwrap_or(f64::NAN),
+            f.state_socket_floor_ns.unwrap_or(f64::NAN),
+            f.state_socket_floor_ns.unwrap_or(f64::NAN) / floor,
             f.state_reference_ns.unwrap_or(f64::NAN),
             f.ring_wakeup_ns.unwrap_or(f64::NAN),
             f.ring_nowakeup_ns.unwrap_or(f64::NAN),

@@ -27,6 +27,7 @@ const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_RAW_TRACEPOINT_OPEN: u32 = 17;
 const BPF_ENABLE_STATS: u32 = 32;
 
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
@@ -249,6 +250,11 @@ pub enum FloorKind {
     Empty,
     /// Look up a per-CPU counter and add one (what bpftrace's `@c = count()` does).
     Count,
+    /// The least a tool that times each socket's states must do on `inet_sock_set_state`: for a
+    /// change into a teardown state or CLOSE, look the socket up in a hash map (its entry time
+    /// would give the duration), then store the time now or, at CLOSE, delete the entry. A
+    /// preallocated hash map of 262144 entries keyed by the socket's address, as twmon's.
+    SocketMap,
     /// Copy a 72-byte record (the size of twmon's `Event`) into a ring buffer with flags 0, the
     /// default wake-up policy: when the reader has caught up, every record queues an irq_work
     /// that wakes it. A reader thread drains it as soon as epoll says it is readable.
@@ -262,6 +268,7 @@ impl FloorKind {
         match self {
             FloorKind::Empty => "floor: empty program",
             FloorKind::Count => "floor: per-CPU count",
+            FloorKind::SocketMap => "floor: per-socket entry time in a hash map (lookup, then update or delete)",
             FloorKind::RingWakeup => "ring buffer output, wake-up per record (flags 0)",
             FloorKind::RingNoWakeup => "ring buffer output, BPF_RB_NO_WAKEUP, reader polls every 10 ms",
         }
@@ -419,6 +426,47 @@ fn program(kind: FloorKind, map_fd: Option<i32>) -> Vec<[u8; 8]> {
             ]);
             p
         }
+        FloorKind::SocketMap => {
+            // Raw tracepoint arguments: sk, oldstate, newstate.
+            let mut p = vec![
+                insn(0xbf, 6, 1, 0, 0),   // 0: r6 = ctx
+                insn(0x79, 8, 6, 16, 0),  // 1: r8 = newstate
+                insn(0x15, 8, 0, 27, 1),  // 2: ESTABLISHED: exit
+                insn(0x15, 8, 0, 26, 2),  // 3: SYN_SENT: exit
+                insn(0x15, 8, 0, 25, 3),  // 4: SYN_RECV: exit
+                insn(0x15, 8, 0, 24, 10), // 5: LISTEN: exit
+                insn(0x79, 7, 6, 0, 0),   // 6: r7 = sk
+                insn(0x7b, 10, 7, -8, 0), // 7: key = sk
+            ];
+            p.extend(ld_map(1)); // 8-9
+            p.extend([
+                insn(0xbf, 2, 10, 0, 0),   // 10: r2 = &key
+                insn(0x07, 2, 0, 0, -8),   // 11
+                insn(0x85, 0, 0, 0, 1),    // 12: bpf_map_lookup_elem
+                insn(0x15, 8, 0, 11, 7),   // 13: CLOSE: delete (25)
+                insn(0x85, 0, 0, 0, 5),    // 14: bpf_ktime_get_ns
+                insn(0x7b, 10, 0, -16, 0), // 15: value = now
+            ]);
+            p.extend(ld_map(1)); // 16-17
+            p.extend([
+                insn(0xbf, 2, 10, 0, 0),     // 18: r2 = &key
+                insn(0x07, 2, 0, 0, -8),     // 19
+                insn(0xbf, 3, 10, 0, 0),     // 20: r3 = &value
+                insn(0x07, 3, 0, 0, -16),    // 21
+                insn(MOV64_IMM, 4, 0, 0, 0), // 22: BPF_ANY
+                insn(0x85, 0, 0, 0, 2),      // 23: bpf_map_update_elem
+                insn(0x05, 0, 0, 5, 0),      // 24: exit (30)
+            ]);
+            p.extend(ld_map(1)); // 25-26
+            p.extend([
+                insn(0xbf, 2, 10, 0, 0),     // 27: r2 = &key
+                insn(0x07, 2, 0, 0, -8),     // 28
+                insn(0x85, 0, 0, 0, 3),      // 29: bpf_map_delete_elem
+                insn(MOV64_IMM, 0, 0, 0, 0), // 30: r0 = 0
+                insn(EXIT, 0, 0, 0, 0),      // 31
+            ]);
+            p
+        }
         FloorKind::RingWakeup | FloorKind::RingNoWakeup => {
             const RECORD: i32 = 72;
             // A zeroed 72-byte record on the stack.
@@ -447,6 +495,11 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
             a.u32(0, BPF_MAP_TYPE_PERCPU_ARRAY).u32(4, 4).u32(8, 8).u32(12, 1).bytes(28, b"bench_floor");
             Some(fd(bpf(BPF_MAP_CREATE, &mut a).context("creating the floor program's map")?))
         }
+        FloorKind::SocketMap => {
+            let mut a = Attr::new();
+            a.u32(0, BPF_MAP_TYPE_HASH).u32(4, 8).u32(8, 8).u32(12, 262_144).bytes(28, b"bench_sockets");
+            Some(fd(bpf(BPF_MAP_CREATE, &mut a).context("creating the floor program's hash map")?))
+        }
         FloorKind::RingWakeup | FloorKind::RingNoWakeup => {
             let mut a = Attr::new();
             a.u32(0, BPF_MAP_TYPE_RINGBUF).u32(12, RING_BYTES).bytes(28, b"bench_ring");
@@ -464,6 +517,7 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
     let prog_name: &[u8] = match kind {
         FloorKind::Empty => b"bench_empty",
         FloorKind::Count => b"bench_count",
+        FloorKind::SocketMap => b"bench_sockets",
         FloorKind::RingWakeup => b"bench_ring_wake",
         FloorKind::RingNoWakeup => b"bench_ring_poll",
     };
