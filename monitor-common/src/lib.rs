@@ -444,6 +444,9 @@ pub struct Settings {
     /// Non-zero while someone traces (`twmon trace`): every transition and timewait end is
     /// written to the trace ring buffer as a [`TraceRecord`]. Nothing is written otherwise.
     pub trace: u64,
+    /// While tracing: when non-zero, only connections with this port at either end are written
+    /// (every client filters on it), so the others cost no record.
+    pub trace_port: u64,
 }
 
 #[cfg(feature = "user")]

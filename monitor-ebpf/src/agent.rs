@@ -35,9 +35,14 @@ pub(crate) fn tracing() -> bool {
 }
 
 /// Writes a trace record, `comm` and `pid` the process that made the change where it is known
-/// (zeroes elsewhere); a full trace ring is counted, and never holds up the counts.
+/// (zeroes elsewhere), unless every client wants another port; a full trace ring is counted,
+/// and never holds up the counts.
 #[inline(always)]
 pub(crate) fn trace(event: &Event, comm: [u8; 16], pid: u32) {
+    let port = settings().trace_port as u16;
+    if port != 0 && event.sport != port && event.dport != port {
+        return;
+    }
     let record = TraceRecord { event: *event, comm, pid, _pad: 0 };
     if TRACE.output::<TraceRecord>(&record, BPF_RB_NO_WAKEUP).is_err() {
         count(counter::TRACE_LOST);

@@ -10,7 +10,7 @@ use crate::{
     agent::{emit, report_all, settings, since, trace, tracing},
     count::{count, count_warn, gauge, record},
     handoff::{Handoff, put_handoff},
-    kernel::{copied, field, jiffies, kread, now},
+    kernel::{BPF_NOEXIST, copied, field, jiffies, kread, now},
     maps::{CANCELLED, ORPHANS, TIMEWAIT, layout},
     sock::{Live, SockCommon, netns_of, wanted},
 };
@@ -87,34 +87,53 @@ pub(crate) fn try_timer_start(ctx: &BtfTracePointContext, timer: u64) -> Result<
         }
     }
     let hash: u32 = Live(tw).get(layout!(skc_hash))?;
-    if let Some(e) = copied(&TIMEWAIT, tw) {
-        if e.hash == hash {
-            return Ok(());
-        }
-        // An entry of another connection: a socket whose end went unseen, in whose memory this
-        // one was made. That end is counted as missed; the new socket is followed.
-        end_missed(&e, tw, now, found::TIMER_START);
-    }
-
-    // A new timewait socket.
-    if layout!(netns_only) != 0 && !wanted(netns_of(tw)?) {
-        return Ok(());
-    }
     let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
     let state = if substate == tcp::FIN_WAIT2 { tcp::FIN_WAIT2 } else { tcp::TIME_WAIT };
     let entry = SockEntry { entered_ns: now, expires, state, hash, ..SockEntry::default() };
-    if TIMEWAIT.insert(tw, entry, 0).is_err() {
-        if count_warn(counter::TIMEWAIT_FULL) {
-            warn!(ctx, "twmon: timewait map full; raise --bpf.max-timewait");
+    let followed = layout!(netns_only) == 0 || wanted(netns_of(tw)?);
+
+    // Usually a timer we do not know: the insert alone says so (one hash operation, not a lookup
+    // and then an insert).
+    let inserted = if followed { TIMEWAIT.insert(tw, entry, BPF_NOEXIST) } else { Err(-EEXIST) };
+    match inserted {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            if let Some(e) = copied(&TIMEWAIT, tw) {
+                if e.hash == hash {
+                    return Ok(());
+                }
+                // An entry of another connection: a socket whose end went unseen, in whose
+                // memory this one was made. That end is counted as missed; the new socket is
+                // followed.
+                end_missed(&e, tw, now, found::TIMER_START);
+            }
+            if !followed {
+                return Ok(());
+            }
+            if TIMEWAIT.insert(tw, entry, 0).is_err() {
+                return timewait_full(ctx);
+            }
         }
-        return Ok(());
+        Err(_) => return timewait_full(ctx),
     }
     gauge(state, 1);
     if state == tcp::FIN_WAIT2 && ORPHANS.insert(tw, 0u8, 0).is_err() {
         count(counter::ORPHANS_FULL);
     }
-    let (net, dport, hash) = Live(tw).identity()?;
-    put_handoff(Handoff { tw, net, dport, hash, state, _pad: [0; 7] });
+    let net: u64 = Live(tw).get(layout!(skc_net))?;
+    let dport: u16 = Live(tw).get(layout!(skc_dport))?;
+    put_handoff(Handoff { tw, net, dport: dport as u32, hash, state, _pad: [0; 7] });
+    Ok(())
+}
+
+/// `-EEXIST`, as a map insert with `BPF_NOEXIST` returns it for a key that is there.
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn timewait_full(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    if count_warn(counter::TIMEWAIT_FULL) {
+        warn!(ctx, "twmon: timewait map full; raise --bpf.max-timewait");
+    }
     Ok(())
 }
 
@@ -246,7 +265,10 @@ pub(crate) fn try_timer_cancel(timer: u64, function: u64) -> Result<(), i64> {
         None
     };
     if let Some(why) = why {
-        let _ = ORPHANS.remove(tw);
+        // Only a FIN_WAIT2 entry is in ORPHANS (its change to TIME_WAIT took it out).
+        if entry.state == tcp::FIN_WAIT2 {
+            let _ = ORPHANS.remove(tw);
+        }
         end(&entry, tw, why, now, 0);
         return Ok(());
     }

@@ -34,7 +34,7 @@ exclude = []
 # breakdowns that come from it. Stretched when a reconcile is slow (many sockets), so that
 # reconciling takes at most `max_cpu` of a core.
 interval = "10s"
-max_cpu = 0.01
+max_cpu = 0.005
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +121,7 @@ impl Default for CloseWait {
 }
 impl Default for Reconcile {
     fn default() -> Self {
-        Self { interval: Duration::from_secs(10), max_cpu: 0.01 }
+        Self { interval: Duration::from_secs(10), max_cpu: 0.005 }
     }
 }
 

@@ -601,11 +601,7 @@ fn closes_are_counted_by_process() {
 /// sockets left (killed), as the agent decides.
 #[test]
 fn trace_shows_each_connection_in_order() {
-    use std::{
-        io::{BufRead, BufReader},
-        sync::{Arc, Mutex},
-        time::Instant,
-    };
+    use std::time::Instant;
     use twmon::export::trace::TraceLine;
     const ATTEMPTS: usize = 3;
     const ACTIVE: &[&str] = &["established>fin_wait1", "fin_wait1>fin_wait2", "fin_wait2>time_wait", "time_wait>close"];
@@ -616,26 +612,7 @@ fn trace_shows_each_connection_in_order() {
         let ns = Netns::new("trace");
         ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=1"]);
         let agent = Agent::start(&ns);
-        let mut trace = std::process::Command::new(env!("CARGO_BIN_EXE_twmon"))
-            .args(["trace", "--json", "--agent", &format!("http://{}", agent.addr)])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start twmon trace");
-        let mut stderr = BufReader::new(trace.stderr.take().unwrap());
-        let mut said = String::new();
-        stderr.read_line(&mut said).unwrap();
-        assert!(said.contains("streaming from"), "twmon trace: {said}");
-        let lines = Arc::new(Mutex::new(Vec::<TraceLine>::new()));
-        let reader = {
-            let (lines, stdout) = (lines.clone(), trace.stdout.take().unwrap());
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let l: TraceLine = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-                    lines.lock().unwrap().push(l);
-                }
-            })
-        };
+        let trace = TraceCli::start(&agent, &[]);
 
         // (local, remote) of each side, with the changes it must show.
         let expected: Vec<((SocketAddr, SocketAddr), &'static [&'static str])> = ns.run(|| {
@@ -675,18 +652,14 @@ fn trace_shows_each_connection_in_order() {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let got = lines.lock().unwrap().clone();
+            let got = trace.lines();
             if expected.iter().all(|(t, want)| changes(&got, *t).len() >= want.len()) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         // SIGINT stops it, with 0.
-        // SAFETY: kill with a child's pid, which it still is (not waited for yet).
-        unsafe { libc::kill(trace.id() as i32, libc::SIGINT) };
-        let status = trace.wait().unwrap();
-        reader.join().unwrap();
-        let got = lines.lock().unwrap().clone();
+        let (status, got) = trace.stop();
         let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
         let complete = expected.iter().all(|(t, want)| changes(&got, *t) == *want);
         if !complete && hidden > 0 && attempt < ATTEMPTS {
@@ -721,6 +694,140 @@ fn trace_shows_each_connection_in_order() {
         let m = agent.metrics();
         assert_eq!(m.get("twmon_trace_clients", &[]), 0.0, "the client left");
         assert_eq!(m.get("twmon_trace_records_lost_total", &[]), 0.0);
+        return;
+    }
+}
+
+/// `twmon trace --json` against an agent, its lines collected as they come.
+struct TraceCli {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<twmon::export::trace::TraceLine>>>,
+    reader: std::thread::JoinHandle<()>,
+    /// Kept open: the client writes to it until it exits.
+    _stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl TraceCli {
+    /// Started, and streaming once this returns.
+    fn start(agent: &Agent, args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_twmon"))
+            .args(["trace", "--json", "--agent", &format!("http://{}", agent.addr)])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start twmon trace");
+        let mut said = String::new();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        stderr.read_line(&mut said).unwrap();
+        assert!(said.contains("streaming from"), "twmon trace: {said}");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = {
+            let (lines, stdout) = (lines.clone(), child.stdout.take().unwrap());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let l = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                    lines.lock().unwrap().push(l);
+                }
+            })
+        };
+        Self { child, lines, reader, _stderr: stderr }
+    }
+
+    fn lines(&self) -> Vec<twmon::export::trace::TraceLine> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Stopped with SIGINT: its exit status and every line it printed.
+    fn stop(mut self) -> (std::process::ExitStatus, Vec<twmon::export::trace::TraceLine>) {
+        // SAFETY: kill with a child's pid, which it still is (not waited for yet).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        self.reader.join().unwrap();
+        let lines = self.lines.lock().unwrap().clone();
+        (status, lines)
+    }
+}
+
+/// `n` connections to `l` inside `ns`, each closed by its client first and then by the server:
+/// six traced changes each (three on either side; the TIME_WAIT sockets end later).
+fn close_client_first(ns: &Netns, l: &TcpListener, n: usize) {
+    let l = l.try_clone().unwrap();
+    ns.run(move || {
+        for _ in 0..n {
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            drop(c);
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+    });
+}
+
+/// While every client traces one port, the kernel programs write records of that port's
+/// connections only, so other traffic costs no record (`twmon_trace_records_total` stays); a
+/// client without that filter switches the kernel's filter off, and it is back once it leaves.
+#[test]
+fn trace_is_filtered_in_the_kernel() {
+    use std::time::Instant;
+    const ATTEMPTS: usize = 3;
+    const PER_CONNECTION: usize = 6;
+    let records = |agent: &Agent| -> f64 {
+        let m = agent.metrics();
+        m.value("twmon_trace_records_total", &[])
+            .unwrap_or_else(|| panic!("no twmon_trace_records_total:\n{}", m.explain()))
+    };
+    let wait_lines = |t: &TraceCli, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.lines().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t.lines().len()
+    };
+    for attempt in 1..=ATTEMPTS {
+        let blind = harness::Blind::watch();
+        let ns = Netns::new("tracef");
+        let agent = Agent::start(&ns);
+        let (traced, other) =
+            ns.run(|| (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap()));
+        let port = traced.local_addr().unwrap().port().to_string();
+        let filtered = TraceCli::start(&agent, &["--port", &port]);
+
+        // Only the traced port's connections are written.
+        let r0 = records(&agent);
+        close_client_first(&ns, &other, 10);
+        std::thread::sleep(Duration::from_millis(500));
+        let r1 = records(&agent);
+        close_client_first(&ns, &traced, 3);
+        let seen = wait_lines(&filtered, 3 * PER_CONNECTION);
+        let r2 = records(&agent);
+
+        // A client that wants everything: every connection is written while it streams.
+        let all = TraceCli::start(&agent, &[]);
+        close_client_first(&ns, &other, 4);
+        let seen_all = wait_lines(&all, 4 * PER_CONNECTION);
+        let r3 = records(&agent);
+        let (status, _) = all.stop();
+        agent.wait_for(Duration::from_secs(5), |m| m.get("twmon_trace_clients", &[]) == 1.0);
+
+        // Back to the one port.
+        close_client_first(&ns, &other, 10);
+        std::thread::sleep(Duration::from_millis(500));
+        let r4 = records(&agent);
+        let (_, lines) = filtered.stop();
+
+        let got = [r1 - r0, r2 - r1, r3 - r2, r4 - r3];
+        let want = [0.0, (3 * PER_CONNECTION) as f64, (4 * PER_CONNECTION) as f64, 0.0];
+        let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
+        if got != want && hidden > 0 && attempt < ATTEMPTS {
+            eprintln!("{hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again");
+            continue;
+        }
+        assert!(status.success(), "twmon trace exited with {status} on SIGINT");
+        assert_eq!(got, want, "records written: other port, traced port, both clients, other port again");
+        assert_eq!((seen, seen_all), (3 * PER_CONNECTION, 4 * PER_CONNECTION));
+        assert_eq!(lines.len(), 3 * PER_CONNECTION, "the filtered client saw its port only: {lines:#?}");
+        assert!(lines.iter().all(|l| l.local.port().to_string() == port || l.remote.port().to_string() == port));
         return;
     }
 }

@@ -710,6 +710,7 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
         eprintln!("bench: bpftrace not installed (apt-get install bpftrace); its rows are left out");
     }
     eprintln!("bench: cost warm-up");
+    settle(&agent, ns, dsts, o.clients)?;
     load::churn(ns, dsts, o.clients, Until::Time(Duration::from_secs(1)), None)?;
     check_interrupted()?;
 
@@ -929,6 +930,7 @@ fn cpu_and_scrape_phase(
             }
         );
         eprintln!("bench: cpu warm-up");
+        settle(&agent, ns, dsts, o.clients)?;
         load::churn(ns, dsts, o.clients, Until::Time(Duration::from_secs(2)), Some(pace))?;
         eprintln!("bench: cpu measurement");
         let run = run_with_agent(&agent, ns, dsts, o.clients, Until::Time(o.cpu), Some(pace))?;

@@ -68,8 +68,8 @@ pub struct Agent {
     /// The kernel's trace records, read while someone traces, and the clients they go to.
     trace_ring: Mutex<RingBuf<MapData>>,
     pub(crate) tracer: Tracer,
-    /// Held while the programs' tracing is switched on or off.
-    trace_switch: Mutex<()>,
+    /// Whether the programs write trace records now; held while switching them.
+    trace_switch: Mutex<bool>,
 }
 
 /// What the agent is built from besides the kernel: the export side, made first so that the
@@ -110,7 +110,7 @@ impl Agent {
             closers: parts.closers,
             trace_ring: Mutex::new(parts.trace_ring),
             tracer: Tracer::default(),
-            trace_switch: Mutex::new(()),
+            trace_switch: Mutex::new(false),
         }
     }
 

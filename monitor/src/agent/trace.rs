@@ -15,41 +15,43 @@ use crate::{
 /// A client streaming the trace; the programs stop tracing when the last one is dropped.
 pub struct TraceClient {
     agent: Arc<Agent>,
+    id: u64,
     pub lines: broadcast::Receiver<Arc<TraceLine>>,
 }
 
 impl Drop for TraceClient {
     fn drop(&mut self) {
-        if self.agent.tracer.leave() {
-            self.agent.retrace();
-        }
-        self.agent.metrics.trace_clients.set(self.agent.tracer.clients() as i64);
+        self.agent.tracer.leave(self.id);
+        self.agent.retrace();
     }
 }
 
 impl Agent {
-    /// A new trace client, or `None` when [`trace::MAX_CLIENTS`] stream already.
-    pub fn trace(self: &Arc<Self>) -> Option<TraceClient> {
-        let (lines, first) = self.tracer.join()?;
-        if first {
-            self.retrace();
-        }
-        self.metrics.trace_clients.set(self.tracer.clients() as i64);
-        Some(TraceClient { agent: self.clone(), lines })
+    /// A new trace client that wants only connections with `port` at either end, if given; `None`
+    /// when [`trace::MAX_CLIENTS`] stream already.
+    pub fn trace(self: &Arc<Self>, port: Option<u16>) -> Option<TraceClient> {
+        let (lines, id) = self.tracer.join(port)?;
+        self.retrace();
+        Some(TraceClient { agent: self.clone(), id, lines })
     }
 
-    /// Has the programs write trace records while anyone traces, and not otherwise. Records
-    /// left from an earlier trace are dropped first: they are not this one's.
+    /// Has the programs write trace records while anyone traces, and not otherwise: only those
+    /// of the port every client filters on, when they all do. Records left from an earlier
+    /// trace are dropped first: they are not this one's.
     fn retrace(&self) {
-        let _switch = lock(&self.trace_switch);
-        let on = self.tracer.active();
-        if on {
-            let mut ring = lock(&self.trace_ring);
-            while ring.next().is_some() {}
+        let mut tracing = lock(&self.trace_switch);
+        let (on, port) = (self.tracer.active(), self.tracer.common_port());
+        if on != *tracing {
+            if on {
+                let mut ring = lock(&self.trace_ring);
+                while ring.next().is_some() {}
+            }
+            lock(&self.tracker).set_tracing(on);
+            *tracing = on;
         }
-        lock(&self.tracker).set_tracing(on);
-        lock(&self.kernel).set_trace(on);
-        tracing::debug!(clients = self.tracer.clients(), on, "trace switched");
+        lock(&self.kernel).set_trace(on, port);
+        self.metrics.trace_clients.set(self.tracer.clients() as i64);
+        tracing::debug!(clients = self.tracer.clients(), on, ?port, "trace switched");
     }
 
     /// The trace records written since the last drain, then the early ends just decided.
@@ -59,6 +61,7 @@ impl Agent {
         let clock = sys::unix_minus_monotonic();
         let mut ring = lock(&self.trace_ring);
         while let Some(item) = ring.next() {
+            self.metrics.trace_records.inc();
             match trace::decode(&item) {
                 Some(r) => self.tracer.publish(TraceLine::new(&r.event, &r.comm, r.pid, clock, &names)),
                 None => self.metrics.events_invalid.inc(),

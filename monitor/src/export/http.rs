@@ -117,7 +117,7 @@ async fn snapshot(State(web): State<Web>) -> Response {
 /// Teardown events as they happen, one JSON line each, those passing the query's filter
 /// (`port`, `address`, `netns`, `state`, `comm`): see `export::trace`.
 async fn trace(State(web): State<Web>, Query(filter): Query<Filter>) -> Response {
-    let Some(client) = web.agent.trace() else {
+    let Some(client) = web.agent.trace(filter.port) else {
         web.agent.metrics.http_refused.with_label_values(&["requests"]).inc();
         let why = format!("{MAX_CLIENTS} traces are running already; retry later\n");
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();

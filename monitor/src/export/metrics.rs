@@ -44,6 +44,8 @@ pub struct Metrics {
     pub trace_clients: IntGauge,
     /// Trace lines a client lost because it read too slowly.
     pub trace_lines_lost: IntCounter,
+    /// Trace records read from the kernel programs.
+    pub trace_records: IntCounter,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
@@ -149,6 +151,14 @@ impl Metrics {
                     "twmon_trace_lines_lost_total",
                     "Trace lines a client lost because it read more slowly than they came (it is told \
                      how many).",
+                )?,
+            )?,
+            trace_records: reg(
+                &r,
+                IntCounter::new(
+                    "twmon_trace_records_total",
+                    "Trace records the kernel programs wrote and the agent read: only while someone \
+                     traces, and when every client filters on one port, only that port's connections.",
                 )?,
             )?,
             registry: r,

@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -138,32 +138,54 @@ impl Filter {
 pub struct Tracer {
     /// `None` once the agent shuts down: every stream ends with the lines it has.
     tx: Mutex<Option<broadcast::Sender<Arc<TraceLine>>>>,
-    clients: AtomicUsize,
+    /// The clients by id, each with the port it filters on, if it does.
+    clients: Mutex<Vec<(u64, Option<u16>)>>,
+    next_id: AtomicU64,
 }
 
 impl Default for Tracer {
     fn default() -> Self {
-        Self { tx: Mutex::new(Some(broadcast::channel(BACKLOG).0)), clients: AtomicUsize::new(0) }
+        Self {
+            tx: Mutex::new(Some(broadcast::channel(BACKLOG).0)),
+            clients: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        }
     }
 }
 
 impl Tracer {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Option<u16>)>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether anyone traces.
     pub fn active(&self) -> bool {
-        self.clients.load(Ordering::Relaxed) > 0
+        self.clients() > 0
     }
 
     pub fn clients(&self) -> usize {
-        self.clients.load(Ordering::Relaxed)
+        self.list().len()
     }
 
-    /// A new client: its receiver, and whether it is the first (the programs start tracing).
-    /// `None` when [`MAX_CLIENTS`] stream already.
-    pub fn join(&self) -> Option<(broadcast::Receiver<Arc<TraceLine>>, bool)> {
+    /// The port every client filters on, when they all filter on the same one: the kernel
+    /// programs then write records of that port's connections only.
+    pub fn common_port(&self) -> Option<u16> {
+        let list = self.list();
+        let first = list.first()?.1?;
+        list.iter().all(|(_, p)| *p == Some(first)).then_some(first)
+    }
+
+    /// A new client that filters on `port`, if given: its receiver and id. `None` when
+    /// [`MAX_CLIENTS`] stream already.
+    pub fn join(&self, port: Option<u16>) -> Option<(broadcast::Receiver<Arc<TraceLine>>, u64)> {
         let lines = self.sender()?.subscribe();
-        let before =
-            self.clients.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < MAX_CLIENTS).then_some(n + 1));
-        before.ok().map(|n| (lines, n == 0))
+        let mut list = self.list();
+        if list.len() >= MAX_CLIENTS {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        list.push((id, port));
+        Some((lines, id))
     }
 
     fn sender(&self) -> Option<broadcast::Sender<Arc<TraceLine>>> {
@@ -175,9 +197,9 @@ impl Tracer {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// A client left; whether it was the last (the programs stop tracing).
-    pub fn leave(&self) -> bool {
-        self.clients.fetch_sub(1, Ordering::SeqCst) == 1
+    /// A client left.
+    pub fn leave(&self, id: u64) {
+        self.list().retain(|(i, _)| *i != id);
     }
 
     pub fn publish(&self, line: TraceLine) {

@@ -296,9 +296,13 @@ impl Kernel {
         self.trace.take()
     }
 
-    /// Asks the programs to write every transition to the trace ring buffer, or nothing.
-    pub fn set_trace(&mut self, on: bool) {
-        self.update(|s| s.trace = on as u64);
+    /// Asks the programs to write every transition to the trace ring buffer, or nothing; with
+    /// `port`, only those of connections with that port at either end.
+    pub fn set_trace(&mut self, on: bool, port: Option<u16>) {
+        self.update(|s| {
+            s.trace = on as u64;
+            s.trace_port = port.unwrap_or(0) as u64;
+        });
     }
 
     /// Asks the programs to report the end of timewait sockets they do not follow, while the
@@ -316,7 +320,7 @@ impl Kernel {
     fn update(&mut self, f: impl FnOnce(&mut Settings)) {
         let before = self.settings;
         f(&mut self.settings);
-        let flags = |s: &Settings| (s.seeded, s.report_all, s.trace);
+        let flags = |s: &Settings| (s.seeded, s.report_all, s.trace, s.trace_port);
         if flags(&before) != flags(&self.settings)
             && let Err(e) = self.write_settings()
         {
