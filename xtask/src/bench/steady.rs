@@ -126,38 +126,52 @@ pub(super) fn steady_phase(
     // Per-event cost of the timer programs on unrelated timers: the agent and empty programs
     // side by side, both workloads, run-time statistics on.
     check_interrupted()?;
+    // An empty program attached before the agent and one after it: a tracepoint runs its programs
+    // in the order attached, and the later ones find what the earlier ones read in the cache.
+    // Their difference shows what this measurement can resolve.
     let _stats = bpf::enable_stats()?;
+    let empties =
+        || TRACEPOINTS[..3].iter().map(|(c, t)| bpf::attach_floor(FloorKind::Empty, c, t)).collect::<Result<Vec<_>>>();
+    let before = empties()?;
     let agent = Agent::start(twmon, &[], work)?;
-    let floors =
-        TRACEPOINTS[..3].iter().map(|(c, t)| bpf::attach_floor(FloorKind::Empty, c, t)).collect::<Result<Vec<_>>>()?;
+    let after = empties()?;
+    let floors: Vec<&bpf::Floor> = before.iter().chain(&after).collect();
     let d = (cost / 2).max(Duration::from_secs(3));
     eprintln!("bench: steady cost");
-    let (m0, fl0) = (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>());
+    let (m0, fl0, c0) = (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>(), agent.cpu_ticks()?);
     let mut secs = 0.0;
     for (w, s) in WORKLOADS.iter().zip(&servers) {
         secs += open::run(&ns, s.addr, *w, clients(*w), d)?.1.as_secs_f64();
     }
-    let (m1, fl1) = (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>());
+    let (m1, fl1, c1) = (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>(), agent.cpu_ticks()?);
     agent.stop()?;
+    let agent_cpu = c1.since(c0).percent(secs).total();
     println!(
         "\nper event, both workloads ({:.0} s), run-time statistics on (timer events here are all unrelated timers: \
          no timewait socket was made):",
         secs
     );
-    println!("| tracepoint | twmon program | runs/s | twmon ns per run | empty program ns per run | twmon - empty |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| tracepoint | twmon program | runs/s | twmon ns per run | empty program ns per run, attached before / after \
+         twmon | twmon - empty (mean of both) | empty after - empty before |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut added_ns_per_s = 0.0;
     for (i, (prog, (cat, tp))) in
         ["twmon_state", "twmon_timer_start", "twmon_timer_cancel"].iter().zip(&TRACEPOINTS[..3]).enumerate()
     {
         let s = m1.program(prog).since(m0.program(prog));
-        let e = fl1[i].since(fl0[i]);
-        let extra = s.ns_per_run() - e.ns_per_run();
+        let (e0, e1) = (fl1[i].since(fl0[i]).ns_per_run(), fl1[i + 3].since(fl0[i + 3]).ns_per_run());
+        let empty = (e0 + e1) / 2.0;
+        let extra = s.ns_per_run() - empty;
+        if s.run_cnt > 0 {
+            added_ns_per_s += (s.run_time_ns as f64 - empty * s.run_cnt as f64) / secs;
+        }
         println!(
-            "| {cat}:{tp} | {prog} | {:.0} | {:.1} | {:.1} | {:+.1} |",
+            "| {cat}:{tp} | {prog} | {:.0} | {:.1} | {e0:.1} / {e1:.1} | {extra:+.1} | {:+.1} |",
             s.run_cnt as f64 / secs,
             s.ns_per_run(),
-            e.ns_per_run(),
-            extra
+            e1 - e0
         );
         if i > 0 {
             if s.run_cnt == 0 {
@@ -166,5 +180,14 @@ pub(super) fn steady_phase(
             f.unrelated_timer_extra_ns.push((prog.to_string(), extra, s.run_cnt as f64 / secs));
         }
     }
+    // What twmon takes from this traffic in CPU time, which bounds what it can take from its
+    // throughput more finely than the on/off ratios, whose spread here is several percent.
+    let kernel_pct = added_ns_per_s / 1e7;
+    println!(
+        "\ntwmon's CPU time under this traffic: its programs {kernel_pct:.3} % of one core above empty programs', the \
+         agent {agent_cpu:.2} %; together {:.2} % of one core, at most that share of the machine's throughput",
+        kernel_pct + agent_cpu
+    );
+    f.steady_cpu_pct = Some(kernel_pct + agent_cpu);
     Ok(())
 }
