@@ -16,38 +16,18 @@ use crate::{
     twin::{EventId, nested, primary},
 };
 
-/// A change the close path is not made of (a connect, an accept, a listen: four of every ten
-/// changes of a connection) leaves right after the test; the rest is a subprogram of its own
-/// (`#[inline(never)]`), so that leaving does not jump past thousands of instructions.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn twmon_state(ctx: BtfTracePointContext) -> u32 {
     primary(twin::STATE, state_id(&ctx), || {
-        if change_wanted(&ctx) {
-            state_changed(&ctx);
-        }
+        let _ = try_state(&ctx);
     })
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn nested_state(ctx: BtfTracePointContext) -> u32 {
     nested(twin::STATE, state_id(&ctx), || {
-        if change_wanted(&ctx) {
-            state_changed(&ctx);
-        }
+        let _ = try_state(&ctx);
     })
-}
-
-#[inline(never)]
-fn state_changed(ctx: &BtfTracePointContext) {
-    let _ = try_state(ctx);
-}
-
-/// A TCP socket's change along the close path (see [`state_wanted`]).
-#[inline(always)]
-fn change_wanted(ctx: &BtfTracePointContext) -> bool {
-    let sk: u64 = ctx.arg(0);
-    let (old, new) = (ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
-    state_wanted(old, new) && field::<u16>(sk, layout!(sk_protocol)) == IPPROTO_TCP
 }
 
 /// A state change: the socket, from and to.
@@ -70,6 +50,14 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let sk: u64 = ctx.arg(0);
     let old = ctx.arg::<i32>(1) as u8;
     let new = ctx.arg::<i32>(2) as u8;
+
+    if !state_wanted(old, new) {
+        return Ok(());
+    }
+    let protocol: u16 = field(sk, layout!(sk_protocol));
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
     let c = Btf(sk);
     if layout!(netns_only) != 0 && !wanted(c.netns()?) {
         return Ok(());
