@@ -14,7 +14,7 @@ use crate::{
 /// True while the agent seeds from sock_diag and wants every transition reported.
 #[inline(always)]
 pub(crate) fn report_all() -> bool {
-    settings().report_all != 0
+    setting(|s| s.report_all) != 0
 }
 
 /// Records are written without waking the agent: a wake-up (an irq_work and a context switch
@@ -31,7 +31,7 @@ pub(crate) fn emit(ev: &Event) {
 /// True while someone traces (`twmon trace`): only then are trace records written.
 #[inline(always)]
 pub(crate) fn tracing() -> bool {
-    settings().trace != 0
+    setting(|s| s.trace) != 0
 }
 
 /// Writes a trace record, `comm` and `pid` the process that made the change where it is known
@@ -39,22 +39,33 @@ pub(crate) fn tracing() -> bool {
 /// and never holds up the counts.
 #[inline(always)]
 pub(crate) fn trace(event: &Event, comm: [u8; 16], pid: u32) {
-    let port = settings().trace_port as u16;
+    let port = setting(|s| s.trace_port) as u16;
     if port != 0 && event.sport != port && event.dport != port {
         return;
     }
-    let record = TraceRecord { event: *event, comm, pid, _pad: 0 };
-    if TRACE.output::<TraceRecord>(&record, BPF_RB_NO_WAKEUP).is_err() {
+    // Written where it goes: a copy on the stack first would take room the state program cannot
+    // spare.
+    let Some(mut entry) = TRACE.reserve::<TraceRecord>(0) else {
         count(counter::TRACE_LOST);
+        return;
+    };
+    let r = entry.as_mut_ptr();
+    // SAFETY: `r` points to ring memory reserved for one TraceRecord, ours until submitted; every
+    // field is written.
+    unsafe {
+        (&raw mut (*r).event).write(*event);
+        (&raw mut (*r).comm).write(comm);
+        (&raw mut (*r).pid).write(pid);
+        (&raw mut (*r)._pad).write(0);
     }
+    entry.submit(BPF_RB_NO_WAKEUP);
 }
 
+/// One of the agent's settings, read where it lies: a copy of them all would take stack that
+/// the state program cannot spare (5.10 allows a program and its subprograms 512 bytes together).
 #[inline(always)]
-pub(crate) fn settings() -> Settings {
-    match SETTINGS.get(0) {
-        Some(s) => *s,
-        None => Settings::default(),
-    }
+pub(crate) fn setting(read: impl FnOnce(&Settings) -> u64) -> u64 {
+    SETTINGS.get(0).map_or(0, read)
 }
 
 #[inline(always)]

@@ -7,7 +7,7 @@ use aya_ebpf::{helpers::generated::bpf_for_each_map_elem, macros::raw_tracepoint
 use monitor_common::{ClockSample, SockEntry, found, kind, sweep, tcp};
 
 use crate::{
-    agent::{report, settings},
+    agent::{report, setting},
     kernel::{BPF_EXIST, copied, jiffies, kread, now},
     maps::{CLOCK, ORPHANS, SOCKS, TIMEWAIT, layout},
     sock::{Live, SockCommon},
@@ -210,11 +210,10 @@ extern "C" fn close_wait_cb(_map: *mut c_void, key: *const u64, value: *mut Sock
 /// limit were reported so far (`found`). Returns 1 to stop a walk at the limit.
 #[inline(always)]
 pub(crate) fn close_wait_check(sk: u64, e: SockEntry, found: &mut u64) -> i64 {
-    let s = settings();
-    if e.state != tcp::CLOSE_WAIT || e.entered_ns > s.close_wait_before {
+    if e.state != tcp::CLOSE_WAIT || e.entered_ns > setting(|s| s.close_wait_before) {
         return 0;
     }
-    if *found >= s.scan_limit {
+    if *found >= setting(|s| s.scan_limit) {
         return 1;
     }
     *found += 1;

@@ -6,7 +6,7 @@ use aya_log_ebpf::warn;
 use monitor_common::{SockEntry, counter, kind, tcp, twin};
 
 use crate::{
-    agent::{report, settings, socket_event, trace},
+    agent::{report, setting, socket_event, trace},
     closers::{closed_by, process_name},
     count::{count, count_warn, gauge, record},
     handoff::{handoff_due, note_unconfirmed, take_handoff, take_notes},
@@ -64,8 +64,7 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     let now = now();
     // Read once: what the agent wants reported (while it seeds) and traced (while someone traces).
-    let wants = settings();
-    let (report_all, tracing) = (wants.report_all != 0, wants.trace != 0);
+    let (report_all, tracing) = (setting(|s| s.report_all) != 0, setting(|s| s.trace) != 0);
     // The owner's close() or shutdown(): the current task is the closer.
     let closing =
         (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK);

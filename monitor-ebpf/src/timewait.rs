@@ -7,7 +7,7 @@ use aya_log_ebpf::warn;
 use monitor_common::{Event, SockEntry, counter, flags, found, kind, reason, tcp};
 
 use crate::{
-    agent::{emit, report_all, settings, since, trace, tracing},
+    agent::{emit, report_all, setting, since, trace, tracing},
     count::{count, count_warn, gauge, record},
     handoff::{Handoff, put_handoff},
     kernel::{BPF_NOEXIST, copied, field, jiffies, kread, now},
@@ -189,12 +189,12 @@ pub(crate) fn to_time_wait(entry: &mut SockEntry, tw: u64, at: u64, report: bool
 /// TCP_TIMEWAIT_LEN at that moment, so `expires - TCP_TIMEWAIT_LEN` is its jiffy.
 #[inline(always)]
 pub(crate) fn change_time(expires: u64, now: u64, now_jiffies: u64) -> u64 {
-    let s = settings();
-    let at = expires.wrapping_sub(s.timewait_len_jiffies);
-    if s.ns_per_jiffy == 0 || at > now_jiffies {
+    let ns_per_jiffy = setting(|s| s.ns_per_jiffy);
+    let at = expires.wrapping_sub(setting(|s| s.timewait_len_jiffies));
+    if ns_per_jiffy == 0 || at > now_jiffies {
         return now;
     }
-    let back = (now_jiffies - at) * s.ns_per_jiffy;
+    let back = (now_jiffies - at) * ns_per_jiffy;
     if back < now { now - back } else { now }
 }
 
@@ -319,7 +319,7 @@ pub(crate) fn end(entry: &SockEntry, tw: u64, why: u8, now: u64, extra: u16) {
 /// sockets it seeded from sock_diag, so it can let go of this one.
 #[inline(always)]
 pub(crate) fn untracked_end(tw: u64, timer: u64) -> Result<(), i64> {
-    if settings().seeded == 0 {
+    if setting(|s| s.seeded) == 0 {
         return Ok(());
     }
     if layout!(netns_only) != 0 && !wanted(netns_of(tw)?) {
