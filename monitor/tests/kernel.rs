@@ -446,13 +446,16 @@ fn full_maps_are_counted() {
     let config = Agent::config_file("full", common::FAST_RECONCILE);
     let agent =
         Agent::start_with(&ns, &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config]);
-    let over = (M - ROOM) as f64;
-    // `state` (as ss names it, `ss_name`) has M sockets; the map `map` has room for ROOM entries.
+    // `state` (as ss names it, `ss_name`) has about M sockets; the map `map` has room for ROOM
+    // entries. About: on loopback a connect() may take over a TIME_WAIT 4-tuple older than a
+    // second (tcp_tw_reuse 2, the default), which a slow guest reaches; `ss` is the oracle.
     let overflows = |state: &str, ss_name: &str, map: &str| {
         let full = |m: &Metrics| m.get("twmon_map_full_total", &[("map", map)]);
         let drift = |m: &Metrics| m.get("twmon_reconcile_drift", &[("state", state)]);
         let ss = ns.ss(ss_name).len() as f64;
-        assert_eq!(ss, M as f64, "ss {ss_name}");
+        assert!(ss > (M - 10) as f64 && ss <= M as f64, "ss {ss_name}: {ss} of the {M} made");
+        // Each socket alive and not in the map had its insert fail.
+        let over = ss - ROOM as f64;
         let m = agent.wait_for(SETTLE, |m| drift(m) == m.sockets(state) - ss && full(m) >= over);
         let gauge = m.sockets(state);
         assert!(full(&m) >= over, "{map} map overflow {} < {over}", full(&m));
