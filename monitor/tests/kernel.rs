@@ -693,7 +693,8 @@ fn trace_shows_each_connection_in_order() {
         let orphans = expected.iter().filter(|(_, want)| *want == ORPHAN).count();
         let timed_out = got.iter().filter(|l| l.from == "fin_wait2" && l.to == "close");
         assert_eq!(timed_out.clone().count(), orphans, "{got:#?}");
-        assert!(timed_out.clone().all(|l| l.seconds.is_some_and(|s| s >= 1.0)), "{got:#?}");
+        // At least tcp_fin_timeout, and not much more: timer slack, not another state's time.
+        assert!(timed_out.clone().all(|l| l.seconds.is_some_and(|s| (1.0..3.0).contains(&s))), "{got:#?}");
         let m = agent.metrics();
         assert_eq!(m.get("twmon_trace_clients", &[]), 0.0, "the client left");
         assert_eq!(m.get("twmon_trace_records_lost_total", &[]), 0.0);
@@ -760,9 +761,7 @@ fn close_client_first(ns: &Netns, l: &TcpListener, n: usize) {
     ns.run(move || {
         for _ in 0..n {
             let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            drop(c);
-            let _ = s.read_to_end(&mut Vec::new());
+            close_pair(c, l.accept().unwrap().0);
         }
     });
 }

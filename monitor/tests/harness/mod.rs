@@ -580,11 +580,15 @@ impl Blind {
         Ok(blind)
     }
 
-    /// What was recorded on init's threads since `watch`.
+    /// What was recorded on init's threads since `watch`. An unreadable record is a failure:
+    /// read as nothing, it would hide the events it exists to show.
     pub fn hidden(&self) -> usize {
-        std::fs::read_to_string(self.dir.join("trace"))
-            .map(|t| t.lines().filter(|l| !l.starts_with('#')).count())
-            .unwrap_or(0)
+        let trace = self.dir.join("trace");
+        std::fs::read_to_string(&trace)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", trace.display()))
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .count()
     }
 }
 
