@@ -393,11 +393,20 @@ pub struct CloserKey {
 pub struct Closes {
     pub active: u64,
     pub passive: u64,
+    /// This closer's cell in `TIMEWAIT_HELD` (the TIME_WAIT sockets its closes created and that
+    /// are still there), 0 for none: the cells ran out, see [`CLOSER_SLOTS`].
+    pub slot: u32,
+    pub _pad: u32,
 }
 
 /// Entries of the `CLOSERS` map: distinct process names per namespace (a closer past them is
 /// counted in [`counter::CLOSERS_FULL`]).
 pub const MAX_CLOSERS: u32 = 4096;
+
+/// Cells of `TIMEWAIT_HELD`, one per closer (cell 0 is no closer's). Twice [`MAX_CLOSERS`], so
+/// that a closer finds a free cell within a few probes from where its name hashes to.
+pub const CLOSER_SLOTS: u32 = 2 * MAX_CLOSERS;
+const _: () = assert!(CLOSER_SLOTS.is_power_of_two() && CLOSER_SLOTS <= u16::MAX as u32 + 1);
 
 /// Per-socket entry of the kernel's socket and timewait maps.
 #[repr(C)]
@@ -408,7 +417,10 @@ pub struct SockEntry {
     /// For timewait sockets: the timer's `expires` (jiffies) as last seen.
     pub expires: u64,
     pub state: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The closer's cell in `TIMEWAIT_HELD` ([`Closes::slot`]), from the close() that took the
+    /// connection to FIN_WAIT1 (0: not seen), carried over to its timewait socket.
+    pub closer: u16,
     /// For timewait sockets: the connection's established-hash (`skc_hash`), so that an entry
     /// is told from another socket that took its memory after its end went unseen.
     pub hash: u32,

@@ -1,9 +1,11 @@
 //! What the programs count in the kernel, per CPU: counters, gauges, transitions and their
 //! durations. The agent reads and sums them at scrape time.
 
+use monitor_common::{SockEntry, tcp};
+
 use crate::{
     kernel::add,
-    maps::{COUNTERS, GAUGES, LIFECYCLE},
+    maps::{COUNTERS, GAUGES, LIFECYCLE, TIMEWAIT_HELD},
 };
 
 #[inline(always)]
@@ -26,6 +28,25 @@ pub(crate) fn count_warn(idx: u32) -> bool {
 #[inline(always)]
 pub(crate) fn gauge(state: u8, delta: i64) {
     if let Some(p) = GAUGES.get_ptr_mut(state as u32) {
+        add(p, delta);
+    }
+}
+
+/// A timewait socket's entry enters (+1) or leaves (-1) its state: the gauge, and in TIME_WAIT
+/// what its closer holds.
+#[inline(always)]
+pub(crate) fn tw_gauge(entry: &SockEntry, delta: i64) {
+    gauge(entry.state, delta);
+    held(entry, delta);
+}
+
+/// What the closer of a timewait socket holds in TIME_WAIT, when the entry is in it.
+#[inline(always)]
+pub(crate) fn held(entry: &SockEntry, delta: i64) {
+    if entry.state == tcp::TIME_WAIT
+        && entry.closer != 0
+        && let Some(p) = TIMEWAIT_HELD.get_ptr_mut(entry.closer as u32)
+    {
         add(p, delta);
     }
 }

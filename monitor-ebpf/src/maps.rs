@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    ClockSample, CloserKey, Closes, KernelLayout, Lifecycle, MAX_CLOSERS, Settings, SockEntry, counter, tcp, twin,
+    CLOSER_SLOTS, ClockSample, CloserKey, Closes, KernelLayout, Lifecycle, MAX_CLOSERS, Settings, SockEntry, counter,
+    tcp, twin,
 };
 
 use crate::{handoff::Handoffs, timewait::Cancelled, twin::Ran};
@@ -59,6 +60,17 @@ pub(crate) static ORPHANS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 
 /// others.
 #[map]
 pub(crate) static CLOSERS: HashMap<CloserKey, Closes> = HashMap::with_max_entries(MAX_CLOSERS, 0);
+
+/// Which closer owns each cell of `TIMEWAIT_HELD`: a cell is taken by an insert that fails when
+/// another closer has it, which is atomic on every kernel (a compare-and-exchange on a map value
+/// needs Linux 5.12).
+#[map]
+pub(crate) static CLOSER_SLOT_OWNERS: HashMap<u32, CloserKey> = HashMap::with_max_entries(MAX_CLOSERS, 0);
+
+/// Per CPU, by closer cell: TIME_WAIT sockets entering (+1) and leaving (-1), of connections
+/// that closer closed first. Their sum is what the closer holds now.
+#[map]
+pub(crate) static TIMEWAIT_HELD: PerCpuArray<i64> = PerCpuArray::with_max_entries(CLOSER_SLOTS, 0);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

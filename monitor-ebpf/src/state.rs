@@ -8,7 +8,7 @@ use monitor_common::{SockEntry, counter, kind, tcp, twin};
 use crate::{
     agent::{report, setting, socket_event, trace},
     closers::{closed_by, process_name},
-    count::{count, count_warn, gauge, record},
+    count::{count, count_warn, gauge, held, record},
     handoff::{handoff_due, note_unconfirmed, take_handoff, take_notes},
     kernel::{current_pid, field, now},
     maps::{SOCKS, TIMEWAIT, layout},
@@ -68,9 +68,8 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // The owner's close() or shutdown(): the current task is the closer.
     let closing =
         (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK);
-    if closing {
-        closed_by(c.netns()?, new == tcp::FIN_WAIT1);
-    }
+    // Its cell for the TIME_WAIT its side will hold, when it closed first.
+    let mut closed_first_by = if closing { closed_by(c.netns()?, new == tcp::FIN_WAIT1) } else { 0 };
 
     // Leaving `old`: its entry time gives the duration. Teardown to teardown updates the entry
     // in place (no delete and insert).
@@ -85,10 +84,14 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         if e.state == old {
             entered = e.entered_ns;
         }
+        if closed_first_by == 0 {
+            closed_first_by = e.closer;
+        }
         gauge(e.state, -1);
         if tcp::is_teardown(new) {
             e.state = new;
             e.entered_ns = now;
+            e.closer = closed_first_by;
             gauge(new, 1);
             kept = true;
         } else {
@@ -102,13 +105,20 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
         if let Some(h) = take_handoff(&c) {
             // The connection lives on as a timewait socket: RFC 793's view is old -> TIME_WAIT,
             // or no change at all for an orphaned FIN_WAIT2 that the kernel keeps as one.
-            if h.state == old {
-                if entered != 0
-                    && let Some(tw) = TIMEWAIT.get_ptr_mut(h.tw)
-                {
-                    // SAFETY: a map value, valid for this program run (preallocated).
-                    unsafe { (*tw).entered_ns = entered };
+            let orphan = h.state == old;
+            if (closed_first_by != 0 || (orphan && entered != 0))
+                && let Some(tw) = TIMEWAIT.get_ptr_mut(h.tw)
+            {
+                // SAFETY: a map value, valid for this program run (preallocated); the timewait
+                // socket was made just now, on this CPU, and nothing else has changed it yet.
+                let tw = unsafe { &mut *tw };
+                if orphan && entered != 0 {
+                    tw.entered_ns = entered;
                 }
+                tw.closer = closed_first_by;
+                held(tw, 1);
+            }
+            if orphan {
                 if report_all {
                     report(&c, sk, kind::TRANSITION, old, old, now, 0)?;
                 }
@@ -124,7 +134,7 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
 
     if tcp::is_teardown(new) && !kept {
-        let entry = SockEntry { entered_ns: now, expires: 0, state: new, ..SockEntry::default() };
+        let entry = SockEntry { entered_ns: now, state: new, closer: closed_first_by, ..SockEntry::default() };
         if SOCKS.insert(sk, entry, 0).is_ok() {
             gauge(new, 1);
         } else if count_warn(counter::SOCKS_FULL) {

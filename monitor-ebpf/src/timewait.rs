@@ -8,7 +8,7 @@ use monitor_common::{Event, SockEntry, counter, flags, found, kind, reason, tcp}
 
 use crate::{
     agent::{emit, report_all, setting, since, trace, tracing},
-    count::{count, count_warn, gauge, record},
+    count::{count, count_warn, gauge, record, tw_gauge},
     handoff::{Handoff, put_handoff},
     kernel::{BPF_NOEXIST, copied, field, jiffies, kread, now},
     maps::{CANCELLED, ORPHANS, TIMEWAIT, layout},
@@ -66,7 +66,7 @@ pub(crate) fn try_timer_start(ctx: &BtfTracePointContext, timer: u64) -> Result<
         }
         if c.tw == tw && tw_identity(tw) == Ok(c.identity) {
             let mut entry = c.entry;
-            gauge(entry.state, 1);
+            tw_gauge(&entry, 1);
             let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
             if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
                 to_time_wait(&mut entry, tw, now, true);
@@ -80,7 +80,7 @@ pub(crate) fn try_timer_start(ctx: &BtfTracePointContext, timer: u64) -> Result<
             }
             entry.expires = expires;
             if TIMEWAIT.insert(tw, entry, 0).is_err() {
-                gauge(entry.state, -1);
+                tw_gauge(&entry, -1);
                 count(counter::TIMEWAIT_FULL);
             }
             return Ok(());
@@ -179,9 +179,9 @@ pub(crate) fn to_time_wait(entry: &mut SockEntry, tw: u64, at: u64, report: bool
         }
     }
     gauge(tcp::FIN_WAIT2, -1);
-    gauge(tcp::TIME_WAIT, 1);
     entry.state = tcp::TIME_WAIT;
     entry.entered_ns = at;
+    tw_gauge(entry, 1);
     let _ = ORPHANS.remove(tw);
 }
 
@@ -250,7 +250,7 @@ pub(crate) fn try_timer_cancel(timer: u64, function: u64) -> Result<(), i64> {
     let now_jiffies = jiffies();
     let expires: u64 = field(timer, layout!(timer_expires));
     let _ = refresh(&mut entry, tw, expires, now, now_jiffies);
-    gauge(entry.state, -1);
+    tw_gauge(&entry, -1);
 
     // A connect() that took the 4-tuple over is an end no re-arm follows: counted here. It is
     // told first, as it may take a socket whose timer is due (in the batch of timers expiring
@@ -358,7 +358,7 @@ pub(crate) fn reused(tw: u64) -> bool {
 /// counted as missed, and told to the agent with where it was found (`found::*`).
 #[inline(always)]
 pub(crate) fn end_missed(entry: &SockEntry, tw: u64, now: u64, at: u8) {
-    gauge(entry.state, -1);
+    tw_gauge(entry, -1);
     count(counter::TIMEWAIT_MISSED);
     end(entry, tw, reason::KILLED, now, flags::SILENT);
     let mut ev = Event {

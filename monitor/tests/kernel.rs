@@ -511,9 +511,9 @@ fn lost_events_are_counted() {
 }
 
 /// Who closes first: each close is counted for the process whose close() made it, by name and
-/// role. Clients are bash under names of their own (a process's name is its executable's), the
-/// servers this test process, closing on one of its threads: a process is named after its main
-/// thread, not the thread that closed.
+/// role, and so is the TIME_WAIT its side then holds. Clients are bash under names of their own
+/// (a process's name is its executable's), the servers this test process, closing on one of its
+/// threads: a process is named after its main thread, not the thread that closed.
 #[test]
 fn closes_are_counted_by_process() {
     const FIRST: usize = 17; // the clients close first
@@ -546,10 +546,12 @@ fn closes_are_counted_by_process() {
     };
 
     let (port, server) = serve(FIRST, false);
+    let mut listened = vec![port];
     let script = format!("for i in $(seq {FIRST}); do exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3>&-; done");
     ns.exec(&[&first, "-c", &script]);
     server.join().unwrap();
     let (port, server) = serve(SECOND, true);
+    listened.push(port);
     let script = format!(
         "for i in $(seq {SECOND}); do exec 3<>/dev/tcp/127.0.0.1/{port}; while read -u 3 x; do :; done; exec 3>&-; done"
     );
@@ -596,6 +598,26 @@ fn closes_are_counted_by_process() {
     for role in ["active", "passive"] {
         assert!(closes(&m, &me, role) > 0.0, "{me} {role}: not named after its main thread?\n{}", m.explain());
     }
+
+    // TIME_WAIT by who closed first, against `ss` (each side's ports tell whose it is): the
+    // clients that closed first hold theirs, the one that closed second holds none, and the
+    // servers hold those of the connections they closed first.
+    let held = |m: &Metrics| -> Vec<(String, f64)> {
+        m.series("twmon_timewait_sockets")
+            .into_iter()
+            .filter(|(l, _)| l.contains(&format!("netns=\"{netns}\"")))
+            .collect()
+    };
+    let of = |m: &Metrics, comm: &str| m.value("twmon_timewait_sockets", &[("netns", &netns), ("comm", comm)]);
+    let (servers_tw, clients): (Vec<_>, Vec<_>) = ns
+        .ss("TIME-WAIT")
+        .into_iter()
+        .partition(|(local, _)| listened.iter().any(|p| local.ends_with(&format!(":{p}"))));
+    assert_eq!((clients.len(), servers_tw.len()), (FIRST, SECOND), "ss:\n{}", ns.ss_all());
+    assert_eq!(of(&m, "client-first"), Some(FIRST as f64), "{:?}", held(&m));
+    assert_eq!(of(&m, "client-second"), None, "it closed none first: no series\n{:?}", held(&m));
+    let servers_held: f64 = held(&m).iter().filter(|(l, _)| !l.contains("comm=\"client-")).map(|(_, v)| v).sum();
+    assert_eq!(servers_held, SECOND as f64, "{:?}", held(&m));
 }
 
 /// `twmon trace` prints every change of known connections, both sides, TIME_WAIT and its end

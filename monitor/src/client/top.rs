@@ -39,6 +39,8 @@ pub struct Options {
 enum Sort {
     Active,
     Passive,
+    /// The TIME_WAIT sockets each holds now.
+    TimeWait,
     Total,
 }
 
@@ -46,7 +48,8 @@ impl Sort {
     fn next(self) -> Self {
         match self {
             Sort::Active => Sort::Passive,
-            Sort::Passive => Sort::Total,
+            Sort::Passive => Sort::TimeWait,
+            Sort::TimeWait => Sort::Total,
             Sort::Total => Sort::Active,
         }
     }
@@ -55,6 +58,7 @@ impl Sort {
         match self {
             Sort::Active => "active",
             Sort::Passive => "passive",
+            Sort::TimeWait => "time_wait",
             Sort::Total => "total",
         }
     }
@@ -354,30 +358,55 @@ impl View {
         let find = |snap: &Value, k: &(String, String), field: &str| {
             snap["closers"].as_array().into_iter().flatten().find(|r| key(r) == *k).map_or(0, |r| u(&r[field]))
         };
-        let mut rows: Vec<(String, String, f64, f64, u64)> = self.snap()["closers"]
+        struct Row {
+            netns: String,
+            comm: String,
+            active: f64,
+            passive: f64,
+            time_wait: u64,
+            total: u64,
+        }
+        let mut rows: Vec<Row> = self.snap()["closers"]
             .as_array()
             .into_iter()
             .flatten()
             .filter(|r| self.in_netns(r))
             .map(|r| {
                 let k = key(r);
-                let active = self.rate(|s| find(s, &k, "active"));
-                let passive = self.rate(|s| find(s, &k, "passive"));
-                (k.0, k.1, active, passive, u(&r["active"]) + u(&r["passive"]))
+                Row {
+                    active: self.rate(|s| find(s, &k, "active")),
+                    passive: self.rate(|s| find(s, &k, "passive")),
+                    time_wait: u(&r["timewait"]),
+                    total: u(&r["active"]) + u(&r["passive"]),
+                    netns: k.0,
+                    comm: k.1,
+                }
             })
             .collect();
-        let by = |r: &(String, String, f64, f64, u64)| match self.sort {
-            Sort::Active => r.2,
-            Sort::Passive => r.3,
-            Sort::Total => r.4 as f64,
+        let by = |r: &Row| match self.sort {
+            Sort::Active => r.active,
+            Sort::Passive => r.passive,
+            Sort::TimeWait => r.time_wait as f64,
+            Sort::Total => r.total as f64,
         };
-        rows.sort_by(|a, b| by(b).total_cmp(&by(a)).then(b.4.cmp(&a.4)));
+        rows.sort_by(|a, b| by(b).total_cmp(&by(a)).then(b.total.cmp(&a.total)));
         let rows = rows
             .into_iter()
-            .map(|(ns, comm, a, p, t)| vec![ns, comm, format!("{a:.1}"), format!("{p:.1}"), t.to_string()])
+            .map(|r| {
+                let (a, p) = (r.active, r.passive);
+                vec![
+                    r.netns,
+                    r.comm,
+                    format!("{a:.1}"),
+                    format!("{p:.1}"),
+                    r.time_wait.to_string(),
+                    r.total.to_string(),
+                ]
+            })
             .collect();
         let title = format!("Who closes first (sorted by {})", self.sort.name());
-        Self::table(f, area, &title, &["netns", "process", "active/s", "passive/s", "total"], &[18, 15, 9, 9, 9], rows);
+        let columns = ["netns", "process", "active/s", "passive/s", "time_wait", "total"];
+        Self::table(f, area, &title, &columns, &[18, 15, 9, 9, 9, 9], rows);
     }
 
     fn pressure(&self, f: &mut Frame, area: Rect) {
@@ -475,7 +504,7 @@ mod tests {
         assert_eq!(cycle(&all, &Some(1)), Some(2));
         assert_eq!(cycle(&all, &Some(2)), None);
         assert_eq!(cycle::<u16>(&[], &None), None);
-        assert_eq!(Sort::Active.next().next().next(), Sort::Active);
+        assert_eq!(Sort::Active.next().next().next().next(), Sort::Active);
         assert_eq!(spark(&VecDeque::from([0, 7, 14])), "▁▄█");
     }
 }

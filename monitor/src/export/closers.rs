@@ -1,9 +1,12 @@
-//! Who closes first: connections closed by each process, per namespace and role, read from the
-//! kernel programs' `CLOSERS` map at every scrape.
+//! Who closes first: connections closed by each process, per namespace and role, and the
+//! TIME_WAIT sockets those closes left, read from the kernel programs' `CLOSERS` and
+//! `TIMEWAIT_HELD` maps at every scrape.
 //!
 //! The active closer's close() takes a connection from ESTABLISHED to FIN_WAIT1, and its side
 //! then holds TIME_WAIT; the passive closer's takes it from CLOSE_WAIT to LAST_ACK. Only the
 //! kernel sees which process did it: a timewait socket has no owner, so `ss` shows ports only.
+//! The kernel programs carry the closer's cell from the close to the connection's timewait
+//! socket, and count it there until the socket ends.
 //!
 //! A process keeps its series once shown: the first `top_k` (netns, process) pairs by closes get
 //! their own, every later one is added to `comm="other"`. Counters must not move between series
@@ -13,13 +16,18 @@ use std::{
     sync::Mutex,
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use monitor_common::{CloserKey, Closes};
-use prometheus::{IntCounterVec, Opts, core::Collector, core::Desc, proto};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, core::Collector, core::Desc, proto};
 
 use crate::export::netns_counters::Watched;
 
-pub type ClosersMap = HashMap<MapData, CloserKey, Closes>;
+/// The kernel programs' maps of closers: closes by process, and by each closer's cell the
+/// TIME_WAIT sockets it holds, per CPU.
+pub struct ClosersMaps {
+    pub closes: HashMap<MapData, CloserKey, Closes>,
+    pub held: PerCpuArray<MapData, i64>,
+}
 
 /// A process's closes, as the JSON snapshot shows them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -28,24 +36,41 @@ pub struct CloserRow {
     pub comm: String,
     pub active: u64,
     pub passive: u64,
+    /// TIME_WAIT sockets there now of connections it closed first.
+    pub timewait: u64,
 }
 
 pub struct Closers {
-    map: Mutex<ClosersMap>,
+    maps: Mutex<ClosersMaps>,
     watched: Watched,
     top_k: usize,
     /// (netns, comm) pairs with series of their own.
     shown: Mutex<BTreeSet<(String, String)>>,
-    /// For its description: each scrape fills a new one.
+    /// For their descriptions: each scrape fills new ones.
     closes: IntCounterVec,
+    held: IntGaugeVec,
 }
 
 impl Closers {
-    pub fn new(map: ClosersMap, watched: Watched, top_k: usize) -> prometheus::Result<Self> {
-        Ok(Self { map: Mutex::new(map), watched, top_k, shown: Mutex::default(), closes: Self::vec()? })
+    pub fn new(maps: ClosersMaps, watched: Watched, top_k: usize) -> prometheus::Result<Self> {
+        let (closes, held) = (Self::closes()?, Self::held()?);
+        Ok(Self { maps: Mutex::new(maps), watched, top_k, shown: Mutex::default(), closes, held })
     }
 
-    fn vec() -> prometheus::Result<IntCounterVec> {
+    fn held() -> prometheus::Result<IntGaugeVec> {
+        IntGaugeVec::new(
+            Opts::new(
+                "twmon_timewait_sockets",
+                "TIME_WAIT sockets now, by the process whose close() created them (it closed \
+                 first) and its namespace. Sockets whose close the agent did not see (made before \
+                 it started) are in twmon_sockets only. The first top_k processes keep their own \
+                 series; later ones are counted in comm=\"other\".",
+            ),
+            &["netns", "comm"],
+        )
+    }
+
+    fn closes() -> prometheus::Result<IntCounterVec> {
         IntCounterVec::new(
             Opts::new(
                 "twmon_closes_total",
@@ -62,9 +87,18 @@ impl Closers {
     pub fn rows(&self) -> Vec<CloserRow> {
         let names: BTreeMap<u32, String> =
             self.watched.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|n| (n.inode, n.name.clone())).collect();
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        // What a closer's cell holds, summed over CPUs (each CPU counts the sockets that entered
+        // and left on it, so one alone may be negative).
+        let held = |slot: u32| -> u64 {
+            if slot == 0 {
+                return 0;
+            }
+            maps.held.get(&slot, 0).map_or(0, |per_cpu| per_cpu.iter().sum::<i64>().max(0) as u64)
+        };
         // Only the namespaces the agent watches (the last reconcile found them and named them).
-        let mut rows: Vec<CloserRow> = map
+        let mut rows: Vec<CloserRow> = maps
+            .closes
             .iter()
             .filter_map(Result::ok)
             .filter_map(|(k, v)| Some((names.get(&k.netns)?, k, v)))
@@ -73,6 +107,7 @@ impl Closers {
                 comm: comm(&k.comm),
                 active: v.active,
                 passive: v.passive,
+                timewait: if v.active > 0 { held(v.slot) } else { 0 },
             })
             .collect();
         rows.sort_by(|a, b| (b.active + b.passive).cmp(&(a.active + a.passive)).then(a.comm.cmp(&b.comm)));
@@ -88,12 +123,12 @@ fn comm(raw: &[u8; 16]) -> String {
 
 impl Collector for Closers {
     fn desc(&self) -> Vec<&Desc> {
-        self.closes.desc()
+        self.closes.desc().into_iter().chain(self.held.desc()).collect()
     }
 
     fn collect(&self) -> Vec<proto::MetricFamily> {
         let rows = self.rows();
-        let Ok(closes) = Self::vec() else { return Vec::new() };
+        let (Ok(closes), Ok(held)) = (Self::closes(), Self::held()) else { return Vec::new() };
         let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
         for r in rows {
             let key = (r.netns.clone(), r.comm.clone());
@@ -103,8 +138,11 @@ impl Collector for Closers {
             let comm = if shown.contains(&key) { r.comm.as_str() } else { "other" };
             closes.with_label_values(&[&r.netns, comm, "active"]).inc_by(r.active);
             closes.with_label_values(&[&r.netns, comm, "passive"]).inc_by(r.passive);
+            if r.active > 0 {
+                held.with_label_values(&[&r.netns, comm]).add(r.timewait as i64);
+            }
         }
-        closes.collect()
+        closes.collect().into_iter().chain(held.collect()).collect()
     }
 }
 

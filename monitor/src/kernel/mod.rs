@@ -20,7 +20,7 @@ use aya::{
 };
 use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, sweep, tcp, twin};
 
-use crate::export::closers::ClosersMap;
+use crate::export::closers::ClosersMaps;
 use layout::LayoutError;
 
 /// The kernel object built by `build.rs` from `monitor-ebpf`.
@@ -84,7 +84,7 @@ pub struct Kernel {
     settings_map: Array<MapData, Settings>,
     settings: Settings,
     /// Until the agent takes it for its collector.
-    closers: Option<ClosersMap>,
+    closers: Option<ClosersMaps>,
     /// The trace ring buffer, until the agent takes it (written only while someone traces).
     trace: Option<RingBuf<MapData>>,
     pub hz: u32,
@@ -208,7 +208,10 @@ impl Kernel {
         let lifecycle =
             PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
         let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
-        let closers = HashMap::try_from(take(&mut ebpf, "CLOSERS")?).map_err(|e| KernelError::Load(e.into()))?;
+        let closers = ClosersMaps {
+            closes: HashMap::try_from(take(&mut ebpf, "CLOSERS")?).map_err(|e| KernelError::Load(e.into()))?,
+            held: PerCpuArray::try_from(take(&mut ebpf, "TIMEWAIT_HELD")?).map_err(|e| KernelError::Load(e.into()))?,
+        };
         let trace = RingBuf::try_from(take(&mut ebpf, "TRACE")?).map_err(|e| KernelError::Load(e.into()))?;
 
         let own: &[&str] =
@@ -286,8 +289,9 @@ impl Kernel {
         self.settings_map.set(0, self.settings, 0)
     }
 
-    /// The map of closes by process, for the collector that reads it at scrape time (once).
-    pub fn take_closers(&mut self) -> Option<ClosersMap> {
+    /// The maps of closes and TIME_WAIT by process, for the collector that reads them at scrape
+    /// time (once).
+    pub fn take_closers(&mut self) -> Option<ClosersMaps> {
         self.closers.take()
     }
 

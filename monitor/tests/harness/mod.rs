@@ -525,6 +525,9 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     for (s, _) in SS_STATES {
         assert_eq!(m.sockets(s), k.sockets(s), "{ctx}: {s} vs ss\n{n}");
     }
+    // Every TIME_WAIT socket is one whose close the agent saw: each is held by a process.
+    let held: f64 = m.series("twmon_timewait_sockets").iter().map(|(_, v)| v).sum();
+    assert_eq!(held, k.sockets("time_wait"), "{ctx}: TIME_WAIT by the process that closed first vs ss\n{n}");
 }
 
 /// Kernel work done on a thread of PID 1, which some kernels hide from every BPF program: this
