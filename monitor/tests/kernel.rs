@@ -10,7 +10,7 @@ mod harness;
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{Agent, Metrics, Netns};
@@ -601,23 +601,30 @@ fn closes_are_counted_by_process() {
 
     // TIME_WAIT by who closed first, against `ss` (each side's ports tell whose it is): the
     // clients that closed first hold theirs, the one that closed second holds none, and the
-    // servers hold those of the connections they closed first.
+    // servers hold those of the connections they closed first. The last FIN may still be on its
+    // way (a slow VM): first wait until `ss` shows every timewait socket.
+    let deadline = Instant::now() + SETTLE;
+    let tw = loop {
+        let tw = ns.ss("TIME-WAIT");
+        if tw.len() >= FIRST + SECOND || Instant::now() > deadline {
+            break tw;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (servers_tw, clients): (Vec<_>, Vec<_>) =
+        tw.into_iter().partition(|(local, _)| listened.iter().any(|p| local.ends_with(&format!(":{p}"))));
+    assert_eq!((clients.len(), servers_tw.len()), (FIRST, SECOND), "ss:\n{}", ns.ss_all());
     let held = |m: &Metrics| -> Vec<(String, f64)> {
-        m.series("twmon_timewait_sockets")
-            .into_iter()
-            .filter(|(l, _)| l.contains(&format!("netns=\"{netns}\"")))
-            .collect()
+        let here = format!("netns=\"{netns}\"");
+        m.series("twmon_timewait_sockets").into_iter().filter(|(l, _)| l.contains(&here)).collect()
     };
     let of = |m: &Metrics, comm: &str| m.value("twmon_timewait_sockets", &[("netns", &netns), ("comm", comm)]);
-    let (servers_tw, clients): (Vec<_>, Vec<_>) = ns
-        .ss("TIME-WAIT")
-        .into_iter()
-        .partition(|(local, _)| listened.iter().any(|p| local.ends_with(&format!(":{p}"))));
-    assert_eq!((clients.len(), servers_tw.len()), (FIRST, SECOND), "ss:\n{}", ns.ss_all());
+    let servers_held =
+        |m: &Metrics| -> f64 { held(m).iter().filter(|(l, _)| !l.contains("comm=\"client-")).map(|(_, v)| v).sum() };
+    let m = agent.wait_for(SETTLE, |m| of(m, "client-first") == Some(FIRST as f64) && servers_held(m) == SECOND as f64);
     assert_eq!(of(&m, "client-first"), Some(FIRST as f64), "{:?}", held(&m));
     assert_eq!(of(&m, "client-second"), None, "it closed none first: no series\n{:?}", held(&m));
-    let servers_held: f64 = held(&m).iter().filter(|(l, _)| !l.contains("comm=\"client-")).map(|(_, v)| v).sum();
-    assert_eq!(servers_held, SECOND as f64, "{:?}", held(&m));
+    assert_eq!(servers_held(&m), SECOND as f64, "{:?}", held(&m));
 }
 
 /// `twmon trace` prints every change of known connections, both sides, TIME_WAIT and its end

@@ -8,62 +8,32 @@ use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
+use testkit::netns::Netns;
 use twmon::view::{
     netns::{self, Namespace},
     procfs::{self, Sysctls, TcpExt},
 };
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The agent's own way into a namespace ([`netns::visit`]), which these tests exercise.
+trait Visit {
+    fn namespace(&self) -> Namespace;
+    fn visit<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T;
 }
 
-/// A named network namespace (`ip netns add`), loopback up; deleted on drop, also when the
-/// test fails.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("twmon-procfs-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        sh(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        sh(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
-    }
-
+impl Visit for Netns {
     fn namespace(&self) -> Namespace {
         let inode = netns::inode_of(Path::new(&self.path())).expect("inode of a namespace just made");
         Namespace { inode, path: self.path().into(), name: format!("netns/{}", self.name), pid: None }
     }
 
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    fn visit<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let mut f = Some(f);
         let mut done = netns::visit(vec![self.namespace()], move |_| f.take().map(|f| f())).expect("a thread");
         let (_, r) = done.pop().expect("one namespace");
         r.unwrap_or_else(|e| panic!("entering {}: {e}", self.name)).expect("run once")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -88,7 +58,7 @@ impl Drop for Reaped {
 
 #[test]
 fn sysctls_are_those_of_the_entered_namespace() {
-    let (a, b) = (Netns::new(), Netns::new());
+    let (a, b) = (Netns::new("procfs"), Netns::new("procfs"));
     a.exec(&[
         "sysctl",
         "-qw",
@@ -138,7 +108,7 @@ fn sysctls_are_those_of_the_entered_namespace() {
 
     // The calling thread never left its own namespace.
     let here = procfs::read_sysctls().expect("sysctls here");
-    let want = sh(Command::new("sysctl").args(["-n", "net.ipv4.tcp_max_tw_buckets"]));
+    let want = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets").expect("the host's sysctl");
     assert_eq!(here.tcp_max_tw_buckets.to_string(), want.trim(), "{here:?}");
 }
 
@@ -169,25 +139,25 @@ fn close_connections(n: usize) {
 #[test]
 fn timewait_is_counted_in_its_own_namespace() {
     const N: usize = 5;
-    let (a, b) = (Netns::new(), Netns::new());
-    let before = a.run(|| procfs::read_tcpext().expect("TcpExt in a"));
+    let (a, b) = (Netns::new("procfs"), Netns::new("procfs"));
+    let before = a.visit(|| procfs::read_tcpext().expect("TcpExt in a"));
     assert_eq!(before, TcpExt::default(), "a new namespace starts at zero");
-    a.run(|| close_connections(N));
+    a.visit(|| close_connections(N));
 
     // TIME_WAIT begins when the server's FIN arrives; on loopback that is at once, but allow
     // the softirq a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     let tw_a = loop {
-        let tw = a.run(|| procfs::read_sockstat().expect("sockstat in a").tw);
+        let tw = a.visit(|| procfs::read_sockstat().expect("sockstat in a").tw);
         if tw >= N as u64 || Instant::now() > deadline {
             break tw;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let ss_a = a.exec(&["ss", "-tanH", "state", "time-wait"]).lines().count();
-    let ext_a = a.run(|| procfs::read_tcpext().expect("TcpExt in a"));
-    let tw_b = b.run(|| procfs::read_sockstat().expect("sockstat in b").tw);
-    let ext_b = b.run(|| procfs::read_tcpext().expect("TcpExt in b"));
+    let ext_a = a.visit(|| procfs::read_tcpext().expect("TcpExt in a"));
+    let tw_b = b.visit(|| procfs::read_sockstat().expect("sockstat in b").tw);
+    let ext_b = b.visit(|| procfs::read_tcpext().expect("TcpExt in b"));
     eprintln!("a: sockstat tw {tw_a}, ss {ss_a}, {ext_a:?}\nb: sockstat tw {tw_b}, {ext_b:?}");
 
     assert_eq!(tw_a, N as u64, "sockstat tw in a");
@@ -200,7 +170,7 @@ fn timewait_is_counted_in_its_own_namespace() {
 
 #[test]
 fn discover_lists_named_namespaces() {
-    let (a, b) = (Netns::new(), Netns::new());
+    let (a, b) = (Netns::new("procfs"), Netns::new("procfs"));
     // A process living in a: discover reports it as a's pid.
     let sleeper = Reaped(
         Command::new("ip")
@@ -349,7 +319,7 @@ fn discover_names_pods_and_containers() {
     let uid = format!("{:08x}-4a5b-6c7d-8e9f-a0b1c2d3e4f5", me);
     let id = |n: u32| format!("{me:08x}{n:056x}");
     let top = format!("kubepods-twmon-test-{me}");
-    let pod = Netns::new();
+    let pod = Netns::new("procfs");
     // The pod's pause process: no HOSTNAME. Its application container: HOSTNAME and
     // POD_NAMESPACE, as the runtime and the Downward API set them.
     let pause_cg = Cgroup::new(&format!("{top}/pod{uid}/{}", id(1)));
@@ -394,9 +364,9 @@ fn discover_names_pods_and_containers() {
 
 #[test]
 fn socket_owners_finds_this_process() {
-    let a = Netns::new();
+    let a = Netns::new("procfs");
     // A socket made inside a namespace, held here: its owner is this process all the same.
-    let listener = a.run(|| TcpListener::bind("127.0.0.1:0").expect("listen in a"));
+    let listener = a.visit(|| TcpListener::bind("127.0.0.1:0").expect("listen in a"));
     let here = TcpListener::bind("127.0.0.1:0").expect("listen here");
     let inode_of = |fd: i32| {
         // SAFETY: a valid fd and a stat buffer.

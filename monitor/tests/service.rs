@@ -257,7 +257,7 @@ fn web_config_tls_client_certificates_and_basic_auth() {
     assert!(agent.get("/healthz").map(|(s, _)| s != 200).unwrap_or(true), "plain HTTP answered");
     let m = {
         let (_, body) = curl(&[&client[..], &["-u", "alice:s3cret"]].concat(), "/metrics");
-        common::Metrics::parse(&body)
+        common::Metrics::parse(&body).unwrap()
     };
     assert_eq!(m.get("twmon_http_refused_total", &[("reason", "unauthorized")]), 2.0);
     let _ = std::fs::remove_dir_all(&dir);

@@ -18,7 +18,6 @@
 mod agent;
 mod bpf;
 mod load;
-mod netns;
 mod open;
 mod stats;
 mod steady;
@@ -34,12 +33,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use testkit::netns::Netns;
 
 use self::{
     agent::{Agent, Scrape},
     bpf::{FloorKind, RunStats},
     load::{Churn, Servers, Until},
-    netns::Netns,
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -210,7 +209,7 @@ pub fn run(built: &Path, args: &[String]) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    netns::remove_stale();
+    testkit::netns::remove_stale();
     let work = std::env::temp_dir().join(format!("twmon-bench-{}", std::process::id()));
     fs::create_dir_all(&work)?;
     let result = phases(twmon, &opts, &work);
@@ -276,14 +275,14 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
     let started = Instant::now();
 
     if ["churn", "cost", "cpu", "scrape"].iter().any(|p| o.wants(p)) {
-        let ns = Netns::create("churn")?;
+        let ns = Netns::new("bench-churn");
         // Wide port range and tcp_tw_reuse so clients never run out of ports; TIME_WAIT kept
         // below the agent's 262144-entry map (two destinations x 64512 ports < 131072).
         ns.sysctls(&[
             ("net/ipv4/ip_local_port_range", "1024 65535"),
             ("net/ipv4/tcp_tw_reuse", "1"),
             ("net/ipv4/tcp_max_tw_buckets", "131072"),
-        ])?;
+        ]);
         let servers = Servers::start(&ns, 2, o.clients)?;
         eprintln!("bench: namespace {} up, servers on {:?}", ns.name, servers.addrs);
         if o.wants("churn") {
@@ -1042,7 +1041,7 @@ fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
             Ok((200, body)) => {
                 t.ms.push(start.elapsed().as_secs_f64() * 1e3);
                 // Reports the previous scrape's collect time; close enough over many scrapes.
-                t.collect.push(Scrape::parse(&body).collect_ms());
+                t.collect.push(Scrape::parse(&body).map_or(f64::NAN, |s| s.collect_ms()));
             }
             Ok((status, _)) => {
                 t.failure = Some(anyhow::anyhow!("scrape {} of {n}: /metrics answered {status}", i + 1));
@@ -1061,14 +1060,14 @@ fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
 fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Result<()> {
     println!("\n## 7. Memory with {} timewait sockets alive", o.timewait);
     check_interrupted()?;
-    let ns = Netns::create("tw")?;
+    let ns = Netns::new("bench-tw");
     // No reuse: every connection leaves a timewait socket for 60 s. Eight server ports give
     // 8 x 64512 four-tuples, so connect() finds a free port quickly.
     ns.sysctls(&[
         ("net/ipv4/ip_local_port_range", "1024 65535"),
         ("net/ipv4/tcp_tw_reuse", "0"),
         ("net/ipv4/tcp_max_tw_buckets", "262144"),
-    ])?;
+    ]);
     let clients = 8;
     let servers = Servers::start(&ns, 8, 1)?;
     let _stats = bpf::enable_stats()?;
@@ -1086,7 +1085,7 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     let churn = load::churn(&ns, &servers.addrs, clients, Until::Count(o.timewait, Duration::from_secs(50)), None)?;
     // One sweep interval, so silent FIN_WAIT2 -> TIME_WAIT changes are settled.
     std::thread::sleep(Duration::from_millis(1500));
-    let in_ns = ns.timewait_count()?;
+    let in_ns = ns.sockstat_tw();
     let m1 = agent.scrape()?;
     let followed = m1.timewait();
     let after = agent.memory()?;
@@ -1203,7 +1202,7 @@ const TIMEWAIT_PER_NAMESPACE: usize = 20;
 fn namespaces_phase(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
     println!("\n## 8. {} namespaces with {TIMEWAIT_PER_NAMESPACE} timewait sockets each", o.namespaces);
     check_interrupted()?;
-    let spaces: Vec<Netns> = (0..o.namespaces).map(|i| Netns::create(&format!("many{i}"))).collect::<Result<_>>()?;
+    let spaces: Vec<Netns> = (0..o.namespaces).map(|i| Netns::new(&format!("bench-many{i}"))).collect();
     let made = Instant::now();
     for ns in &spaces {
         ns.run(|| {
@@ -1215,7 +1214,7 @@ fn namespaces_phase(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
                 drop(c);
                 std::io::Read::read(&mut s, &mut [0u8; 1])?;
             }
-            Ok(())
+            Ok::<_, std::io::Error>(())
         })?;
     }
     let config = work.join("namespaces.toml");

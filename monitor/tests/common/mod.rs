@@ -1,124 +1,20 @@
-//! Test harness for real-kernel tests: private network namespaces, the real `twmon` binary
-//! watching only that namespace, its /metrics parsed, and the kernel's own view (`ss`,
-//! /proc/net/sockstat) read from inside the namespace.
+//! The agent under test: the real `twmon` binary, watching a namespace of the test's own (from
+//! `testkit`, with the kernel's view from inside it), its /metrics parsed.
 #![allow(dead_code)]
 
 use std::{
-    collections::HashMap,
     fs::File,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
+    net::SocketAddr,
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace of the test's own, with loopback up; deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Self {
-        let name = format!("twmon-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        sh(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// Runs a command inside the namespace and returns its output.
-    pub fn exec(&self, args: &[&str]) -> String {
-        sh(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
-    }
-
-    /// Runs `f` on a thread that has entered the namespace: sockets it creates live there.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: a valid namespace fd; affects only this thread.
-            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
-    }
-
-    /// TCP sockets `ss` shows in a state (its names: TIME-WAIT, FIN-WAIT-2, CLOSE-WAIT ...), as
-    /// (local, peer) address pairs.
-    pub fn ss(&self, state: &str) -> Vec<(String, String)> {
-        ss_in(&self.ss_all(), state)
-    }
-
-    /// Every TCP socket, as `ss -tanH` prints them. The full dump rather than `ss state X`: the
-    /// kernel's sock_diag leaves timewait sockets out of a FIN-WAIT-2 query but reports the
-    /// orphaned FIN_WAIT2 ones as FIN-WAIT-2 in a full dump.
-    pub fn ss_all(&self) -> String {
-        self.exec(&["ss", "-tanH"])
-    }
-
-    /// A counter of the kernel's own in this namespace: `group` is a line prefix of
-    /// /proc/net/netstat (`TcpExt`) or /proc/net/snmp (`Tcp`), `key` a column of it.
-    pub fn counter(&self, group: &str, key: &str) -> u64 {
-        counter_in(&self.counters(), group, key)
-    }
-
-    /// /proc/net/netstat and /proc/net/snmp in one read, for [`counter_in`].
-    pub fn counters(&self) -> String {
-        self.exec(&["cat", "/proc/net/netstat", "/proc/net/snmp"])
-    }
-
-    /// The `tw` count of /proc/net/sockstat in this namespace.
-    pub fn sockstat_tw(&self) -> u64 {
-        let text = self.exec(&["cat", "/proc/net/sockstat"]);
-        let line = text.lines().find(|l| l.starts_with("TCP:")).expect("TCP line in sockstat");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let i = words.iter().position(|w| *w == "tw").expect("tw in sockstat");
-        words[i + 1].parse().expect("tw count")
-    }
-}
-
-/// The sockets of an `ss -tanH` dump in `state`, as (local, peer) address pairs.
-pub fn ss_in(dump: &str, state: &str) -> Vec<(String, String)> {
-    dump.lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w.len() >= 5 && w[0] == state).then(|| (w[3].to_string(), w[4].to_string()))
-        })
-        .collect()
-}
-
-/// A counter from the text of /proc/net/netstat and /proc/net/snmp: `group` is a line prefix
-/// (`TcpExt`, `Tcp`), `key` a column of it.
-pub fn counter_in(text: &str, group: &str, key: &str) -> u64 {
-    let prefix = format!("{group}:");
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
-    assert_eq!(lines.len(), 2, "{group} in /proc/net/netstat or snmp");
-    let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
-    let value = names.zip(values).find(|(n, _)| *n == key).map(|(_, v)| v);
-    value.unwrap_or_else(|| panic!("{group} {key} in /proc/net/netstat or snmp")).parse().expect("a number")
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
+#[allow(unused_imports)] // each test binary uses some
+pub use testkit::{
+    exposition::Metrics,
+    http::get as http_get,
+    netns::{Netns, counter_in, ss_in},
+};
 
 /// Room for tens of thousands of sockets in one test process.
 pub fn raise_nofile() {
@@ -243,7 +139,7 @@ impl Agent {
     pub fn metrics(&self) -> Metrics {
         let (status, body) = self.get("/metrics").expect("scrape");
         assert_eq!(status, 200, "{body}");
-        Metrics::parse(&body)
+        Metrics::parse(&body).unwrap_or_else(|e| panic!("the scrape: {e}\n{body}"))
     }
 
     /// Scrapes until `ok` holds or `timeout` passes; returns the last scrape either way so the
@@ -346,118 +242,5 @@ impl Drop for Agent {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
         }
-    }
-}
-
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {buf:?}"))
-    })?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
-/// A parsed Prometheus text exposition: `name{sorted labels}` -> value.
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    samples: HashMap<String, f64>,
-    pub text: String,
-}
-
-impl Metrics {
-    pub fn parse(text: &str) -> Self {
-        let mut samples = HashMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-            let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => {
-                    let mut pairs: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
-                    pairs.sort();
-                    (n, pairs.join(","))
-                }
-                None => (series, String::new()),
-            };
-            samples.insert(format!("{name}{{{labels}}}"), value.parse::<f64>().expect("value"));
-        }
-        Self { samples, text: text.to_string() }
-    }
-
-    /// A sample's value; NaN when the series does not exist, so that a missing series fails
-    /// every comparison (it is not 0) and a wait for a value keeps waiting.
-    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.value(name, labels).unwrap_or(f64::NAN)
-    }
-
-    /// A sample's value; `None` when the series does not exist.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        pairs.sort();
-        self.samples.get(&format!("{name}{{{}}}", pairs.join(","))).copied()
-    }
-
-    /// Every series of a metric: (labels as `k="v"` sorted and comma-joined, value).
-    pub fn series(&self, name: &str) -> Vec<(String, f64)> {
-        let prefix = format!("{name}{{");
-        let mut v: Vec<(String, f64)> = self
-            .samples
-            .iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
-            .map(|(k, v)| (k[prefix.len()..k.len() - 1].to_string(), *v))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
-
-    pub fn sockets(&self, state: &str) -> f64 {
-        self.get("twmon_sockets", &[("state", state)])
-    }
-
-    pub fn transitions(&self, from: &str, to: &str) -> f64 {
-        self.get("twmon_state_transitions_total", &[("from", from), ("to", to)])
-    }
-
-    pub fn duration_count(&self, state: &str) -> f64 {
-        self.get("twmon_state_duration_seconds_count", &[("state", state)])
-    }
-
-    pub fn duration_sum(&self, state: &str) -> f64 {
-        self.get("twmon_state_duration_seconds_sum", &[("state", state)])
-    }
-
-    pub fn bucket(&self, state: &str, le: &str) -> f64 {
-        self.get("twmon_state_duration_seconds_bucket", &[("state", state), ("le", le)])
-    }
-
-    /// What a failed comparison needs to be understood, for its message: every non-zero
-    /// twmon series but histogram buckets, program run statistics and sysctls.
-    pub fn explain(&self) -> String {
-        self.text
-            .lines()
-            .filter(|l| {
-                l.starts_with("twmon_")
-                    && !l.contains("_bucket")
-                    && !l.contains("bpf_program_run")
-                    && !l.contains("sysctl")
-                    && !l.ends_with(" 0")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Every `twmon_state_transitions_total` series with a non-zero value, for messages.
-    pub fn all_transitions(&self) -> Vec<(String, f64)> {
-        let mut v: Vec<(String, f64)> = self
-            .samples
-            .iter()
-            .filter(|(k, v)| k.starts_with("twmon_state_transitions_total{") && **v != 0.0)
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
     }
 }

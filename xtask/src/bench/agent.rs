@@ -1,14 +1,14 @@
 //! The agent under test as a child process: start, scrape, read its CPU and memory, stop.
 use std::{
     fs,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use testkit::exposition::Metrics;
 
 use super::{bpf, interrupted};
 
@@ -18,42 +18,9 @@ pub struct Agent {
     pub log: PathBuf,
 }
 
-/// One HTTP GET over a fresh connection; returns the status code and body.
+/// One GET (`testkit`): status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            anyhow::anyhow!("GET {path}: no complete answer within 15 s")
-        }
-        _ => anyhow::anyhow!("GET {path}: {e}"),
-    })?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    // The agent answers with a plain or a chunked body; /metrics is small enough to de-chunk here.
-    let body =
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-    Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(testkit::http::get(addr, path)?)
 }
 
 impl Agent {
@@ -64,7 +31,7 @@ impl Agent {
 
     /// As [`Agent::start`], with extra environment variables.
     pub fn start_with_env(bin: &Path, extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Result<Self> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, testkit::http::free_port()?));
         let log = log_dir.join(format!("twmon-{}.log", addr.port()));
         let child = Command::new(bin)
             .args(["--web.listen-address", &addr.to_string(), "--log.level", "warn"])
@@ -107,7 +74,7 @@ impl Agent {
         if status != 200 {
             bail!("/metrics answered {status}: {body}");
         }
-        Ok(Scrape::parse(&body))
+        Scrape::parse(&body)
     }
 
     /// utime and stime (/proc/PID/stat fields 14 and 15): all threads, living or not.
@@ -260,44 +227,31 @@ pub struct Memory {
     pub bpf_maps: u64,
 }
 
-/// A parsed Prometheus text exposition: (name, labels, value) per sample.
-#[derive(Clone, Debug, Default)]
+/// A scrape, parsed (`testkit`), and its size.
+#[derive(Clone, Debug)]
 pub struct Scrape {
-    samples: Vec<(String, String, f64)>,
+    metrics: Metrics,
     pub bytes: usize,
 }
 
 impl Scrape {
-    pub fn parse(body: &str) -> Self {
-        let mut samples = Vec::new();
-        for line in body.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-            let Some((series, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(v) = value.parse::<f64>() else { continue };
-            let (name, labels) = match series.split_once('{') {
-                Some((n, l)) => (n.to_string(), l.trim_end_matches('}').to_string()),
-                None => (series.to_string(), String::new()),
-            };
-            samples.push((name, labels, v));
-        }
-        Scrape { samples, bytes: body.len() }
+    pub fn parse(body: &str) -> Result<Self> {
+        Ok(Scrape { metrics: Metrics::parse(body).map_err(anyhow::Error::msg)?, bytes: body.len() })
     }
 
-    /// Sum of the samples of `name` whose labels include every `key="value"` given.
+    /// Sum of the samples of `name` whose labels include every `key="value"` given; 0 when there
+    /// is none (a counter whose label set has not happened yet).
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-            .map(|(_, _, v)| *v)
-            .sum()
+        self.metrics.sum(name, labels).unwrap_or(0.0)
     }
 
     pub fn series(&self) -> usize {
-        self.samples.len()
+        self.metrics.len()
     }
 
     /// Whether any sample of `name` is present.
     pub fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|(n, _, _)| n == name)
+        self.metrics.has(name)
     }
 
     /// A program's (run_time_ns, run_cnt) as the agent reports them (run time in seconds, or

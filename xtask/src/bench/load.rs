@@ -17,7 +17,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{interrupted, netns::Netns};
+use testkit::netns::Netns;
+
+use super::interrupted;
 
 /// Listeners inside a namespace with acceptor threads that serve one connection at a time.
 pub struct Servers {
@@ -123,7 +125,7 @@ fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
 /// Runs `clients` client threads inside `ns` against `dsts` (spread round-robin), as fast as
 /// they can or, with `pace`, at that many connections per second in total.
 pub fn churn(ns: &Netns, dsts: &[SocketAddr], clients: usize, until: Until, pace: Option<f64>) -> Result<Churn> {
-    let ns_file: OwnedFd = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?.into();
+    let ns_file: OwnedFd = File::open(ns.path()).with_context(|| format!("opening {}", ns.path()))?.into();
     let (limit, budget) = match until {
         Until::Time(d) => (d, i64::MAX),
         Until::Count(n, d) => (d, n as i64),

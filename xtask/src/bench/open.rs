@@ -18,7 +18,9 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use super::{interrupted, netns::Netns};
+use testkit::netns::Netns;
+
+use super::interrupted;
 
 /// Bytes per request and per answer.
 const MESSAGE: usize = 64;
@@ -83,7 +85,7 @@ fn answer(mut s: TcpStream) {
 
 impl Server {
     pub fn start(ns: &Netns, workload: Workload) -> Result<Self> {
-        let listener = ns.run(|| Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?))?;
+        let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (l, stop2) = (listener.try_clone()?, stop.clone());
@@ -125,7 +127,7 @@ pub fn run(ns: &Netns, dst: SocketAddr, workload: Workload, clients: usize, d: D
             .map(|_| {
                 let (ready, go, start) = (&ready, &go, &start);
                 s.spawn(move || -> Result<u64> {
-                    let conn = ns.enter().and_then(|()| Ok(TcpStream::connect(dst)?));
+                    let conn = ns.enter().and_then(|()| TcpStream::connect(dst));
                     ready.wait();
                     go.wait();
                     let mut conn = conn?;

@@ -6,13 +6,13 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Result, bail};
+use testkit::netns::Netns;
 
 use super::{
     Findings, Mode, TRACEPOINTS,
     agent::Agent,
     bpf::{self, FloorKind},
     check_interrupted,
-    netns::Netns,
     open::{self, Server, Workload},
     stats,
 };
@@ -54,8 +54,8 @@ pub(super) fn steady_phase(
         round.as_secs_f64(),
         MESSAGE = 64,
     );
-    let ns = Netns::create("steady")?;
-    ns.set_mtu(1500)?;
+    let ns = Netns::new("bench-steady");
+    ns.set_mtu(1500);
     let servers = WORKLOADS.iter().map(|w| Server::start(&ns, *w)).collect::<Result<Vec<_>>>()?;
     eprintln!("bench: steady warm-up");
     both(&ns, &servers, Duration::from_secs(1))?;

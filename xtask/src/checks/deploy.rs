@@ -227,9 +227,12 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
         status = format!("uid {DYNAMIC_UID}, CapEff {eff:#x}, NoNewPrivs 1");
         let (code, body) = http_get(addr.context("no address")?, "/metrics")?;
         ensure!(code == 200, "/metrics answered {code}");
-        let scrape = super::e2e::Scrape::parse(body)?;
-        attached = scrape.get("twmon_bpf_programs_attached", &[]);
-        tw_buckets = scrape.get("twmon_sysctl", &[("name", "tcp_max_tw_buckets")]);
+        let scrape = super::e2e::Scrape::parse(&body).map_err(anyhow::Error::msg)?;
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            scrape.value(name, labels).with_context(|| format!("no {name} {labels:?} in the scrape"))
+        };
+        attached = value("twmon_bpf_programs_attached", &[])?;
+        tw_buckets = value("twmon_sysctl", &[("name", "tcp_max_tw_buckets")])?;
     }
     agent.stop()?;
     Ok(Sandboxed { healthy, log: agent.log_tail(6), status, attached, tw_buckets })

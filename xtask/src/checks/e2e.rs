@@ -1,7 +1,6 @@
 //! End to end: a real agent, a real Prometheus scraping it every second with the shipped rules
 //! loaded, a real TCP workload, then every dashboard query through Prometheus' HTTP API.
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::Path,
     process::Command,
@@ -21,63 +20,18 @@ use super::{
 };
 
 /// One scrape of the agent, parsed.
-pub struct Scrape {
-    pub text: String,
-    series: Vec<(String, BTreeMap<String, String>, f64)>,
-}
+pub type Scrape = testkit::exposition::Metrics;
 
-impl Scrape {
-    pub fn parse(text: String) -> Result<Self> {
-        let mut series = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-            let (head, value) = line.rsplit_once(' ').with_context(|| format!("bad sample line: {line}"))?;
-            let value: f64 = value.parse().with_context(|| format!("bad value in: {line}"))?;
-            let (name, labels) = match head.split_once('{') {
-                None => (head.to_string(), BTreeMap::new()),
-                Some((name, rest)) => {
-                    let mut labels = BTreeMap::new();
-                    for pair in rest.trim_end_matches('}').split("\",").filter(|p| !p.is_empty()) {
-                        let (k, v) = pair.split_once("=\"").with_context(|| format!("bad labels in: {line}"))?;
-                        labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
-                    }
-                    (name.to_string(), labels)
-                }
-            };
-            series.push((name, labels, value));
-        }
-        Ok(Self { text, series })
-    }
-
-    /// Sum of the series of `name` that have all of `labels`.
-    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.series
-            .iter()
-            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
-            .map(|(_, _, v)| v)
-            .sum()
-    }
-}
-
-impl Scrape {
-    /// The series of `family` that changed since `before`, as `{labels} +delta`.
-    pub fn changed(&self, before: &Scrape, family: &str) -> Vec<String> {
-        self.series
-            .iter()
-            .filter(|(n, _, _)| n == family)
-            .filter_map(|(_, labels, v)| {
-                let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                let delta = v - before.get(family, &pairs);
-                let shown = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-                (delta != 0.0).then(|| format!("{{{shown}}} +{delta}"))
-            })
-            .collect()
-    }
+/// The sum of the series of `name` with `labels`; 0 before any (a counter of a label set that
+/// has not happened yet).
+fn total(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.sum(name, labels).unwrap_or(0.0)
 }
 
 fn scrape(addr: SocketAddr) -> Result<Scrape> {
     let (status, body) = http_get(addr, "/metrics")?;
     ensure!(status == 200, "GET /metrics answered {status}: {body}");
-    Scrape::parse(body)
+    Scrape::parse(&body).map_err(anyhow::Error::msg)
 }
 
 struct Prometheus {
@@ -202,14 +156,14 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
     );
     // The workload's namespace is gone: the kernel kills its timewait sockets, the agent settles
     // them after its grace period.
-    let killed_before = before.get("twmon_timewait_ends_total", &[("reason", "killed")]);
+    let killed_before = total(&before, "twmon_timewait_ends_total", &[("reason", "killed")]);
     let killed_wanted = f64::from(summary.client_closed / 2);
     let waited = Instant::now();
     wait_for("TIME_WAIT sockets of the torn-down namespace ending", Duration::from_secs(40), || {
         let now = scrape(agent_addr).with_context(|| {
             format!("scraping the agent (its threads wait in: {})", util::thread_waits(agent.pid()))
         })?;
-        Ok(now.get("twmon_timewait_ends_total", &[("reason", "killed")]) - killed_before >= killed_wanted)
+        Ok(total(&now, "twmon_timewait_ends_total", &[("reason", "killed")]) - killed_before >= killed_wanted)
     })?;
     println!("  namespace teardown seen after {:.1} s", waited.elapsed().as_secs_f64());
     // Two more scrapes, so that Prometheus has the end state too.
@@ -260,7 +214,7 @@ fn check_metrics(text: &str) -> Result<String> {
 /// The agent's counters moved by at least what the workload did (other programs on the host
 /// can only add to them).
 fn counts(before: &Scrape, after: &Scrape, s: &Summary) -> Result<String> {
-    let d = |name: &str, labels: &[(&str, &str)]| after.get(name, labels) - before.get(name, labels);
+    let d = |name: &str, labels: &[(&str, &str)]| total(after, name, labels) - total(before, name, labels);
     let rows: Vec<(&str, f64, u32)> = vec![
         (
             "established -> fin_wait1",

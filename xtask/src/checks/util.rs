@@ -2,8 +2,7 @@
 //! minimal HTTP client, and running commands with their output kept for the report.
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -111,27 +110,12 @@ pub fn thread_waits(pid: u32) -> String {
     out.join(" ")
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// One GET (`testkit`): status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    Ok(testkit::http::get(addr, path)?)
 }
 
-/// GET http://addr/path with HTTP/1.0; returns the status code and the body.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").context("HTTP response without a header end")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("bad HTTP status line: {}", head.lines().next().unwrap_or("")))?;
-    Ok((status, body.to_string()))
-}
+pub use testkit::http::free_port;
 
 /// Percent-encodes a query-string value.
 pub fn url_encode(s: &str) -> String {

@@ -1,0 +1,13 @@
+//! What twmon's tests (`monitor/tests`), checks and benchmark (`xtask`) share, written once:
+//!
+//! - [`netns`]: network namespaces of their own, with the kernel's view from inside (`ss`,
+//!   /proc/net counters, sysctls);
+//! - [`http`]: a plain HTTP GET and a free port, to talk to the agent without a client stack
+//!   that could hide what it answers;
+//! - [`exposition`]: the Prometheus text format parsed, where a missing series is not 0.
+//!
+//! Set-up failures (no `ip`, a namespace that cannot be made) panic with what to do: this is
+//! test support, and a host that cannot make a namespace cannot run any of them.
+pub mod exposition;
+pub mod http;
+pub mod netns;
