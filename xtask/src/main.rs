@@ -2,7 +2,6 @@
 //!
 //! `cargo xtask setup` installs what a fresh Debian machine lacks; every other task runs it first.
 mod bench;
-mod checks;
 mod setup;
 mod vm;
 
@@ -10,6 +9,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+pub use xtask::{is_root, root};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "twmon developer tasks")]
@@ -74,10 +74,6 @@ enum Task {
     },
 }
 
-pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
 /// Runs a command in the workspace root, failing with its command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
@@ -91,14 +87,6 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// A command's standard output, when it ran and succeeded.
 pub fn output(cmd: &mut Command) -> Option<String> {
     cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions. Avoids a libc dependency for one call.
-    unsafe extern "C" {
-        fn geteuid() -> u32;
-    }
-    unsafe { geteuid() == 0 }
 }
 
 fn build() -> Result<PathBuf> {
@@ -187,11 +175,8 @@ fn main() -> Result<()> {
             }
             // Real-kernel tests each wait for timers of up to 2MSL; run them side by side.
             cmd.args(["--", "--test-threads", "16"]);
-            run(&mut cmd)?;
-            if filter.is_none() {
-                checks::run()?;
-            }
-            Ok(())
+            // The checks of what ships beside the binary are among them (`xtask/tests/checks.rs`).
+            run(&mut cmd)
         }
     }
 }

@@ -398,15 +398,16 @@ impl View {
                     r.netns,
                     r.comm,
                     format!("{a:.1}"),
-                    format!("{p:.1}"),
                     r.time_wait.to_string(),
+                    format!("{p:.1}"),
                     r.total.to_string(),
                 ]
             })
             .collect();
         let title = format!("Who closes first (sorted by {})", self.sort.name());
-        let columns = ["netns", "process", "active/s", "passive/s", "time_wait", "total"];
-        Self::table(f, area, &title, &columns, &[18, 15, 9, 9, 9, 9], rows);
+        // Beside the active closes, what they leave: the TIME_WAIT sockets the process holds now.
+        let columns = ["netns", "process", "active/s", "timewait", "passive/s", "total"];
+        Self::table(f, area, &title, &columns, &[14, 15, 8, 8, 9, 7], rows);
     }
 
     fn pressure(&self, f: &mut Frame, area: Rect) {

@@ -18,9 +18,10 @@ use super::{
     util::{Proc, first_line, http_get, must, output, wait_for},
 };
 
-pub fn run(report: &mut Report, tools: &Tools, twmon: &Path) {
-    let root = crate::root();
-    let unit_path = root.join("deploy/systemd/twmon.service");
+/// The systemd unit: verified, its sandbox scored, and the agent run under it (as the unit's
+/// user, with its capabilities and system call filter).
+pub fn systemd(report: &mut Report, tools: &Tools, twmon: &Path) {
+    let unit_path = crate::root().join("deploy/systemd/twmon.service");
     let unit = Unit::load(&unit_path);
     report.check("systemd-analyze verify", || verify_unit(tools, &unit_path, twmon));
     report.check("systemd-analyze security", || security(tools, &unit_path, twmon));
@@ -30,7 +31,10 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path) {
     report.check("system calls within SystemCallFilter", || {
         syscalls(tools, unit.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?, twmon)
     });
+}
 
+/// The Kubernetes manifests (built, validated, fitting together, scraped) and the Dockerfile.
+pub fn kubernetes(report: &mut Report, tools: &Tools) {
     let mut docs = None;
     report.check("kustomize build", || {
         let (base, privileged) = kustomize(tools)?;
