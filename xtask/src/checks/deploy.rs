@@ -233,7 +233,7 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
         ensure!(code == 200, "/metrics answered {code}");
         let scrape = super::e2e::Scrape::parse(&body).map_err(anyhow::Error::msg)?;
         let value = |name: &str, labels: &[(&str, &str)]| {
-            scrape.value(name, labels).with_context(|| format!("no {name} {labels:?} in the scrape"))
+            scrape.sum(name, labels).with_context(|| format!("no {name} {labels:?} in the scrape"))
         };
         attached = value("twmon_bpf_programs_attached", &[])?;
         tw_buckets = value("twmon_sysctl", &[("name", "tcp_max_tw_buckets")])?;
