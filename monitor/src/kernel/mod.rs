@@ -183,7 +183,13 @@ impl Kernel {
                  socket maps itself for the sweep and the CLOSE_WAIT scan (one program run per entry)"
             );
         }
+        // Parsed once, for the loader's relocations and for loading each program (the loader
+        // would parse its own otherwise). The layout above comes from btf-rs, which looks up
+        // members and enumerators by name.
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|e| KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string())))?;
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global("LAYOUT", &layout, true)
             .map_max_entries("SOCKS", limits.max_sockets)
             .map_max_entries("TIMEWAIT", limits.max_timewait)
@@ -240,8 +246,6 @@ impl Kernel {
             attached: 0,
         };
         kernel.calibrate()?;
-        let btf = aya::Btf::from_sys_fs()
-            .map_err(|e| KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string())))?;
         for (name, tp, _, _) in TRACEPOINTS {
             // A program's twin goes right after it: the kernel runs a tracepoint's programs in
             // the order they were attached.
