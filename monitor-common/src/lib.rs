@@ -191,7 +191,13 @@ impl Lifecycle {
     /// program nested on the same CPU may add to the same cell. No panicking index: the kernel
     /// programs use it too.
     #[inline(always)]
-    pub fn count_with(&mut self, from: u8, to: u8, duration_ns: Option<u64>, add: impl Fn(&mut u64, u64)) {
+    pub fn count_with(
+        &mut self,
+        from: u8,
+        to: u8,
+        duration_ns: Option<u64>,
+        add: impl Fn(&mut u64, u64),
+    ) {
         // Masked, not checked: 5.10's verifier loses a checked bound on the way to the address
         // (of a state read from a map) and rejects the program; a mask it keeps. The kernel's
         // states are below STATES, so a mask changes none of them.
@@ -300,7 +306,8 @@ pub mod counter {
     pub const COUNT: u32 = NESTED + super::twin::COUNT;
 }
 
-/// The second argument of a test run of `twmon_sweep_one` (kernels without `bpf_for_each_map_elem`).
+/// The second argument of a test run of `twmon_sweep_one` (kernels without
+/// `bpf_for_each_map_elem`).
 pub mod sweep {
     /// Only the orphaned FIN_WAIT2 timewait sockets.
     pub const ORPHANS: u64 = 0;
@@ -346,8 +353,9 @@ pub struct KernelLayout {
     /// `struct inet_timewait_sock` members.
     pub tw_substate: u32,
     pub tw_timer: u32,
-    /// `struct sock_common` -> `skc_tw_snd_nxt` (`tw_snd_nxt`): fixed for a timewait socket's life, and
-    /// different for a new connection on the same 4-tuple (its own initial sequence number).
+    /// `struct sock_common` -> `skc_tw_snd_nxt` (`tw_snd_nxt`): fixed for a timewait socket's
+    /// life, and different for a new connection on the same 4-tuple (its own initial sequence
+    /// number).
     pub tw_snd_nxt: u32,
     /// `struct timer_list` members; `entry.pprev` is NULL while the timer is not queued.
     pub timer_expires: u32,
@@ -364,8 +372,8 @@ pub struct KernelLayout {
     pub sk_err: u32,
     /// `struct sock_common` -> `skc_nulls_node.pprev`: NULL once out of the connection hash.
     pub skc_nulls_pprev: u32,
-    /// `struct sock_common` -> `skc_flags` (`sk_flags`), and in it the bits of `SOCK_DEAD` (orphaned: the
-    /// application closed it) and `SOCK_DONE` (the peer's FIN arrived).
+    /// `struct sock_common` -> `skc_flags` (`sk_flags`), and in it the bits of `SOCK_DEAD`
+    /// (orphaned: the application closed it) and `SOCK_DONE` (the peer's FIN arrived).
     pub sk_flags: u32,
     pub sk_flags_dead_or_done: u32,
     /// `struct task_struct` -> `group_leader` and `comm`: the process (not the thread) that
@@ -518,10 +526,24 @@ mod tests {
 
     #[test]
     fn teardown_states() {
-        for s in [tcp::FIN_WAIT1, tcp::FIN_WAIT2, tcp::CLOSE_WAIT, tcp::CLOSING, tcp::LAST_ACK, tcp::TIME_WAIT] {
+        for s in [
+            tcp::FIN_WAIT1,
+            tcp::FIN_WAIT2,
+            tcp::CLOSE_WAIT,
+            tcp::CLOSING,
+            tcp::LAST_ACK,
+            tcp::TIME_WAIT,
+        ] {
             assert!(tcp::is_teardown(s), "{s}");
         }
-        for s in [tcp::ESTABLISHED, tcp::SYN_SENT, tcp::SYN_RECV, tcp::CLOSE, tcp::LISTEN, tcp::NEW_SYN_RECV] {
+        for s in [
+            tcp::ESTABLISHED,
+            tcp::SYN_SENT,
+            tcp::SYN_RECV,
+            tcp::CLOSE,
+            tcp::LISTEN,
+            tcp::NEW_SYN_RECV,
+        ] {
             assert!(!tcp::is_teardown(s), "{s}");
         }
     }

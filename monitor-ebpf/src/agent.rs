@@ -99,7 +99,8 @@ pub(crate) fn socket_event<S: SockCommon>(
     now: u64,
     entered: u64,
 ) -> Result<Event, i64> {
-    let mut ev = Event { ts_ns: now, obj: sk, netns: c.netns()?, kind, from, to, ..Event::default() };
+    let mut ev =
+        Event { ts_ns: now, obj: sk, netns: c.netns()?, kind, from, to, ..Event::default() };
     c.fill(&mut ev)?;
     // inet_sport, as the classic tracepoint reports it: skc_num is zeroed on some paths to CLOSE.
     ev.sport = u16::from_be(kread(sk + layout!(inet_sport) as u64)?);

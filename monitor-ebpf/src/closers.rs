@@ -53,7 +53,12 @@ fn claim_slot(key: &CloserKey) -> u16 {
     let mut h: u32 = 0x811c_9dc5;
     let mut i = 0;
     while i < 4 {
-        let w = u32::from_ne_bytes([key.comm[i * 4], key.comm[i * 4 + 1], key.comm[i * 4 + 2], key.comm[i * 4 + 3]]);
+        let w = u32::from_ne_bytes([
+            key.comm[i * 4],
+            key.comm[i * 4 + 1],
+            key.comm[i * 4 + 2],
+            key.comm[i * 4 + 3],
+        ]);
         h = (h ^ w).wrapping_mul(0x9e37_79b1);
         i += 1;
     }
@@ -63,7 +68,8 @@ fn claim_slot(key: &CloserKey) -> u16 {
         if slot == 0 {
             continue;
         }
-        if CLOSER_SLOT_OWNERS.insert(slot, *key, BPF_NOEXIST).is_ok() || copied(&CLOSER_SLOT_OWNERS, slot) == Some(*key)
+        if CLOSER_SLOT_OWNERS.insert(slot, *key, BPF_NOEXIST).is_ok()
+            || copied(&CLOSER_SLOT_OWNERS, slot) == Some(*key)
         {
             return slot as u16;
         }

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    CLOSER_SLOTS, ClockSample, CloserKey, Closes, KernelLayout, Lifecycle, MAX_CLOSERS, Settings, SockEntry, counter,
-    tcp, twin,
+    CLOSER_SLOTS, ClockSample, CloserKey, Closes, KernelLayout, Lifecycle, MAX_CLOSERS, Settings,
+    SockEntry, counter, tcp, twin,
 };
 
 use crate::{handoff::Handoffs, timewait::Cancelled, twin::Ran};
@@ -65,7 +65,8 @@ pub(crate) static CLOSERS: HashMap<CloserKey, Closes> = HashMap::with_max_entrie
 /// another closer has it, which is atomic on every kernel (a compare-and-exchange on a map value
 /// needs Linux 5.12).
 #[map]
-pub(crate) static CLOSER_SLOT_OWNERS: HashMap<u32, CloserKey> = HashMap::with_max_entries(MAX_CLOSERS, 0);
+pub(crate) static CLOSER_SLOT_OWNERS: HashMap<u32, CloserKey> =
+    HashMap::with_max_entries(MAX_CLOSERS, 0);
 
 /// Per CPU, by closer cell: TIME_WAIT sockets entering (+1) and leaving (-1), of connections
 /// that closer closed first. Their sum is what the closer holds now.

@@ -3,7 +3,10 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{helpers::generated::bpf_for_each_map_elem, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::generated::bpf_for_each_map_elem, macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
 use monitor_common::{ClockSample, SockEntry, found, kind, sweep, tcp};
 
 use crate::{
@@ -25,7 +28,12 @@ pub fn twmon_sweep(_ctx: RawTracePointContext) -> i32 {
     // SAFETY: the map and the callback are this crate's; the verifier checks the callback's
     // arguments against the map's key and value types.
     let visited = unsafe {
-        bpf_for_each_map_elem(&ORPHANS as *const _ as *mut c_void, sweep_cb as *mut c_void, core::ptr::null_mut(), 0)
+        bpf_for_each_map_elem(
+            &ORPHANS as *const _ as *mut c_void,
+            sweep_cb as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
     };
     visited as i32
 }
@@ -75,14 +83,24 @@ pub(crate) fn sample_clock() {
 }
 
 #[inline(never)]
-extern "C" fn sweep_cb(_map: *mut c_void, key: *const u64, _value: *mut u8, _ctx: *mut c_void) -> i64 {
+extern "C" fn sweep_cb(
+    _map: *mut c_void,
+    key: *const u64,
+    _value: *mut u8,
+    _ctx: *mut c_void,
+) -> i64 {
     // SAFETY: the kernel passes the element's key and value, valid for the callback's run.
     sweep_one(unsafe { *key }, false);
     0
 }
 
 #[inline(never)]
-extern "C" fn sweep_all_cb(_map: *mut c_void, key: *const u64, _value: *mut SockEntry, _ctx: *mut c_void) -> i64 {
+extern "C" fn sweep_all_cb(
+    _map: *mut c_void,
+    key: *const u64,
+    _value: *mut SockEntry,
+    _ctx: *mut c_void,
+) -> i64 {
     // SAFETY: the kernel passes the element's key and value, valid for the callback's run.
     sweep_one(unsafe { *key }, true);
     0
@@ -120,7 +138,10 @@ pub(crate) fn sweep_one(tw: u64, all: bool) {
     // timer's new expiry (or a new state), and its timer is out of the wheel in between.
     let still_this = || {
         copied(&TIMEWAIT, tw).is_some_and(|e| {
-            e.hash == seen.hash && e.expires == seen.expires && e.state == seen.state && e.entered_ns == seen.entered_ns
+            e.hash == seen.hash
+                && e.expires == seen.expires
+                && e.state == seen.state
+                && e.entered_ns == seen.entered_ns
         })
     };
     // Gone, then the same entry still there, then still gone: not a re-arm caught between its
@@ -132,7 +153,9 @@ pub(crate) fn sweep_one(tw: u64, all: bool) {
         end_missed(&seen, tw, now, at);
         return;
     }
-    if seen.state != tcp::FIN_WAIT2 || kread::<u8>(tw + layout!(tw_substate) as u64) != Ok(tcp::TIME_WAIT) {
+    if seen.state != tcp::FIN_WAIT2
+        || kread::<u8>(tw + layout!(tw_substate) as u64) != Ok(tcp::TIME_WAIT)
+    {
         return;
     }
     let Ok(expires) = kread::<u64>(timer + layout!(timer_expires) as u64) else { return };
@@ -199,7 +222,12 @@ pub fn twmon_close_wait_one(ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(never)]
-extern "C" fn close_wait_cb(_map: *mut c_void, key: *const u64, value: *mut SockEntry, found: *mut c_void) -> i64 {
+extern "C" fn close_wait_cb(
+    _map: *mut c_void,
+    key: *const u64,
+    value: *mut SockEntry,
+    found: *mut c_void,
+) -> i64 {
     // SAFETY: `found` is the counter `twmon_close_wait` passes along, alive for the whole walk;
     // key and value are the element's, valid for the callback's run.
     let found = unsafe { &mut *(found as *mut u64) };
@@ -217,6 +245,14 @@ pub(crate) fn close_wait_check(sk: u64, e: SockEntry, found: &mut u64) -> i64 {
         return 1;
     }
     *found += 1;
-    let _ = report(&Live(sk), sk, kind::CLOSE_WAIT_AGE, tcp::CLOSE_WAIT, tcp::CLOSE_WAIT, e.entered_ns, 0);
+    let _ = report(
+        &Live(sk),
+        sk,
+        kind::CLOSE_WAIT_AGE,
+        tcp::CLOSE_WAIT,
+        tcp::CLOSE_WAIT,
+        e.entered_ns,
+        0,
+    );
     0
 }

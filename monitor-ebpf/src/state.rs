@@ -42,7 +42,10 @@ pub(crate) fn state_id(ctx: &BtfTracePointContext) -> EventId {
 /// close() after shutdown() sets FIN_WAIT1, FIN_WAIT2, CLOSING or LAST_ACK again: no change).
 #[inline(always)]
 pub(crate) fn state_wanted(old: u8, new: u8) -> bool {
-    (tcp::is_teardown(new) || new == tcp::CLOSE) && old != tcp::CLOSE && old != tcp::LISTEN && old != new
+    (tcp::is_teardown(new) || new == tcp::CLOSE)
+        && old != tcp::CLOSE
+        && old != tcp::LISTEN
+        && old != new
 }
 
 #[inline(always)]
@@ -66,10 +69,11 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // Read once: what the agent wants reported (while it seeds) and traced (while someone traces).
     let (report_all, tracing) = (setting(|s| s.report_all) != 0, setting(|s| s.trace) != 0);
     // The owner's close() or shutdown(): the current task is the closer.
-    let closing =
-        (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1) || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK);
+    let closing = (old == tcp::ESTABLISHED && new == tcp::FIN_WAIT1)
+        || (old == tcp::CLOSE_WAIT && new == tcp::LAST_ACK);
     // Its cell for the TIME_WAIT its side will hold, when it closed first.
-    let mut closed_first_by = if closing { closed_by(c.netns()?, new == tcp::FIN_WAIT1) } else { 0 };
+    let mut closed_first_by =
+        if closing { closed_by(c.netns()?, new == tcp::FIN_WAIT1) } else { 0 };
 
     // Leaving `old`: its entry time gives the duration. Teardown to teardown updates the entry
     // in place (no delete and insert).
@@ -101,7 +105,8 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
 
     let mut to = new;
     let reset_before = new == tcp::CLOSE && take_notes(sk);
-    if new == tcp::CLOSE && (old == tcp::FIN_WAIT1 || old == tcp::FIN_WAIT2 || old == tcp::CLOSING) {
+    if new == tcp::CLOSE && (old == tcp::FIN_WAIT1 || old == tcp::FIN_WAIT2 || old == tcp::CLOSING)
+    {
         if let Some(h) = take_handoff(&c) {
             // The connection lives on as a timewait socket: RFC 793's view is old -> TIME_WAIT,
             // or no change at all for an orphaned FIN_WAIT2 that the kernel keeps as one.
@@ -134,7 +139,12 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
 
     if tcp::is_teardown(new) && !kept {
-        let entry = SockEntry { entered_ns: now, state: new, closer: closed_first_by, ..SockEntry::default() };
+        let entry = SockEntry {
+            entered_ns: now,
+            state: new,
+            closer: closed_first_by,
+            ..SockEntry::default()
+        };
         if SOCKS.insert(sk, entry, 0).is_ok() {
             gauge(new, 1);
         } else if count_warn(counter::SOCKS_FULL) {
@@ -143,7 +153,11 @@ pub(crate) fn try_state(ctx: &BtfTracePointContext) -> Result<(), i64> {
     }
     record(old, to, entered, now);
     if tracing {
-        let (comm, pid) = if closing { (process_name().unwrap_or_default(), current_pid()) } else { ([0; 16], 0) };
+        let (comm, pid) = if closing {
+            (process_name().unwrap_or_default(), current_pid())
+        } else {
+            ([0; 16], 0)
+        };
         trace(&socket_event(&c, sk, kind::TRANSITION, old, to, now, entered)?, comm, pid);
     }
     // The agent lets go of seeded sockets (in a teardown state the programs did not know) when

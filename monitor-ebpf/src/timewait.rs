@@ -150,7 +150,13 @@ pub(crate) fn tw_identity(tw: u64) -> Result<(u64, u32, u32, u32), i64> {
 /// A timewait socket's record for the agent.
 #[inline(always)]
 pub(crate) fn tw_event(tw: u64, now: u64) -> Result<Event, i64> {
-    let mut ev = Event { ts_ns: now, obj: tw, netns: netns_of(tw)?, flags: flags::TIMEWAIT, ..Event::default() };
+    let mut ev = Event {
+        ts_ns: now,
+        obj: tw,
+        netns: netns_of(tw)?,
+        flags: flags::TIMEWAIT,
+        ..Event::default()
+    };
     Live(tw).fill(&mut ev)?;
     ev.sport = Live(tw).get(layout!(skc_num))?;
     Ok(ev)
@@ -200,12 +206,19 @@ pub(crate) fn change_time(expires: u64, now: u64, now_jiffies: u64) -> u64 {
 
 /// Bring an entry up to date with its socket: a silent substate change or re-arm.
 #[inline(always)]
-pub(crate) fn refresh(entry: &mut SockEntry, tw: u64, expires: u64, now: u64, now_jiffies: u64) -> Result<(), i64> {
+pub(crate) fn refresh(
+    entry: &mut SockEntry,
+    tw: u64,
+    expires: u64,
+    now: u64,
+    now_jiffies: u64,
+) -> Result<(), i64> {
     let substate: u8 = kread(tw + layout!(tw_substate) as u64)?;
     if entry.state == tcp::FIN_WAIT2 && substate == tcp::TIME_WAIT {
         // A timer we have not seen move is being re-armed for this very change (the kernel
         // sets the substate, then restarts the timer); a timer that moved was restarted then.
-        let at = if expires == entry.expires { now } else { change_time(expires, now, now_jiffies) };
+        let at =
+            if expires == entry.expires { now } else { change_time(expires, now, now_jiffies) };
         to_time_wait(entry, tw, at, false);
     } else if entry.state == tcp::TIME_WAIT && expires != entry.expires {
         count(counter::REARMS);
@@ -336,7 +349,8 @@ pub(crate) fn untracked_end(tw: u64, timer: u64) -> Result<(), i64> {
     if (now_jiffies.wrapping_sub(expires) as i64) >= 0 {
         if ev.from == tcp::TIME_WAIT {
             ev.reason = reason::EXPIRED;
-            (ev.duration_ns, ev.flags) = (now - change_time(expires, now, now_jiffies), ev.flags | flags::DURATION);
+            (ev.duration_ns, ev.flags) =
+                (now - change_time(expires, now, now_jiffies), ev.flags | flags::DURATION);
         } else {
             ev.reason = reason::FIN_TIMEOUT;
         }

@@ -158,7 +158,8 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// `500ms`, `10s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("\"{s}\" is not a duration such as \"500ms\", \"10s\" or \"2m\"");
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).ok_or_else(bad)?;
+    let (num, unit) =
+        s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).ok_or_else(bad)?;
     let n: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
         "ms" => n / 1000.0,
@@ -177,7 +178,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 impl Config {
     pub fn parse(path: &str, text: &str) -> Result<Self, ConfigError> {
         // toml's messages carry the line, the column and the offending key.
-        toml::from_str(text).map_err(|e| ConfigError::Invalid { path: path.to_string(), message: e.to_string() })
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid { path: path.to_string(), message: e.to_string() })
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -191,7 +193,10 @@ impl Config {
         if text.len() as u64 > MAX_CONFIG_BYTES {
             return Err(ConfigError::Invalid {
                 path: p,
-                message: format!("larger than {} KiB; is it the right file?", MAX_CONFIG_BYTES / 1024),
+                message: format!(
+                    "larger than {} KiB; is it the right file?",
+                    MAX_CONFIG_BYTES / 1024
+                ),
             });
         }
         Self::parse(&p, &text)
@@ -235,11 +240,14 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_say_where_and_why() {
-        let e = Config::parse("f.toml", "[breakdown]\ntop_k = 10\ntopk = 3\n").unwrap_err().to_string();
+        let e =
+            Config::parse("f.toml", "[breakdown]\ntop_k = 10\ntopk = 3\n").unwrap_err().to_string();
         assert!(e.contains("f.toml") && e.contains("line 3") && e.contains("topk"), "{e}");
         let e = Config::parse("f.toml", "\n[breakdown]\ntop_k = 0\n").unwrap_err().to_string();
         assert!(e.contains("line 3") && e.contains("between 1 and 1000"), "{e}");
-        let e = Config::parse("f.toml", "[close_wait]\nleak_threshold = \"soon\"\n").unwrap_err().to_string();
+        let e = Config::parse("f.toml", "[close_wait]\nleak_threshold = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("not a duration"), "{e}");
         let e = Config::parse("f.toml", "[nope]\n").unwrap_err().to_string();
         assert!(e.contains("unknown field") && e.contains("nope"), "{e}");

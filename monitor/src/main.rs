@@ -29,11 +29,19 @@ struct Args {
     #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = parse_path)]
     telemetry_path: String,
     /// Scrapes (and snapshots) served at once; more get 503 (counted in twmon_http_refused_total).
-    #[arg(long = "web.max-requests", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(
+        long = "web.max-requests",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
     max_requests: u32,
     /// HTTP connections open at once; more are closed when accepted (counted in
     /// twmon_http_refused_total).
-    #[arg(long = "web.max-connections", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    #[arg(
+        long = "web.max-connections",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..=65536)
+    )]
     max_connections: u32,
     /// Time a client has to send a request's headers, and the longest a kept-alive connection
     /// waits for its next request (e.g. `10s`).
@@ -48,7 +56,11 @@ struct Args {
     #[arg(long = "config.check")]
     config_check: bool,
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long = "log.level", default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    #[arg(
+        long = "log.level",
+        default_value = "info",
+        value_parser = ["error", "warn", "info", "debug", "trace"]
+    )]
     log_level: String,
     /// Configuration file (TOML) for breakdowns, leak threshold, namespaces and reconcile
     /// interval; see README. Without it every key has its default.
@@ -97,7 +109,10 @@ enum Command {
         #[arg(long)]
         netns: Option<String>,
         /// Only changes from or to this state (e.g. time_wait, close_wait).
-        #[arg(long, value_parser = ["established", "fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait", "close"])]
+        #[arg(long, value_parser = [
+            "established", "fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait",
+            "close",
+        ])]
         state: Option<String>,
         /// Only changes made by this process's close() (its name, as in twmon_closes_total).
         #[arg(long)]
@@ -124,7 +139,9 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     // `:PORT` is every interface, IPv6 and IPv4 (a dual-stack socket; IPv4 alone where the
     // kernel has no IPv6).
     let full = if s.starts_with(':') { format!("[::]{s}") } else { s.to_string() };
-    let bad = || format!("`{s}` is not HOST:PORT or :PORT (e.g. 127.0.0.1:9864, localhost:9864 or :9864)");
+    let bad = || {
+        format!("`{s}` is not HOST:PORT or :PORT (e.g. 127.0.0.1:9864, localhost:9864 or :9864)")
+    };
     if let Ok(addr) = full.parse() {
         return Ok(addr);
     }
@@ -133,7 +150,8 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(bad());
     }
-    let mut addrs = full.to_socket_addrs().map_err(|e| format!("`{s}`: cannot resolve {host}: {e}"))?;
+    let mut addrs =
+        full.to_socket_addrs().map_err(|e| format!("`{s}`: cannot resolve {host}: {e}"))?;
     addrs.next().ok_or_else(|| format!("`{s}`: {host} has no address"))
 }
 
@@ -148,8 +166,8 @@ fn parse_entries(s: &str) -> Result<u32, String> {
     let n: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of entries"))?;
     if !(1024..=MAX_MAP_ENTRIES as u64).contains(&n) {
         return Err(format!(
-            "{n} is out of range: from 1024 to {MAX_MAP_ENTRIES} (each entry reserves about 96 bytes of \
-             kernel memory at start-up; {MAX_MAP_ENTRIES} is 1.5 GiB)"
+            "{n} is out of range: from 1024 to {MAX_MAP_ENTRIES} (each entry reserves about 96 \
+             bytes of kernel memory at start-up; {MAX_MAP_ENTRIES} is 1.5 GiB)"
         ));
     }
     Ok(n as u32)
@@ -158,15 +176,20 @@ fn parse_entries(s: &str) -> Result<u32, String> {
 /// The inode of the network namespace at `path`, or why it is not one.
 fn netns_inode(path: &Path) -> anyhow::Result<u32> {
     let what = || format!("--netns {}", path.display());
-    let file = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}; give a namespace file such as /run/netns/NAME", what()))?;
+    let file = std::fs::File::open(path).map_err(|e| {
+        anyhow::anyhow!("{}: {e}; give a namespace file such as /run/netns/NAME", what())
+    })?;
     match twmon::view::netns::namespace_type(&file) {
         Ok(t) if t == libc::CLONE_NEWNET => {}
         Ok(_) => anyhow::bail!(
-            "{}: a namespace, but not a network namespace; give /run/netns/NAME or /proc/PID/ns/net",
+            "{}: a namespace, but not a network namespace; give /run/netns/NAME or \
+             /proc/PID/ns/net",
             what()
         ),
-        Err(_) => anyhow::bail!("{}: not a network namespace; give /run/netns/NAME or /proc/PID/ns/net", what()),
+        Err(_) => anyhow::bail!(
+            "{}: not a network namespace; give /run/netns/NAME or /proc/PID/ns/net",
+            what()
+        ),
     }
     Ok(file.metadata()?.ino() as u32)
 }
@@ -174,7 +197,9 @@ fn netns_inode(path: &Path) -> anyhow::Result<u32> {
 fn parse_ring(s: &str) -> Result<u32, String> {
     let n: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
     if !(4096..=1 << 31).contains(&n) || !n.is_power_of_two() {
-        return Err(format!("{n} must be a power of two from 4096 to 2 GiB (2147483648), e.g. 4194304"));
+        return Err(format!(
+            "{n} must be a power of two from 4096 to 2 GiB (2147483648), e.g. 4194304"
+        ));
     }
     Ok(n as u32)
 }
@@ -208,7 +233,8 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Some(Command::Trace { agent, port, address, netns, state, comm, json }) => {
-            let opts = twmon::client::trace::Options { agent, port, address, netns, state, comm, json };
+            let opts =
+                twmon::client::trace::Options { agent, port, address, netns, state, comm, json };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             return rt.block_on(twmon::client::trace::run(opts));
         }
@@ -270,15 +296,27 @@ mod tests {
     fn flags_parse_like_an_exporter() {
         let a = Args::try_parse_from(["twmon"]).unwrap();
         assert_eq!(a.listen, "[::]:9864".parse().unwrap());
-        let a =
-            Args::try_parse_from(["twmon", "--web.listen-address", "127.0.0.1:9000", "--log.level", "debug"]).unwrap();
+        let a = Args::try_parse_from([
+            "twmon",
+            "--web.listen-address",
+            "127.0.0.1:9000",
+            "--log.level",
+            "debug",
+        ])
+        .unwrap();
         assert_eq!(a.listen.port(), 9000);
         assert!(Args::try_parse_from(["twmon", "--log.level", "loud"]).is_err());
-        let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "5000"]).unwrap_err().to_string();
+        let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "5000"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("power of two"), "{e}");
-        let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "1099511627776"]).unwrap_err().to_string();
+        let e = Args::try_parse_from(["twmon", "--bpf.ring-buffer-size", "1099511627776"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("to 2 GiB"), "{e}");
-        let e = Args::try_parse_from(["twmon", "--web.listen-address", "nowhere"]).unwrap_err().to_string();
+        let e = Args::try_parse_from(["twmon", "--web.listen-address", "nowhere"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(":PORT"), "{e}");
         let local = parse_listen("localhost:9864").unwrap();
         assert!(local.ip().is_loopback() && local.port() == 9864, "{local}");

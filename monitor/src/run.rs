@@ -52,12 +52,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         && config.listen.ip() == std::net::Ipv6Addr::UNSPECIFIED
         && e.raw_os_error() == Some(libc::EAFNOSUPPORT)
     {
-        bound = tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, config.listen.port())).await;
+        bound =
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, config.listen.port()))
+                .await;
     }
     let listener = bound.map_err(|e| {
         let why = match e.raw_os_error() {
             Some(libc::EADDRINUSE) => "the port is taken: is another twmon or exporter using it?",
-            Some(libc::EADDRNOTAVAIL) => "that address is not one of this host's: give one it has, or :PORT for all",
+            Some(libc::EADDRNOTAVAIL) => {
+                "that address is not one of this host's: give one it has, or :PORT for all"
+            }
             Some(libc::EACCES) => "ports below 1024 need CAP_NET_BIND_SERVICE",
             _ => "",
         };
@@ -65,13 +69,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let (mut kernel, ring, logger) = Kernel::load(config.netns, &config.limits)?;
     let namespaces_read = netns_counters::Watched::default();
-    let closers_map = kernel.take_closers().ok_or_else(|| anyhow::anyhow!("the closers map was taken already"))?;
-    let closers = Arc::new(Closers::new(closers_map, namespaces_read.clone(), config.settings.breakdown.top_k)?);
-    let trace_ring = kernel.take_trace().ok_or_else(|| anyhow::anyhow!("the trace ring buffer was taken already"))?;
+    let closers_map = kernel
+        .take_closers()
+        .ok_or_else(|| anyhow::anyhow!("the closers map was taken already"))?;
+    let closers = Arc::new(Closers::new(
+        closers_map,
+        namespaces_read.clone(),
+        config.settings.breakdown.top_k,
+    )?);
+    let trace_ring = kernel
+        .take_trace()
+        .ok_or_else(|| anyhow::anyhow!("the trace ring buffer was taken already"))?;
     let metrics = Metrics::new(&sys::kernel_release(), kernel.hz, namespaces_read.clone())?;
     metrics.registry.register(Box::new(Shared(closers.clone())))?;
     let tracker = Tracker::new(&metrics.registry)?;
-    tracing::info!(programs = kernel.attached, hz = kernel.hz, netns = config.netns, "kernel programs attached");
+    tracing::info!(
+        programs = kernel.attached,
+        hz = kernel.hz,
+        netns = config.netns,
+        "kernel programs attached"
+    );
     let agent = Arc::new(Agent::new(
         config.clone(),
         kernel,
@@ -88,7 +105,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let stop_drain = Arc::new(AtomicBool::new(false));
     let drainer = {
         let (a, stop, every) = (agent.clone(), stop_drain.clone(), config.sweep_interval);
-        std::thread::Builder::new().name("twmon-drain".into()).spawn(move || drain_loop(&a, &stop, every))?
+        std::thread::Builder::new()
+            .name("twmon-drain".into())
+            .spawn(move || drain_loop(&a, &stop, every))?
     };
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(logger) = logger {
@@ -141,7 +160,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             agent.tracer.close();
         }
     };
-    serve::serve(listener, app, config.web.limits, config.web.config.tls.clone(), agent.clone(), stop).await;
+    serve::serve(
+        listener,
+        app,
+        config.web.limits,
+        config.web.config.tls.clone(),
+        agent.clone(),
+        stop,
+    )
+    .await;
     tasks.shutdown().await;
     stop_drain.store(true, Ordering::Relaxed);
     if drainer.join().is_err() {

@@ -44,11 +44,14 @@ pub fn is_root() -> bool {
 }
 
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Unix time minus CLOCK_MONOTONIC, in seconds: what turns a kernel timestamp into wall time.
 pub fn unix_minus_monotonic() -> f64 {
-    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64());
+    let unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64());
     unix.unwrap_or(0.0) - monotonic_ns() as f64 / 1e9
 }

@@ -28,13 +28,18 @@ fn metrics_healthz_and_index() {
     }
     assert_eq!(m.get("twmon_bpf_programs_attached", &[]), 6.0);
     for state in ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"] {
-        assert!(m.text.contains(&format!("twmon_sockets{{state=\"{state}\"}} 0")), "{state} gauge missing");
+        assert!(
+            m.text.contains(&format!("twmon_sockets{{state=\"{state}\"}} 0")),
+            "{state} gauge missing"
+        );
     }
     assert!(m.text.contains("twmon_build_info{"), "build info missing");
 
     // Debian's promtool lints the exposition exactly as Prometheus will parse it.
-    let mut child =
-        Command::new("promtool").args(["check", "metrics"]).stdin(std::process::Stdio::piped()).output_with(&m.text);
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with(&m.text);
     assert!(child.0.success(), "promtool check metrics failed:\n{}", child.1);
     child.1.clear();
 
@@ -81,7 +86,11 @@ impl OutputWith for Command {
             .expect("promtool (Debian package prometheus; `cargo xtask setup` installs it)");
         child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status, text)
     }
 }
@@ -107,7 +116,10 @@ fn port_in_use_fails_before_attaching() {
     let addr = busy.local_addr().unwrap().to_string();
     let (status, err) = twmon(&["--web.listen-address", &addr]);
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains(&format!("cannot listen on {addr}")) && err.contains("--web.listen-address"), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("--web.listen-address"),
+        "{err}"
+    );
     assert!(!err.contains("kernel programs attached"), "attached before failing: {err}");
 }
 
@@ -117,7 +129,11 @@ fn as_nobody_with(caps: &str) -> String {
     let caps = format!("-all{caps}");
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}")])
+        .args([
+            format!("--inh-caps={caps}"),
+            format!("--ambient-caps={caps}"),
+            format!("--bounding-set={caps}"),
+        ])
         .arg(env!("CARGO_BIN_EXE_twmon"))
         .args(["--web.listen-address", "127.0.0.1:0"])
         .output()
@@ -131,15 +147,20 @@ fn as_nobody_with(caps: &str) -> String {
 fn unprivileged_user_is_told_to_use_root() {
     let err = as_nobody_with("");
     assert!(err.contains("sudo") || err.contains("root"), "no hint to run as root: {err}");
-    assert!(err.contains("lacks CAP_BPF, CAP_PERFMON, CAP_SYSLOG"), "missing capabilities not named: {err}");
+    assert!(
+        err.contains("lacks CAP_BPF, CAP_PERFMON, CAP_SYSLOG"),
+        "missing capabilities not named: {err}"
+    );
 }
 
 /// Without one of the three capabilities, the agent names that one.
 #[test]
 fn missing_capability_is_named() {
-    for (without, keep) in
-        [("CAP_PERFMON", ",+bpf,+syslog"), ("CAP_BPF", ",+perfmon,+syslog"), ("CAP_SYSLOG", ",+bpf,+perfmon")]
-    {
+    for (without, keep) in [
+        ("CAP_PERFMON", ",+bpf,+syslog"),
+        ("CAP_BPF", ",+perfmon,+syslog"),
+        ("CAP_SYSLOG", ",+bpf,+perfmon"),
+    ] {
         let err = as_nobody_with(keep);
         assert!(err.contains(&format!("lacks {without}:")), "without {without}: {err}");
     }
@@ -154,8 +175,10 @@ fn missing_capability_is_named() {
 fn metrics_match_the_golden_file() {
     let golden_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/metrics.txt");
     let ns = Netns::new("golden");
-    let config =
-        Agent::config_file("golden", &format!("{}[close_wait]\nleak_threshold = \"1s\"\n", common::FAST_RECONCILE));
+    let config = Agent::config_file(
+        "golden",
+        &format!("{}[close_wait]\nleak_threshold = \"1s\"\n", common::FAST_RECONCILE),
+    );
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     // Traffic that gives every family series: closes by either side, a reset, durations,
     // TIME_WAIT for the reconcile's breakdowns, and a CLOSE_WAIT held past the leak threshold.
@@ -179,7 +202,8 @@ fn metrics_match_the_golden_file() {
         (l, s)
     });
     let expected = std::fs::read_to_string(golden_path).unwrap_or_default();
-    let wanted: Vec<&str> = expected.lines().filter_map(|l| l.strip_prefix("# ")?.split_whitespace().next()).collect();
+    let wanted: Vec<&str> =
+        expected.lines().filter_map(|l| l.strip_prefix("# ")?.split_whitespace().next()).collect();
     if std::env::var("TWMON_GOLDEN").as_deref() == Ok("update") {
         // Until the shape has stood still for 5 s: the leak and the breakdowns come with
         // reconciles, a second apart.
@@ -210,8 +234,9 @@ fn metrics_match_the_golden_file() {
     };
     assert!(
         diff.is_empty(),
-        "the exposition differs from {golden_path} (- expected, + scraped). If the change is meant, \
-         write the file again: TWMON_GOLDEN=update cargo test --release --test endpoints golden\n{}",
+        "the exposition differs from {golden_path} (- expected, + scraped). If the change is \
+         meant, write the file again: TWMON_GOLDEN=update cargo test --release --test endpoints \
+         golden\n{}",
         diff.join("\n")
     );
 }
@@ -241,7 +266,10 @@ fn shape(text: &str) -> String {
         // The longest family name the sample's is, or starts with before a suffix (`_bucket`).
         let family = families
             .keys()
-            .filter(|f| name == f.as_str() || name.strip_prefix(f.as_str()).is_some_and(|s| s.starts_with('_')))
+            .filter(|f| {
+                name == f.as_str()
+                    || name.strip_prefix(f.as_str()).is_some_and(|s| s.starts_with('_'))
+            })
             .max_by_key(|f| f.len())
             .cloned()
             .unwrap_or_else(|| panic!("sample without a family: {line}"));
@@ -307,10 +335,14 @@ fn top_shows_what_ss_shows() {
         agent.addr,
         exit.display()
     );
-    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux (Debian package tmux)");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux").args(args).output().expect("tmux (Debian package tmux)")
+    };
     let out = tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "45", &command]);
     assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
-    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    let screen = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned()
+    };
     // The `now` column of a state's row in the Sockets panel.
     let shown = |screen: &str, state: &str| -> Option<u64> {
         screen.lines().find_map(|l| {
@@ -332,12 +364,15 @@ fn top_shows_what_ss_shows() {
     };
     let ss = |state: &str| ns.ss(state).len() as u64;
     let s = wait("twmon top never showed what ss shows", &|s| {
-        shown(s, "time_wait") == Some(ss("TIME-WAIT")) && shown(s, "close_wait") == Some(ss("CLOSE-WAIT"))
+        shown(s, "time_wait") == Some(ss("TIME-WAIT"))
+            && shown(s, "close_wait") == Some(ss("CLOSE-WAIT"))
     });
     assert_eq!((shown(&s, "time_wait"), shown(&s, "close_wait")), (Some(7), Some(3)), "{s}");
     assert!(s.contains("Who closes first (sorted by active)"), "{s}");
     tmux(&["send-keys", "-t", &session, "s"]);
-    wait("the s key did not sort by passive closes", &|s| s.contains("Who closes first (sorted by passive)"));
+    wait("the s key did not sort by passive closes", &|s| {
+        s.contains("Who closes first (sorted by passive)")
+    });
     tmux(&["send-keys", "-t", &session, "q"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !exit.exists() && std::time::Instant::now() < deadline {

@@ -73,7 +73,8 @@ fn randomized_cases_match_the_kernel() {
             let hidden = || blind.as_ref().map_or(0, harness::Blind::hidden);
             let again = |hidden: usize| {
                 eprintln!(
-                    "seed {seed:#x}: {hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again"
+                    "seed {seed:#x}: {hidden} events on PID 1's threads, hidden from BPF \
+                     (harness::Blind); again"
                 );
             };
             let made = harness::run_case(&ns, seed);
@@ -88,7 +89,8 @@ fn randomized_cases_match_the_kernel() {
                 continue;
             }
             let ctx = format!(
-                "seed {seed:#x}, {} events hidden from BPF (rerun: cargo xtask soak --seed {seed:#x} --cases 1)",
+                "seed {seed:#x}, {} events hidden from BPF (rerun: cargo xtask soak --seed \
+                 {seed:#x} --cases 1)",
                 hidden()
             );
             harness::check(&ctx, &m, &k, &made);
@@ -133,11 +135,13 @@ fn soak() {
         churn.join().expect("namespace churn");
         made += this;
         let hidden = |b: &Option<harness::Blind>| b.as_ref().map_or(0, harness::Blind::hidden);
-        let rest = if hidden(&blind) == 0 { Some(harness::at_rest(&agent, &ns, SETTLE)) } else { None };
+        let rest =
+            if hidden(&blind) == 0 { Some(harness::at_rest(&agent, &ns, SETTLE)) } else { None };
         let Some((m, k)) = rest.filter(|_| hidden(&blind) == 0) else {
             // Every count from here on would be off by them: start again in a new namespace.
             println!(
-                "soak: case {case}: {} events on PID 1's threads, hidden from BPF (harness::Blind); a new namespace and agent",
+                "soak: case {case}: {} events on PID 1's threads, hidden from BPF \
+                 (harness::Blind); a new namespace and agent",
                 hidden(&blind)
             );
             restarts += 1;
@@ -148,11 +152,14 @@ fn soak() {
         };
         if m.get("twmon_timewait_end_missed_total", &[]) > 0.0 {
             let log = agent.log();
-            let unseen: Vec<_> = log.lines().filter(|l| l.contains("ended unseen")).take(20).collect();
+            let unseen: Vec<_> =
+                log.lines().filter(|l| l.contains("ended unseen")).take(20).collect();
             eprintln!("soak: the agent's account of missed ends:\n{}", unseen.join("\n"));
         }
         harness::check(&format!("soak case {case} seed {case_seed:#x}"), &m, &k, &made);
-        let total = |m: &Metrics| m.series("twmon_reconcile_drift").iter().map(|(_, v)| v.abs()).sum::<f64>();
+        let total = |m: &Metrics| {
+            m.series("twmon_reconcile_drift").iter().map(|(_, v)| v.abs()).sum::<f64>()
+        };
         let drift = total(&agent.wait_for(SETTLE, |m| total(m) == 0.0));
         assert_eq!(drift, 0.0, "soak case {case} seed {case_seed:#x}: drift at rest");
         println!(
@@ -162,7 +169,11 @@ fn soak() {
             made.connections,
             k.created,
             k.created
-                - k.states.iter().filter(|(s, _)| *s == "time_wait" || *s == "fin_wait2").map(|(_, n)| n).sum::<f64>(),
+                - k.states
+                    .iter()
+                    .filter(|(s, _)| *s == "time_wait" || *s == "fin_wait2")
+                    .map(|(_, n)| n)
+                    .sum::<f64>(),
             m.sockets("time_wait"),
             drift,
             agent.rss_kib(),
@@ -171,8 +182,8 @@ fn soak() {
         case += 1;
     }
     println!(
-        "soak: {case} cases, every invariant held at every rest point ({restarts} cases hidden in part from BPF, \
-         each followed by a new namespace and agent)"
+        "soak: {case} cases, every invariant held at every rest point ({restarts} cases hidden in \
+         part from BPF, each followed by a new namespace and agent)"
     );
 }
 
@@ -227,7 +238,11 @@ fn nginx_closing_first_under_wrk() {
     // wrk resets the connections it has open when it stops: orphaned FIN_WAIT2 timewait
     // sockets of nginx's among them end without a FIN.
     harness::check("nginx under wrk", &m, &k, &Made { orphans_unknown: true, ..Made::default() });
-    eprintln!("nginx: {requests} requests, {} timewait sockets, {} reopened", k.created, early_ends(&m));
+    eprintln!(
+        "nginx: {requests} requests, {} timewait sockets, {} reopened",
+        k.created,
+        early_ends(&m)
+    );
 }
 
 /// Connections the client aborts after its FIN: `SO_LINGER` 0 in FIN_WAIT2, a close with unread
@@ -278,12 +293,19 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
     // reset an orphaned FIN_WAIT2 timewait socket (to close, not an abort the kernel counts),
     // or, in an emulated VM, the server's FIN came alone and the orphan went to time_wait.
     let aborts = ns.counter("TcpExt", "TCPAbortOnData") + ns.counter("TcpExt", "TCPAbortOnClose");
-    assert!((2 * EACH..=3 * EACH).contains(&(aborts as usize)), "the kernel counted {aborts} aborts\n{n}");
+    assert!(
+        (2 * EACH..=3 * EACH).contains(&(aborts as usize)),
+        "the kernel counted {aborts} aborts\n{n}"
+    );
     let left = m.transitions("fin_wait2", "close") + m.transitions("fin_wait2", "time_wait");
     assert_eq!(left, (3 * EACH) as f64, "every connection made left fin_wait2 once\n{n}");
     assert!(m.transitions("fin_wait2", "close") >= aborts as f64, "every abort\n{n}");
     assert_eq!(k.overflow, 0.0);
-    assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), 0.0, "aborts counted as missed hand-offs\n{n}");
+    assert_eq!(
+        m.get("twmon_timewait_handoff_missed_total", &[]),
+        0.0,
+        "aborts counted as missed hand-offs\n{n}"
+    );
 }
 
 /// A port range of 4 and connections the server closes first: clients reconnect from ports
@@ -315,7 +337,10 @@ fn syn_reopens_time_wait() {
     if harness::tw_counted_at_creation() {
         assert_eq!(created(&ns), N as u64, "one timewait socket per connection");
     }
-    assert!(reopened >= (N - 4) as u64, "the kernel reopened only {reopened} of {N}: the test needs port reuse");
+    assert!(
+        reopened >= (N - 4) as u64,
+        "the kernel reopened only {reopened} of {N}: the test needs port reuse"
+    );
     let (m, k) = harness::at_rest(&agent, &ns, SETTLE);
     harness::check("reopened 4-tuples", &m, &k, &Made::default());
     assert_eq!(early_ends(&m), reopened as f64);
@@ -376,7 +401,9 @@ fn timewait_entry_without_socket_is_ended() {
     assert_eq!(missed(&m), 1.0, "{}", m.explain());
     assert_eq!(m.sockets("time_wait"), 0.0, "{}", m.explain());
     assert!(maps.timewait().iter().next().is_none(), "the entry without a socket was ended");
-    let m = agent.wait_for(SETTLE, |m| m.value("twmon_reconcile_drift", &[("state", "time_wait")]) == Some(0.0));
+    let m = agent.wait_for(SETTLE, |m| {
+        m.value("twmon_reconcile_drift", &[("state", "time_wait")]) == Some(0.0)
+    });
     assert_eq!(m.get("twmon_reconcile_drift", &[("state", "time_wait")]), 0.0);
     // The live connection is untouched.
     again.write_all(b"x").unwrap();
@@ -409,7 +436,8 @@ impl AgentMaps {
 
     /// Adds `delta` to a state's gauge (its slot of the first CPU).
     fn add_to_gauge(&self, state: u8, delta: i64) {
-        let mut gauges: PerCpuArray<MapData, i64> = PerCpuArray::try_from(self.find("GAUGES")).unwrap();
+        let mut gauges: PerCpuArray<MapData, i64> =
+            PerCpuArray::try_from(self.find("GAUGES")).unwrap();
         let mut values: Vec<i64> = gauges.get(&(state as u32), 0).unwrap().to_vec();
         values[0] += delta;
         gauges.set(state as u32, PerCpuValues::try_from(values).unwrap(), 0).unwrap();

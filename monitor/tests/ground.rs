@@ -14,13 +14,18 @@ use std::{
 use common::{Agent, Metrics, Netns};
 
 const SETTLE: Duration = Duration::from_secs(15);
-const STATES: [&str; 6] = ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"];
+const STATES: [&str; 6] =
+    ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"];
 
 fn pairs(ns: &Netns, n: usize) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
     pairs_on(ns, "127.0.0.1:0", n)
 }
 
-fn pairs_on(ns: &Netns, bind: &'static str, n: usize) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
+fn pairs_on(
+    ns: &Netns,
+    bind: &'static str,
+    n: usize,
+) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
     ns.run(move || {
         let l = TcpListener::bind(bind).unwrap();
         let addr = l.local_addr().unwrap();
@@ -73,7 +78,8 @@ fn first_scrape_shows_sockets_from_before_start() {
     conns.extend(conns6);
     // 15 IPv4 and 5 IPv6 connections stay half-closed; 150 and 50 close.
     let held6: Vec<_> = conns.drain(215..).collect();
-    let held: Vec<TcpStream> = conns.drain(150..165).chain(held6).map(|(c, s)| half_close(c, s)).collect();
+    let held: Vec<TcpStream> =
+        conns.drain(150..165).chain(held6).map(|(c, s)| half_close(c, s)).collect();
     assert_eq!((conns.len(), held.len()), (200, 20));
     for (c, s) in conns {
         close_both(c, s);
@@ -96,8 +102,9 @@ fn first_scrape_shows_sockets_from_before_start() {
 
     drop(held);
     let all = made + 20.0;
-    let m = agent
-        .wait_for(SETTLE, |m| m.sockets("close_wait") == 0.0 && m.sockets("time_wait") == all && drift(m).is_empty());
+    let m = agent.wait_for(SETTLE, |m| {
+        m.sockets("close_wait") == 0.0 && m.sockets("time_wait") == all && drift(m).is_empty()
+    });
     assert_eq!(m.sockets("close_wait"), 0.0);
     assert_eq!(m.sockets("time_wait"), all, "the released FIN_WAIT2 peers are in TIME_WAIT now");
     assert_eq!(m.sockets("time_wait"), ss_state(&ns, "TIME-WAIT"));
@@ -110,7 +117,8 @@ fn first_scrape_shows_sockets_from_before_start() {
     // slack (a 60 s timer may fire up to 1/8 late) and, under software emulation, a late softirq
     // (a 5.10 VM in CI showed 161 of 220 beyond 66 s).
     let expired = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "expired")]);
-    let m = agent.wait_for(Duration::from_secs(90), |m| expired(m) == all && m.sockets("time_wait") == 0.0);
+    let m = agent
+        .wait_for(Duration::from_secs(90), |m| expired(m) == all && m.sockets("time_wait") == 0.0);
     assert_eq!(expired(&m), all, "expired ends:\n{}\nagent log:\n{}", m.text, agent.log());
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert_eq!(ss_state(&ns, "TIME-WAIT"), 0.0);
@@ -157,11 +165,18 @@ fn drift_is_zero_at_rest_after_churn() {
     let m = agent.metrics();
     eprintln!("nested events handled by twins: {:?}", m.series("twmon_bpf_program_nested_total"));
     let missed: f64 = m.series("twmon_bpf_program_missed_total").iter().map(|(_, v)| v).sum();
-    assert_eq!(missed, 0.0, "kernel programs skipped runs: {:?}", m.series("twmon_bpf_program_missed_total"));
+    assert_eq!(
+        missed,
+        0.0,
+        "kernel programs skipped runs: {:?}",
+        m.series("twmon_bpf_program_missed_total")
+    );
     assert_eq!(drift(&m), vec![], "twmon_reconcile_drift at rest");
     assert_eq!(m.sockets("time_wait"), time_wait);
     assert_eq!(m.sockets("fin_wait2"), held.len() as f64);
-    for (state, ss_name) in [("time_wait", "TIME-WAIT"), ("close_wait", "CLOSE-WAIT"), ("fin_wait2", "FIN-WAIT-2")] {
+    for (state, ss_name) in
+        [("time_wait", "TIME-WAIT"), ("close_wait", "CLOSE-WAIT"), ("fin_wait2", "FIN-WAIT-2")]
+    {
         assert_eq!(m.sockets(state), ss_state(&ns, ss_name), "{state} vs ss");
     }
 }
@@ -184,7 +199,9 @@ fn per_namespace_counts_match_ss() {
         m.value("twmon_netns_sockets", &[("netns", &name(ns)), ("state", state)])
     };
     let held = |n: f64| (n > 0.0).then_some(n);
-    let m = agent.wait_for(SETTLE, |m| get(m, &a, "time_wait") == Some(30.0) && get(m, &b, "close_wait") == Some(12.0));
+    let m = agent.wait_for(SETTLE, |m| {
+        get(m, &a, "time_wait") == Some(30.0) && get(m, &b, "close_wait") == Some(12.0)
+    });
     assert_eq!(
         get(&m, &a, "time_wait"),
         held(ss_state(&a, "TIME-WAIT")),
@@ -199,17 +216,27 @@ fn per_namespace_counts_match_ss() {
     assert_eq!(get(&m, &b, "time_wait"), None, "no TIME_WAIT in b, so no series");
     // Kernel counters and limits per namespace, as the kernel shows them inside it (b has its
     // own limits).
-    b.exec(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=33", "net.ipv4.ip_local_port_range=40000 49999"]);
+    b.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_fin_timeout=33",
+        "net.ipv4.ip_local_port_range=40000 49999",
+    ]);
     let sysctl = |m: &Metrics, ns: &Netns, name: &str| {
         m.get("twmon_sysctl", &[("netns", &format!("netns/{}", ns.name)), ("name", name)])
     };
     let m = agent.wait_for(SETTLE, |m| sysctl(m, &b, "tcp_fin_timeout") == 33.0);
     for ns in [&a, &b] {
         let read = |key: &str| ns.exec(&["sysctl", "-n", key]);
-        let range: Vec<f64> =
-            read("net.ipv4.ip_local_port_range").split_whitespace().map(|v| v.parse().unwrap()).collect();
+        let range: Vec<f64> = read("net.ipv4.ip_local_port_range")
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
         for (name, want) in [
-            ("tcp_max_tw_buckets", read("net.ipv4.tcp_max_tw_buckets").trim().parse::<f64>().unwrap()),
+            (
+                "tcp_max_tw_buckets",
+                read("net.ipv4.tcp_max_tw_buckets").trim().parse::<f64>().unwrap(),
+            ),
             ("tcp_fin_timeout", read("net.ipv4.tcp_fin_timeout").trim().parse().unwrap()),
             ("tcp_tw_reuse", read("net.ipv4.tcp_tw_reuse").trim().parse().unwrap()),
             ("ip_local_port_range_min", range[0]),
@@ -228,11 +255,16 @@ fn per_namespace_counts_match_ss() {
         let i = names.split_whitespace().position(|n| n == key).unwrap();
         values.split_whitespace().nth(i).unwrap().parse().unwrap()
     };
-    let tw_of_b = |m: &Metrics| m.get("twmon_kernel_tcpext_total", &[("netns", &name(&b)), ("counter", "TW")]);
+    let tw_of_b = |m: &Metrics| {
+        m.get("twmon_kernel_tcpext_total", &[("netns", &name(&b)), ("counter", "TW")])
+    };
     // The last orphans may become timewait sockets a moment after the scrape above (an emulated
     // 6.12 showed 11 of the 12 there).
-    let m = if netstat(&a, "TW") > 0.0 { agent.wait_for(SETTLE, |m| tw_of_b(m) == 12.0) } else { m };
-    let tcpext = |ns: &Netns, key: &str| m.get("twmon_kernel_tcpext_total", &[("netns", &name(ns)), ("counter", key)]);
+    let m =
+        if netstat(&a, "TW") > 0.0 { agent.wait_for(SETTLE, |m| tw_of_b(m) == 12.0) } else { m };
+    let tcpext = |ns: &Netns, key: &str| {
+        m.get("twmon_kernel_tcpext_total", &[("netns", &name(ns)), ("counter", key)])
+    };
     // Kernels since early 2022 count TW when a timewait socket is created; older ones (5.10)
     // when it ends, so none has been counted yet.
     let at_creation = netstat(&a, "TW") > 0.0;
@@ -258,7 +290,8 @@ fn per_namespace_counts_match_ss() {
     let gone = name(&b);
     drop(b);
     let m = agent.wait_for(SETTLE, |m| !m.text.contains(&format!("netns=\"{gone}\"")));
-    let left: Vec<&str> = m.text.lines().filter(|l| l.contains(&format!("netns=\"{gone}\""))).collect();
+    let left: Vec<&str> =
+        m.text.lines().filter(|l| l.contains(&format!("netns=\"{gone}\""))).collect();
     assert!(left.is_empty(), "series of a deleted namespace: {left:?}");
 }
 
@@ -267,8 +300,10 @@ fn per_namespace_counts_match_ss() {
 #[test]
 fn close_wait_leak_is_named() {
     let ns = Netns::new("leak");
-    let config =
-        Agent::config_file("leak", &format!("{}[close_wait]\nleak_threshold = \"2s\"\n", common::FAST_RECONCILE));
+    let config = Agent::config_file(
+        "leak",
+        &format!("{}[close_wait]\nleak_threshold = \"2s\"\n", common::FAST_RECONCILE),
+    );
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     let (_l, conns) = pairs(&ns, 5);
     let _held: Vec<TcpStream> = conns.into_iter().map(|(c, s)| half_close(c, s)).collect();
@@ -299,7 +334,12 @@ fn close_wait_leak_is_named() {
     let m = agent.metrics();
     assert_eq!(leaked(&m), 5.0);
     assert_eq!(m.get("twmon_close_wait_leaks_total", &[]), 5.0, "leaks counted again");
-    assert_eq!(agent.log().matches("CLOSE_WAIT leak").count(), 5, "leaks logged again:\n{}", agent.log());
+    assert_eq!(
+        agent.log().matches("CLOSE_WAIT leak").count(),
+        5,
+        "leaks logged again:\n{}",
+        agent.log()
+    );
 }
 
 /// N connections to one destination hold N local ports: the ratio to the ephemeral range is
@@ -314,9 +354,13 @@ fn port_pressure_ratio() {
     let (l, conns) = pairs(&ns, N);
     let dst = l.local_addr().unwrap().to_string();
     let ratio = |m: &Metrics| {
-        m.get("twmon_port_pressure_ratio", &[("netns", &format!("netns/{}", ns.name)), ("destination", &dst)])
+        m.get(
+            "twmon_port_pressure_ratio",
+            &[("netns", &format!("netns/{}", ns.name)), ("destination", &dst)],
+        )
     };
-    let m = agent.wait_for(SETTLE, |m| (ratio(m) - N as f64 / 1000.0).abs() < 0.01 * N as f64 / 1000.0);
+    let m =
+        agent.wait_for(SETTLE, |m| (ratio(m) - N as f64 / 1000.0).abs() < 0.01 * N as f64 / 1000.0);
     let want = N as f64 / 1000.0;
     assert!(
         (ratio(&m) - want).abs() <= 0.01 * want,
@@ -361,8 +405,17 @@ fn breakdown_cardinality_is_bounded() {
         kernel.set(ns.ss("TIME-WAIT").len() as f64);
         m.sockets("time_wait") == kernel.get()
     });
-    assert_eq!(m.sockets("time_wait"), kernel.get(), "twmon vs the kernel's TIME-WAIT\n{}", m.explain());
-    assert!(kernel.get() >= PORTS as f64 - 10.0, "{} of {PORTS} connections in TIME-WAIT", kernel.get());
+    assert_eq!(
+        m.sockets("time_wait"),
+        kernel.get(),
+        "twmon vs the kernel's TIME-WAIT\n{}",
+        m.explain()
+    );
+    assert!(
+        kernel.get() >= PORTS as f64 - 10.0,
+        "{} of {PORTS} connections in TIME-WAIT",
+        kernel.get()
+    );
     // Folding loses no socket: the port series add up to the gauge of the same scrape.
     let sum = |m: &Metrics| m.series("twmon_port_sockets").iter().map(|(_, v)| v).sum::<f64>();
     let m = agent.wait_for(SETTLE, |m| sum(m) == m.sockets("time_wait"));
@@ -371,7 +424,9 @@ fn breakdown_cardinality_is_bounded() {
         let ports: HashSet<String> = series
             .iter()
             .filter(|(l, _)| l.contains(&format!("side=\"{side}\"")))
-            .filter_map(|(l, _)| l.split(',').find(|kv| kv.starts_with("port=")).map(str::to_string))
+            .filter_map(|(l, _)| {
+                l.split(',').find(|kv| kv.starts_with("port=")).map(str::to_string)
+            })
             .collect();
         assert!(ports.len() <= K + 1, "{} {side} ports shown: {ports:?}", ports.len());
         assert!(ports.contains("port=\"other\""), "{side}: {ports:?}");
@@ -385,7 +440,11 @@ fn breakdown_cardinality_is_bounded() {
         assert!((1..=K).contains(&n), "{n} {name} series");
     }
     // One namespace, one series per state.
-    assert!(m.series("twmon_netns_sockets").len() <= STATES.len(), "{:?}", m.series("twmon_netns_sockets"));
+    assert!(
+        m.series("twmon_netns_sockets").len() <= STATES.len(),
+        "{:?}",
+        m.series("twmon_netns_sockets")
+    );
 }
 
 /// A deleted namespace's series (counts, TcpExt, sysctls) go within seconds, not at the next
@@ -399,9 +458,11 @@ fn deleted_namespace_series_go_within_seconds() {
         close_both(c, s);
     }
     let agent = Agent::start_all("gone", "[reconcile]\ninterval = \"5m\"\n");
-    let series = |m: &Metrics| m.text.lines().filter(|l| l.contains(&format!("netns=\"{name}\""))).count();
-    let m =
-        agent.wait_for(SETTLE, |m| m.get("twmon_netns_sockets", &[("netns", &name), ("state", "time_wait")]) == 10.0);
+    let series =
+        |m: &Metrics| m.text.lines().filter(|l| l.contains(&format!("netns=\"{name}\""))).count();
+    let m = agent.wait_for(SETTLE, |m| {
+        m.get("twmon_netns_sockets", &[("netns", &name), ("state", "time_wait")]) == 10.0
+    });
     assert_eq!(m.get("twmon_netns_sockets", &[("netns", &name), ("state", "time_wait")]), 10.0);
     assert!(m.get("twmon_sysctl", &[("netns", &name), ("name", "tcp_fin_timeout")]) > 0.0);
     assert!(series(&m) > 10, "{} series of {name}", series(&m));
@@ -418,13 +479,22 @@ fn deleted_namespace_series_go_within_seconds() {
 fn kernel_counters_are_read_at_each_scrape() {
     const N: usize = 7;
     let ns = Netns::new("fresh");
-    let agent =
-        Agent::start_with(&ns, &["--config.file", &Agent::config_file("fresh", "[reconcile]\ninterval = \"5m\"\n")]);
+    let agent = Agent::start_with(
+        &ns,
+        &["--config.file", &Agent::config_file("fresh", "[reconcile]\ninterval = \"5m\"\n")],
+    );
     let tcpext = |m: &Metrics| {
-        m.get("twmon_kernel_tcpext_total", &[("netns", &format!("netns/{}", ns.name)), ("counter", "TCPAbortOnData")])
+        m.get(
+            "twmon_kernel_tcpext_total",
+            &[("netns", &format!("netns/{}", ns.name)), ("counter", "TCPAbortOnData")],
+        )
     };
-    let sysctl =
-        |m: &Metrics| m.get("twmon_sysctl", &[("netns", &format!("netns/{}", ns.name)), ("name", "tcp_fin_timeout")]);
+    let sysctl = |m: &Metrics| {
+        m.get(
+            "twmon_sysctl",
+            &[("netns", &format!("netns/{}", ns.name)), ("name", "tcp_fin_timeout")],
+        )
+    };
     let before = agent.metrics();
     assert_eq!(tcpext(&before), ns.counter("TcpExt", "TCPAbortOnData") as f64);
     assert_eq!(sysctl(&before), 60.0);

@@ -51,7 +51,9 @@ fn close_pair(first: TcpStream, mut second: TcpStream) {
 fn series(expected: &[(&str, &str, usize)]) -> Vec<(String, f64)> {
     let mut v: Vec<(String, f64)> = expected
         .iter()
-        .map(|(f, t, n)| (format!("twmon_state_transitions_total{{from=\"{f}\",to=\"{t}\"}}"), *n as f64))
+        .map(|(f, t, n)| {
+            (format!("twmon_state_transitions_total{{from=\"{f}\",to=\"{t}\"}}"), *n as f64)
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -94,12 +96,30 @@ fn four_way(v6: bool, client_first: bool) {
     let tw = ns.ss("TIME-WAIT");
     assert_eq!(tw.len(), N, "ss TIME-WAIT: {tw:?}");
     let port = format!(":{server_port}");
-    let on_server_port = tw.iter().filter(|(l, p)| l.ends_with(&port) || p.ends_with(&port)).count();
+    let on_server_port =
+        tw.iter().filter(|(l, p)| l.ends_with(&port) || p.ends_with(&port)).count();
     let local_is_server = tw.iter().filter(|(l, _)| l.ends_with(&port)).count();
-    assert_eq!(on_server_port, N, "every TIME_WAIT socket is one of the test's connections: {tw:?}");
-    assert_eq!(local_is_server, if client_first { 0 } else { N }, "TIME_WAIT on the wrong side: {tw:?}");
-    assert_eq!(m.sockets("time_wait"), N as f64, "time_wait gauge vs ss ({}):\n{}", tw.len(), m.text);
-    assert_eq!(m.sockets("time_wait"), ns.sockstat_tw() as f64, "time_wait gauge vs /proc/net/sockstat");
+    assert_eq!(
+        on_server_port, N,
+        "every TIME_WAIT socket is one of the test's connections: {tw:?}"
+    );
+    assert_eq!(
+        local_is_server,
+        if client_first { 0 } else { N },
+        "TIME_WAIT on the wrong side: {tw:?}"
+    );
+    assert_eq!(
+        m.sockets("time_wait"),
+        N as f64,
+        "time_wait gauge vs ss ({}):\n{}",
+        tw.len(),
+        m.text
+    );
+    assert_eq!(
+        m.sockets("time_wait"),
+        ns.sockstat_tw() as f64,
+        "time_wait gauge vs /proc/net/sockstat"
+    );
     for state in ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack"] {
         assert_eq!(m.sockets(state), 0.0, "{state} gauge after every close completed");
     }
@@ -145,10 +165,19 @@ fn abort_with_rst() {
     }
     expect_transitions(&agent, &[("established", "close", 2 * N)]);
     let m = agent.wait_for(SETTLE, |m| {
-        m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]) == N as f64
+        m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")])
+            == N as f64
     });
-    assert_eq!(m.get("twmon_resets_total", &[("direction", "sent"), ("state", "close")]), N as f64, "{}", m.text);
-    assert_eq!(m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]), N as f64);
+    assert_eq!(
+        m.get("twmon_resets_total", &[("direction", "sent"), ("state", "close")]),
+        N as f64,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.get("twmon_resets_total", &[("direction", "received"), ("state", "established")]),
+        N as f64
+    );
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert_eq!(ns.ss("TIME-WAIT").len(), 0);
     assert_eq!(ns.sockstat_tw(), 0);
@@ -174,7 +203,9 @@ fn close_wait_held_then_released() {
     }
     let since = std::time::Instant::now();
     // The closer reaches FIN_WAIT2 when the peer's (possibly delayed) ACK arrives.
-    let m = agent.wait_for(SETTLE, |m| m.sockets("close_wait") == N as f64 && m.sockets("fin_wait2") == N as f64);
+    let m = agent.wait_for(SETTLE, |m| {
+        m.sockets("close_wait") == N as f64 && m.sockets("fin_wait2") == N as f64
+    });
     eprintln!("gauges settled after {:?}", since.elapsed());
     assert_eq!(m.sockets("close_wait"), N as f64, "close_wait gauge while held");
     assert_eq!(ns.ss("CLOSE-WAIT").len(), N, "ss close-wait while held");
@@ -194,7 +225,8 @@ fn close_wait_held_then_released() {
     // changed on, and in a software-emulated VM (cargo xtask vm) the CPUs' clocks were seen up
     // to 58 ms apart (means 48 and 58 ms beyond the measured hold, twice in a dozen runs), and
     // 116 ms once in CI's VM on a loaded machine.
-    let (shortest, longest) = ((released - since).as_secs_f64() - 0.3, (done - first).as_secs_f64() + 0.3);
+    let (shortest, longest) =
+        ((released - since).as_secs_f64() - 0.3, (done - first).as_secs_f64() + 0.3);
     let m = expect_transitions(&agent, &full_close(N));
     assert_eq!(m.sockets("close_wait"), 0.0, "close_wait gauge after release");
     assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
@@ -213,7 +245,10 @@ fn close_wait_held_then_released() {
     // The orphaned FIN_WAIT2 lasted as long as the CLOSE_WAIT on the other side, less the time
     // the ACK of the client's FIN took (a delayed ACK: at most 200 ms).
     let fw2 = m.duration_sum("fin_wait2") / m.duration_count("fin_wait2");
-    assert!((shortest - 0.2..=longest).contains(&fw2), "mean FIN_WAIT2 {fw2:.3} s, held {shortest:.3}-{longest:.3} s");
+    assert!(
+        (shortest - 0.2..=longest).contains(&fw2),
+        "mean FIN_WAIT2 {fw2:.3} s, held {shortest:.3}-{longest:.3} s"
+    );
 }
 
 /// A close() after shutdown(): the kernel sets the state the socket is already in once more
@@ -267,10 +302,19 @@ fn lost_final_ack() {
     // ACK (another table, removed first, so that every FIN after it is counted and ACKed).
     for table in ["twmon_count", "twmon_drop"] {
         ns.exec(&["nft", "add", "table", "inet", table]);
-        ns.exec(&["nft", &format!("add chain inet {table} out {{ type filter hook output priority 0; }}")]);
+        ns.exec(&[
+            "nft",
+            &format!("add chain inet {table} out {{ type filter hook output priority 0; }}"),
+        ]);
     }
-    ns.exec(&["nft", &format!("add rule inet twmon_count out tcp dport {cport} tcp flags & fin == fin counter")]);
-    ns.exec(&["nft", &format!("add rule inet twmon_drop out tcp sport {cport} tcp flags == ack drop")]);
+    ns.exec(&[
+        "nft",
+        &format!("add rule inet twmon_count out tcp dport {cport} tcp flags & fin == fin counter"),
+    ]);
+    ns.exec(&[
+        "nft",
+        &format!("add rule inet twmon_drop out tcp sport {cport} tcp flags == ack drop"),
+    ]);
     close_pair(c, s);
     // The server's FIN is retransmitted at about 0.2, 0.6, 1.4 and 3 s. Re-arms that keep the
     // timer in its timer-wheel bucket are silent until the socket ends; the one at 3 s moves the
@@ -295,7 +339,10 @@ fn lost_final_ack() {
         "FIN retransmits from LAST_ACK: agent {retrans}, nftables saw {fins} FINs"
     );
     let rearms = m.get("twmon_timewait_rearms_total", &[]);
-    assert!(rearms >= 1.0 && rearms <= retrans, "TIME_WAIT re-arms {rearms}, FINs retransmitted {retrans}");
+    assert!(
+        rearms >= 1.0 && rearms <= retrans,
+        "TIME_WAIT re-arms {rearms}, FINs retransmitted {retrans}"
+    );
     assert_eq!(m.sockets("time_wait"), 1.0);
     assert_eq!(ns.ss("TIME-WAIT").len(), 1);
 }
@@ -314,11 +361,20 @@ fn time_wait_expires_after_2msl() {
     assert_eq!(m.sockets("time_wait"), M as f64);
     std::thread::sleep(Duration::from_secs(58));
     let m = agent.metrics();
-    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), 0.0, "ended before 2MSL");
+    assert_eq!(
+        m.get("twmon_timewait_ends_total", &[("reason", "expired")]),
+        0.0,
+        "ended before 2MSL"
+    );
     let m = agent.wait_for(Duration::from_secs(15), |m| {
         m.get("twmon_timewait_ends_total", &[("reason", "expired")]) == M as f64
     });
-    assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "expired")]), M as f64, "{}", m.text);
+    assert_eq!(
+        m.get("twmon_timewait_ends_total", &[("reason", "expired")]),
+        M as f64,
+        "{}",
+        m.text
+    );
     assert_eq!(m.transitions("time_wait", "close"), M as f64);
     assert_eq!(m.sockets("time_wait"), 0.0);
     assert_eq!(ns.ss("TIME-WAIT").len(), 0);
@@ -361,7 +417,8 @@ fn time_wait_reused_by_connect() {
     std::thread::sleep(Duration::from_millis(1500));
     let second = ns.run(move || bound_client(Some(local)));
     assert_eq!(second.local_addr().unwrap(), local, "the 4-tuple was reused");
-    let m = agent.wait_for(SETTLE, |m| m.get("twmon_timewait_ends_total", &[("reason", "reuse")]) == 1.0);
+    let m = agent
+        .wait_for(SETTLE, |m| m.get("twmon_timewait_ends_total", &[("reason", "reuse")]) == 1.0);
     assert_eq!(
         m.get("twmon_timewait_ends_total", &[("reason", "reuse")]),
         1.0,
@@ -369,7 +426,9 @@ fn time_wait_reused_by_connect() {
         ns.ss("TIME-WAIT"),
         m.text
             .lines()
-            .filter(|l| l.starts_with("twmon_") && !l.contains("bucket") && !l.contains("bpf_program"))
+            .filter(|l| l.starts_with("twmon_")
+                && !l.contains("bucket")
+                && !l.contains("bpf_program"))
             .collect::<Vec<_>>()
             .join("\n"),
         agent.log().lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
@@ -404,7 +463,13 @@ fn timewait_overflow_counted() {
     assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), want, "{}", m.text);
     assert_eq!(m.sockets("time_wait"), LIMIT as f64);
     assert_eq!(ns.ss("TIME-WAIT").len(), LIMIT);
-    assert_eq!(m.transitions("fin_wait2", "time_wait"), LIMIT as f64, "{}\n{}", m.text, agent.log());
+    assert_eq!(
+        m.transitions("fin_wait2", "time_wait"),
+        LIMIT as f64,
+        "{}\n{}",
+        m.text,
+        agent.log()
+    );
     assert_eq!(m.transitions("fin_wait2", "close"), want);
 }
 
@@ -421,8 +486,9 @@ fn orphaned_fin_wait2_ends_at_fin_timeout() {
     close_pair(c1, s1);
     drop(c2);
     assert_eq!(s2.read(&mut [0u8; 1]).unwrap(), 0);
-    let m = agent
-        .wait_for(Duration::from_secs(15), |m| m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]) == 1.0);
+    let m = agent.wait_for(Duration::from_secs(15), |m| {
+        m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]) == 1.0
+    });
     assert_eq!(m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]), 1.0, "{}", m.text);
     assert_eq!(m.transitions("fin_wait2", "close"), 1.0, "the orphan's end");
     assert_eq!(m.transitions("fin_wait2", "time_wait"), 1.0, "the one that got its FIN");
@@ -444,8 +510,10 @@ fn full_maps_are_counted() {
     common::raise_nofile();
     let ns = Netns::new("full");
     let config = Agent::config_file("full", common::FAST_RECONCILE);
-    let agent =
-        Agent::start_with(&ns, &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config]);
+    let agent = Agent::start_with(
+        &ns,
+        &["--bpf.max-sockets", "1024", "--bpf.max-timewait", "1024", "--config.file", &config],
+    );
     // `state` (as ss names it, `ss_name`) has about M sockets; the map `map` has room for ROOM
     // entries. About: on loopback a connect() may take over a TIME_WAIT 4-tuple older than a
     // second (tcp_tw_reuse 2, the default), which a slow guest reaches; `ss` is the oracle.
@@ -500,11 +568,16 @@ fn lost_events_are_counted() {
     drop(ns);
     let killed = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "killed")]);
     let lost = |m: &Metrics| m.get("twmon_events_lost_total", &[]);
-    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == 0.0 && killed(m) + lost(m) == M as f64);
+    let m = agent
+        .wait_for(SETTLE, |m| m.sockets("time_wait") == 0.0 && killed(m) + lost(m) == M as f64);
     eprintln!("killed {}, records lost {}", killed(&m), lost(&m));
     assert!(lost(&m) > 0.0, "a 4 KiB ring buffer took {M} records at once");
     assert_eq!(killed(&m) + lost(&m), M as f64, "killed {} + lost {}", killed(&m), lost(&m));
-    assert_eq!(m.sockets("time_wait"), 0.0, "the gauge is counted in the kernel, lost records or not");
+    assert_eq!(
+        m.sockets("time_wait"),
+        0.0,
+        "the gauge is counted in the kernel, lost records or not"
+    );
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
     let log = agent.wait_log(SETTLE, "raise --bpf.ring-buffer-size");
     assert!(log.contains("kernel records lost"), "the loss was not logged:\n{log}");
@@ -547,13 +620,15 @@ fn closes_are_counted_by_process() {
 
     let (port, server) = serve(FIRST, false);
     let mut listened = vec![port];
-    let script = format!("for i in $(seq {FIRST}); do exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3>&-; done");
+    let script =
+        format!("for i in $(seq {FIRST}); do exec 3<>/dev/tcp/127.0.0.1/{port}; exec 3>&-; done");
     ns.exec(&[&first, "-c", &script]);
     server.join().unwrap();
     let (port, server) = serve(SECOND, true);
     listened.push(port);
     let script = format!(
-        "for i in $(seq {SECOND}); do exec 3<>/dev/tcp/127.0.0.1/{port}; while read -u 3 x; do :; done; exec 3>&-; done"
+        "for i in $(seq {SECOND}); do exec 3<>/dev/tcp/127.0.0.1/{port}; while read -u 3 x; do :; \
+         done; exec 3>&-; done"
     );
     ns.exec(&[&second, "-c", &script]);
     server.join().unwrap();
@@ -573,7 +648,9 @@ fn closes_are_counted_by_process() {
     let servers = |m: &Metrics, role: &str| -> f64 {
         m.series("twmon_closes_total")
             .iter()
-            .filter(|(l, _)| l.contains(&format!("netns=\"{netns}\"")) && l.contains(&format!("role=\"{role}\"")))
+            .filter(|(l, _)| {
+                l.contains(&format!("netns=\"{netns}\"")) && l.contains(&format!("role=\"{role}\""))
+            })
             .filter(|(l, _)| !l.contains("comm=\"client-"))
             .map(|(_, v)| v)
             .sum()
@@ -596,7 +673,11 @@ fn closes_are_counted_by_process() {
     assert_eq!(servers(&m, "passive"), FIRST as f64, "servers' passive closes\n{}", m.explain());
     assert_eq!(servers(&m, "active"), SECOND as f64, "servers' active closes\n{}", m.explain());
     for role in ["active", "passive"] {
-        assert!(closes(&m, &me, role) > 0.0, "{me} {role}: not named after its main thread?\n{}", m.explain());
+        assert!(
+            closes(&m, &me, role) > 0.0,
+            "{me} {role}: not named after its main thread?\n{}",
+            m.explain()
+        );
     }
 
     // TIME_WAIT by who closed first, against `ss` (each side's ports tell whose it is): the
@@ -611,17 +692,23 @@ fn closes_are_counted_by_process() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let (servers_tw, clients): (Vec<_>, Vec<_>) =
-        tw.into_iter().partition(|(local, _)| listened.iter().any(|p| local.ends_with(&format!(":{p}"))));
+    let (servers_tw, clients): (Vec<_>, Vec<_>) = tw
+        .into_iter()
+        .partition(|(local, _)| listened.iter().any(|p| local.ends_with(&format!(":{p}"))));
     assert_eq!((clients.len(), servers_tw.len()), (FIRST, SECOND), "ss:\n{}", ns.ss_all());
     let held = |m: &Metrics| -> Vec<(String, f64)> {
         let here = format!("netns=\"{netns}\"");
         m.series("twmon_timewait_sockets").into_iter().filter(|(l, _)| l.contains(&here)).collect()
     };
-    let of = |m: &Metrics, comm: &str| m.value("twmon_timewait_sockets", &[("netns", &netns), ("comm", comm)]);
-    let servers_held =
-        |m: &Metrics| -> f64 { held(m).iter().filter(|(l, _)| !l.contains("comm=\"client-")).map(|(_, v)| v).sum() };
-    let m = agent.wait_for(SETTLE, |m| of(m, "client-first") == Some(FIRST as f64) && servers_held(m) == SECOND as f64);
+    let of = |m: &Metrics, comm: &str| {
+        m.value("twmon_timewait_sockets", &[("netns", &netns), ("comm", comm)])
+    };
+    let servers_held = |m: &Metrics| -> f64 {
+        held(m).iter().filter(|(l, _)| !l.contains("comm=\"client-")).map(|(_, v)| v).sum()
+    };
+    let m = agent.wait_for(SETTLE, |m| {
+        of(m, "client-first") == Some(FIRST as f64) && servers_held(m) == SECOND as f64
+    });
     assert_eq!(of(&m, "client-first"), Some(FIRST as f64), "{:?}", held(&m));
     assert_eq!(of(&m, "client-second"), None, "it closed none first: no series\n{:?}", held(&m));
     assert_eq!(servers_held(&m), SECOND as f64, "{:?}", held(&m));
@@ -636,7 +723,8 @@ fn trace_shows_each_connection_in_order() {
     use std::time::Instant;
     use twmon::export::trace::TraceLine;
     const ATTEMPTS: usize = 3;
-    const ACTIVE: &[&str] = &["established>fin_wait1", "fin_wait1>fin_wait2", "fin_wait2>time_wait", "time_wait>close"];
+    const ACTIVE: &[&str] =
+        &["established>fin_wait1", "fin_wait1>fin_wait2", "fin_wait2>time_wait", "time_wait>close"];
     const PASSIVE: &[&str] = &["established>close_wait", "close_wait>last_ack", "last_ack>close"];
     const ORPHAN: &[&str] = &["established>fin_wait1", "fin_wait1>fin_wait2", "fin_wait2>close"];
     for attempt in 1..=ATTEMPTS {
@@ -680,7 +768,11 @@ fn trace_shows_each_connection_in_order() {
         // The TIME_WAIT sockets left end with their namespace.
         drop(ns);
         let changes = |lines: &[TraceLine], t: (SocketAddr, SocketAddr)| -> Vec<String> {
-            lines.iter().filter(|l| (l.local, l.remote) == t).map(|l| format!("{}>{}", l.from, l.to)).collect()
+            lines
+                .iter()
+                .filter(|l| (l.local, l.remote) == t)
+                .map(|l| format!("{}>{}", l.from, l.to))
+                .collect()
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -695,19 +787,28 @@ fn trace_shows_each_connection_in_order() {
         let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
         let complete = expected.iter().all(|(t, want)| changes(&got, *t) == *want);
         if !complete && hidden > 0 && attempt < ATTEMPTS {
-            eprintln!("{hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again");
+            eprintln!(
+                "{hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again"
+            );
             continue;
         }
         assert!(status.success(), "twmon trace exited with {status} on SIGINT");
         for (t, want) in &expected {
-            assert_eq!(changes(&got, *t), *want, "{} -> {}: its trace (all lines: {got:#?})", t.0, t.1);
+            assert_eq!(
+                changes(&got, *t),
+                *want,
+                "{} -> {}: its trace (all lines: {got:#?})",
+                t.0,
+                t.1
+            );
         }
         let ours = |l: &&TraceLine| expected.iter().any(|(t, _)| *t == (l.local, l.remote));
         let others: Vec<&TraceLine> = got.iter().filter(|l| !ours(l)).collect();
         assert!(others.is_empty(), "lines of other connections: {others:#?}");
         // The process is named where its close() made the change; the end says how.
         for l in &got {
-            let closing = (l.from == "established" && l.to == "fin_wait1") || l.from == "close_wait";
+            let closing =
+                (l.from == "established" && l.to == "fin_wait1") || l.from == "close_wait";
             assert_eq!(l.comm.is_some(), closing, "{l:?}");
             assert_eq!(l.pid.is_some(), closing, "{l:?}");
             let reason = match (l.from.as_str(), l.to.as_str()) {
@@ -718,12 +819,16 @@ fn trace_shows_each_connection_in_order() {
             assert_eq!(l.reason.as_deref(), reason, "{l:?}");
             assert!(l.seconds.is_some() || l.from == "established", "no time in the state: {l:?}");
         }
-        // Each orphan waited out tcp_fin_timeout (1 s) in FIN_WAIT2, and only the orphans ended there.
+        // Each orphan waited out tcp_fin_timeout (1 s) in FIN_WAIT2, and only the orphans ended
+        // there.
         let orphans = expected.iter().filter(|(_, want)| *want == ORPHAN).count();
         let timed_out = got.iter().filter(|l| l.from == "fin_wait2" && l.to == "close");
         assert_eq!(timed_out.clone().count(), orphans, "{got:#?}");
         // At least tcp_fin_timeout, and not much more: timer slack, not another state's time.
-        assert!(timed_out.clone().all(|l| l.seconds.is_some_and(|s| (1.0..3.0).contains(&s))), "{got:#?}");
+        assert!(
+            timed_out.clone().all(|l| l.seconds.is_some_and(|s| (1.0..3.0).contains(&s))),
+            "{got:#?}"
+        );
         let m = agent.metrics();
         assert_eq!(m.get("twmon_trace_clients", &[]), 0.0, "the client left");
         assert_eq!(m.get("twmon_trace_records_lost_total", &[]), 0.0);
@@ -819,8 +924,9 @@ fn trace_is_filtered_in_the_kernel() {
         let blind = harness::Blind::watch();
         let ns = Netns::new("tracef");
         let agent = Agent::start(&ns);
-        let (traced, other) =
-            ns.run(|| (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap()));
+        let (traced, other) = ns.run(|| {
+            (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap())
+        });
         let port = traced.local_addr().unwrap().port().to_string();
         let filtered = TraceCli::start(&agent, &["--port", &port]);
 
@@ -851,14 +957,27 @@ fn trace_is_filtered_in_the_kernel() {
         let want = [0.0, (3 * PER_CONNECTION) as f64, (4 * PER_CONNECTION) as f64, 0.0];
         let hidden = blind.as_ref().map_or(0, harness::Blind::hidden);
         if got != want && hidden > 0 && attempt < ATTEMPTS {
-            eprintln!("{hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again");
+            eprintln!(
+                "{hidden} events on PID 1's threads, hidden from BPF (harness::Blind); again"
+            );
             continue;
         }
         assert!(status.success(), "twmon trace exited with {status} on SIGINT");
-        assert_eq!(got, want, "records written: other port, traced port, both clients, other port again");
+        assert_eq!(
+            got, want,
+            "records written: other port, traced port, both clients, other port again"
+        );
         assert_eq!((seen, seen_all), (3 * PER_CONNECTION, 4 * PER_CONNECTION));
-        assert_eq!(lines.len(), 3 * PER_CONNECTION, "the filtered client saw its port only: {lines:#?}");
-        assert!(lines.iter().all(|l| l.local.port().to_string() == port || l.remote.port().to_string() == port));
+        assert_eq!(
+            lines.len(),
+            3 * PER_CONNECTION,
+            "the filtered client saw its port only: {lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.local.port().to_string() == port || l.remote.port().to_string() == port)
+        );
         return;
     }
 }

@@ -25,13 +25,20 @@ trait Visit {
 
 impl Visit for Netns {
     fn namespace(&self) -> Namespace {
-        let inode = netns::inode_of(Path::new(&self.path())).expect("inode of a namespace just made");
-        Namespace { inode, path: self.path().into(), name: format!("netns/{}", self.name), pid: None }
+        let inode =
+            netns::inode_of(Path::new(&self.path())).expect("inode of a namespace just made");
+        Namespace {
+            inode,
+            path: self.path().into(),
+            name: format!("netns/{}", self.name),
+            pid: None,
+        }
     }
 
     fn visit<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let mut f = Some(f);
-        let mut done = netns::visit(vec![self.namespace()], move |_| f.take().map(|f| f())).expect("a thread");
+        let mut done =
+            netns::visit(vec![self.namespace()], move |_| f.take().map(|f| f())).expect("a thread");
         let (_, r) = done.pop().expect("one namespace");
         r.unwrap_or_else(|e| panic!("entering {}: {e}", self.name)).expect("run once")
     }
@@ -77,9 +84,13 @@ fn sysctls_are_those_of_the_entered_namespace() {
         "net.ipv4.tcp_tw_reuse=0",
     ]);
     // One thread visits a, b and a again: each reading is the namespace entered last.
-    let visited = netns::visit(vec![a.namespace(), b.namespace(), a.namespace()], |_| procfs::read_sysctls());
-    let mut read: Vec<Sysctls> =
-        visited.expect("a thread").into_iter().map(|(ns, r)| r.expect("entered").expect(&ns.name)).collect();
+    let visited =
+        netns::visit(vec![a.namespace(), b.namespace(), a.namespace()], |_| procfs::read_sysctls());
+    let mut read: Vec<Sysctls> = visited
+        .expect("a thread")
+        .into_iter()
+        .map(|(ns, r)| r.expect("entered").expect(&ns.name))
+        .collect();
     let (in_a, in_b) = (read.remove(0), read.remove(0));
     assert_eq!(read, vec![in_a.clone()], "a's sysctls after b's");
     assert_eq!(
@@ -108,7 +119,8 @@ fn sysctls_are_those_of_the_entered_namespace() {
 
     // The calling thread never left its own namespace.
     let here = procfs::read_sysctls().expect("sysctls here");
-    let want = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets").expect("the host's sysctl");
+    let want = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+        .expect("the host's sysctl");
     assert_eq!(here.tcp_max_tw_buckets.to_string(), want.trim(), "{here:?}");
 }
 
@@ -189,7 +201,8 @@ fn discover_lists_named_namespaces() {
     }
 
     // What `ip netns add` leaves when interrupted before the bind mount: a plain file.
-    let stale = Removed(PathBuf::from(format!("/run/netns/twmon-procfs-{}-stale", std::process::id())));
+    let stale =
+        Removed(PathBuf::from(format!("/run/netns/twmon-procfs-{}-stale", std::process::id())));
     std::fs::write(&stale.0, b"").expect("a stale file in /run/netns");
 
     let start = Instant::now();
@@ -211,17 +224,24 @@ fn discover_lists_named_namespaces() {
         .or_else(|_| netns::inode_of(Path::new("/proc/2/ns/net")))
         .expect("the host's namespace");
     assert_eq!(netns::host_inode().ok(), Some(host));
-    assert_eq!(found.first().map(|n| (n.inode, n.name.as_str())), Some((host, "host")), "{found:#?}");
+    assert_eq!(
+        found.first().map(|n| (n.inode, n.name.as_str())),
+        Some((host, "host")),
+        "{found:#?}"
+    );
     let unique: HashSet<u32> = found.iter().map(|n| n.inode).collect();
     assert_eq!(unique.len(), found.len(), "an inode listed twice: {found:#?}");
     for (ns, pid) in [(&a, Some(sleeper_pid)), (&b, None)] {
         let inode = netns::inode_of(Path::new(&ns.path())).unwrap();
         let got = found.iter().find(|n| n.inode == inode);
-        let want = Namespace { inode, path: ns.path().into(), name: format!("netns/{}", ns.name), pid };
+        let want =
+            Namespace { inode, path: ns.path().into(), name: format!("netns/{}", ns.name), pid };
         assert_eq!(got, Some(&want), "{found:#?}");
         // Entering what discover found lands in that namespace.
-        let mut visited = netns::visit(vec![want.clone()], |_| netns::inode_of(Path::new("/proc/thread-self/ns/net")))
-            .expect("a thread");
+        let mut visited = netns::visit(vec![want.clone()], |_| {
+            netns::inode_of(Path::new("/proc/thread-self/ns/net"))
+        })
+        .expect("a thread");
         let inside = visited.pop().expect("one").1.expect("enter").expect("inode inside");
         assert_eq!(inside, inode);
     }
@@ -267,7 +287,8 @@ impl Cgroup {
 
     fn add(&self, pid: u32) {
         let procs = self.dirs.last().expect("a cgroup made by this test").join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string()).unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
+        std::fs::write(&procs, pid.to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
     }
 }
 
@@ -288,7 +309,14 @@ impl Drop for Cgroup {
 /// `args` run in the background with exactly `env`; waits until it lives in the network
 /// namespace `ns` (an inode), then moves it into `cgroup`.
 fn start_in(args: &[&str], env: &[(&str, &str)], ns: Option<u32>, cgroup: &Cgroup) -> Reaped {
-    let child = Reaped(Command::new(args[0]).args(&args[1..]).env_clear().envs(env.iter().copied()).spawn().unwrap());
+    let child = Reaped(
+        Command::new(args[0])
+            .args(&args[1..])
+            .env_clear()
+            .envs(env.iter().copied())
+            .spawn()
+            .unwrap(),
+    );
     let pid = child.0.id();
     let deadline = Instant::now() + Duration::from_secs(5);
     let host = netns::inode_of(Path::new("/proc/self/ns/net")).unwrap();
@@ -335,9 +363,15 @@ fn discover_names_pods_and_containers() {
     );
     // A Docker container (systemd driver) in a namespace with no name.
     let docker_cg = Cgroup::new(&format!("docker-{}.scope", id(3)));
-    let container = start_in(&["unshare", "--net", "sleep", "60"], &[("PATH", "/usr/bin:/bin")], None, &docker_cg);
+    let container = start_in(
+        &["unshare", "--net", "sleep", "60"],
+        &[("PATH", "/usr/bin:/bin")],
+        None,
+        &docker_cg,
+    );
     let container_pid = container.0.id() as i32;
-    let container_inode = netns::inode_of(Path::new(&format!("/proc/{container_pid}/ns/net"))).unwrap();
+    let container_inode =
+        netns::inode_of(Path::new(&format!("/proc/{container_pid}/ns/net"))).unwrap();
 
     let found = netns::discover();
     let got_pod = found.iter().find(|n| n.inode == pod_inode);
@@ -371,7 +405,12 @@ fn socket_owners_finds_this_process() {
     let inode_of = |fd: i32| {
         // SAFETY: a valid fd and a stat buffer.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstat(fd, &mut st) }, 0, "fstat: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            unsafe { libc::fstat(fd, &mut st) },
+            0,
+            "fstat: {}",
+            std::io::Error::last_os_error()
+        );
         st.st_ino as u64
     };
     let (ia, ih) = (inode_of(listener.as_raw_fd()), inode_of(here.as_raw_fd()));
@@ -413,7 +452,11 @@ fn socket_owners_finds_this_process() {
     // processes other tests start meanwhile do not inherit the socket.
     unsafe {
         sleep.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            if libc::fcntl(fd, libc::F_SETFD, 0) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         })
     };
     let child = Reaped(sleep.spawn().expect("start sleep"));
@@ -421,14 +464,18 @@ fn socket_owners_finds_this_process() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let owners = loop {
         let owners = procfs::socket_owners(&HashSet::from([ih]));
-        let done = owners.get(&ih).is_some_and(|o| o.iter().any(|(p, c)| *p == child_pid && c == "sleep"));
+        let done =
+            owners.get(&ih).is_some_and(|o| o.iter().any(|(p, c)| *p == child_pid && c == "sleep"));
         if done || Instant::now() > deadline {
             break owners;
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let found = owners.get(&ih).cloned().unwrap_or_default();
-    assert!(found.contains(&(pid, comm.clone())) && found.contains(&(child_pid, "sleep".to_string())), "{owners:?}");
+    assert!(
+        found.contains(&(pid, comm.clone())) && found.contains(&(child_pid, "sleep".to_string())),
+        "{owners:?}"
+    );
     drop(child);
     drop(listener);
 }

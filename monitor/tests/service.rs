@@ -14,7 +14,10 @@ use common::{Agent, Netns};
 
 fn twmon(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twmon")).args(args).output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
 }
 
 /// Whether the server closed `s` (a read returns end of file or a reset) within `within`.
@@ -25,7 +28,10 @@ fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 return false;
             }
             Err(_) => return true,
@@ -40,19 +46,27 @@ fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
 fn slow_idle_and_excess_clients_are_closed() {
     const LIMIT: usize = 20;
     let ns = Netns::new("slow");
-    let agent =
-        Agent::start_with(&ns, &["--web.max-connections", &LIMIT.to_string(), "--web.read-header-timeout", "2s"]);
+    let agent = Agent::start_with(
+        &ns,
+        &["--web.max-connections", &LIMIT.to_string(), "--web.read-header-timeout", "2s"],
+    );
     let start = Instant::now();
-    let mut idle: Vec<TcpStream> = (0..LIMIT - 5).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
-    let mut slow: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
+    let mut idle: Vec<TcpStream> =
+        (0..LIMIT - 5).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
+    let mut slow: Vec<TcpStream> =
+        (0..5).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
     for s in &mut slow {
         s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
     }
     // The limit is reached: 15 more are closed as soon as they are accepted.
     std::thread::sleep(Duration::from_millis(300));
-    let mut excess: Vec<TcpStream> = (0..15).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
+    let mut excess: Vec<TcpStream> =
+        (0..15).map(|_| TcpStream::connect(agent.addr).unwrap()).collect();
     for s in &mut excess {
-        assert!(closed_by_server(s, Duration::from_secs(1)), "a connection over the limit was kept");
+        assert!(
+            closed_by_server(s, Duration::from_secs(1)),
+            "a connection over the limit was kept"
+        );
     }
     // A slowloris keeps sending header bytes; it is closed at the header timeout all the same.
     for _ in 0..3 {
@@ -62,7 +76,10 @@ fn slow_idle_and_excess_clients_are_closed() {
         }
     }
     for s in idle.iter_mut().chain(slow.iter_mut()) {
-        assert!(closed_by_server(s, Duration::from_secs(4)), "a slow or idle client kept its connection");
+        assert!(
+            closed_by_server(s, Duration::from_secs(4)),
+            "a slow or idle client kept its connection"
+        );
     }
     assert!(start.elapsed() < Duration::from_secs(10), "closing took {:?}", start.elapsed());
     assert_eq!(agent.get("/healthz").unwrap().0, 200);
@@ -74,8 +91,15 @@ fn slow_idle_and_excess_clients_are_closed() {
     keep.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut head = [0u8; 64];
     let n = keep.read(&mut head).unwrap();
-    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..n]));
-    assert!(closed_by_server(&mut keep, Duration::from_secs(4)), "an idle kept-alive connection stayed open");
+    assert!(
+        String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    assert!(
+        closed_by_server(&mut keep, Duration::from_secs(4)),
+        "an idle kept-alive connection stayed open"
+    );
 }
 
 /// SIGTERM while a client has sent half a request: exit 0 within the 3 s grace.
@@ -99,7 +123,8 @@ fn sighup_reloads_the_configuration() {
     let ns = Netns::new("hup");
     let config = Agent::config_file("hup", "[breakdown]\ntop_k = 10\n");
     let mut agent = Agent::start_with(&ns, &["--config.file", &config]);
-    let reloads = |m: &common::Metrics, r: &str| m.get("twmon_config_reloads_total", &[("result", r)]);
+    let reloads =
+        |m: &common::Metrics, r: &str| m.get("twmon_config_reloads_total", &[("result", r)]);
     std::fs::write(&config, "[breakdown]\ntop_k = 3\n").unwrap();
     agent.send(libc::SIGHUP);
     let m = agent.wait_for(Duration::from_secs(5), |m| reloads(m, "success") == 1.0);
@@ -150,7 +175,8 @@ fn config_check_attaches_and_exits() {
     let (code, out) = twmon(&["--config.check"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("configuration and kernel ok: 6 of 6 tracepoints attached"), "{out}");
-    let bad = Agent::config_file("check", "[close_wait]\nleak_threshold = \"99999999999999999999s\"\n");
+    let bad =
+        Agent::config_file("check", "[close_wait]\nleak_threshold = \"99999999999999999999s\"\n");
     let (code, out) = twmon(&["--config.check", "--config.file", &bad]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("too long: at most 24h"), "{out}");
@@ -198,13 +224,19 @@ fn web_config_tls_client_certificates_and_basic_auth() {
     for ca in ["ca", "other-ca"] {
         run(format!("req -x509 {ec} -keyout {ca}.key -out {ca}.crt -subj /CN=twmon-test-{ca}"));
     }
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, ca, ext) in [("server", "ca", "server"), ("client", "ca", "client"), ("stranger", "other-ca", "client")]
+    for (name, ca, ext) in
+        [("server", "ca", "server"), ("client", "ca", "client"), ("stranger", "other-ca", "client")]
     {
         run(format!("req {ec} -keyout {name}.key -out {name}.csr -subj /CN={name}"));
         run(format!(
-            "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial -days 2 -extfile {ext}.ext -out {name}.crt"
+            "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial -days 2 \
+             -extfile {ext}.ext -out {name}.crt"
         ));
     }
     let hash = bcrypt::hash("s3cret", 4).unwrap();
@@ -235,7 +267,8 @@ fn web_config_tls_client_certificates_and_basic_auth() {
     };
     let client = ["--cert", "client.crt", "--key", "client.key"];
     // The right certificate and password: the metrics, with the configured header.
-    let (code, body) = curl(&[&client[..], &["-u", "alice:s3cret", "-D", "headers.txt"]].concat(), "/metrics");
+    let (code, body) =
+        curl(&[&client[..], &["-u", "alice:s3cret", "-D", "headers.txt"]].concat(), "/metrics");
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("twmon_sockets{state=\"time_wait\"}"), "{body}");
     let headers = std::fs::read_to_string(dir.join("headers.txt")).unwrap().to_lowercase();
@@ -271,12 +304,20 @@ fn web_config_mistakes_are_named() {
     for (text, want) in [
         ("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n", "cert_file"),
         ("basic_auth_users:\n  alice: plaintext\n", "not a bcrypt hash"),
-        ("tls_server_config:\n  cipher_suites: [TLS_AES_128_GCM_SHA256]\n", "unknown field `cipher_suites`"),
+        (
+            "tls_server_config:\n  cipher_suites: [TLS_AES_128_GCM_SHA256]\n",
+            "unknown field `cipher_suites`",
+        ),
         ("tls_servr_config: {}\n", "unknown field `tls_servr_config`"),
     ] {
         let path = dir.join("web.yml");
         std::fs::write(&path, text).unwrap();
-        let (code, out) = twmon(&["--web.config.file", path.to_str().unwrap(), "--web.listen-address", "127.0.0.1:0"]);
+        let (code, out) = twmon(&[
+            "--web.config.file",
+            path.to_str().unwrap(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ]);
         assert_eq!(code, Some(1), "{text}: {out}");
         assert!(out.contains("--web.config.file") && out.contains(want), "{text}: {out}");
     }
@@ -327,7 +368,9 @@ fn scrapes_past_max_requests_get_503() {
         .map(|_| {
             std::thread::spawn(move || {
                 (0..20)
-                    .map(|_| common::http_get(addr, "/api/v1/snapshot").map(|(s, _)| s).unwrap_or(0))
+                    .map(|_| {
+                        common::http_get(addr, "/api/v1/snapshot").map(|(s, _)| s).unwrap_or(0)
+                    })
                     .collect::<Vec<u16>>()
             })
         })

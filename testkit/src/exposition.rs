@@ -22,7 +22,11 @@ pub struct Metrics {
 /// The text form of a label set: `k="v",...` in the given order, values escaped.
 fn label_text(labels: &[(impl AsRef<str>, impl AsRef<str>)]) -> String {
     let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-    labels.iter().map(|(k, v)| format!("{}=\"{}\"", k.as_ref(), escape(v.as_ref()))).collect::<Vec<_>>().join(",")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{}=\"{}\"", k.as_ref(), escape(v.as_ref())))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Label pairs, unescaped.
@@ -77,8 +81,11 @@ impl Metrics {
             let value = value.parse::<f64>().map_err(|e| bad(&format!("value {value:?}: {e}")))?;
             samples.push(Sample { name: name.trim().to_string(), labels, value });
         }
-        let index =
-            samples.iter().enumerate().map(|(i, s)| (format!("{}{{{}}}", s.name, label_text(&s.labels)), i)).collect();
+        let index = samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{}{{{}}}", s.name, label_text(&s.labels)), i))
+            .collect();
         Ok(Self { samples, index, text: text.to_string() })
     }
 
@@ -86,7 +93,9 @@ impl Metrics {
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let mut labels = labels.to_vec();
         labels.sort();
-        self.index.get(&format!("{name}{{{}}}", label_text(&labels))).map(|&i| self.samples[i].value)
+        self.index
+            .get(&format!("{name}{{{}}}", label_text(&labels)))
+            .map(|&i| self.samples[i].value)
     }
 
     /// As [`Metrics::value`], NaN when the series does not exist, so that a missing series fails
@@ -98,14 +107,24 @@ impl Metrics {
     /// The sum of the series of `name` that have all of `labels` (and any others); `None` when
     /// there is none.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let has = |s: &Sample| labels.iter().all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v));
-        self.samples.iter().filter(|s| s.name == name && has(s)).map(|s| s.value).reduce(|a, b| a + b)
+        let has = |s: &Sample| {
+            labels.iter().all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        };
+        self.samples
+            .iter()
+            .filter(|s| s.name == name && has(s))
+            .map(|s| s.value)
+            .reduce(|a, b| a + b)
     }
 
     /// Every series of `name`: (labels as `k="v"` sorted and comma-joined, value), sorted.
     pub fn series(&self, name: &str) -> Vec<(String, f64)> {
-        let mut v: Vec<(String, f64)> =
-            self.samples.iter().filter(|s| s.name == name).map(|s| (label_text(&s.labels), s.value)).collect();
+        let mut v: Vec<(String, f64)> = self
+            .samples
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| (label_text(&s.labels), s.value))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -130,7 +149,8 @@ impl Metrics {
             .iter()
             .filter(|s| s.name == family)
             .filter_map(|s| {
-                let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let labels: Vec<(&str, &str)> =
+                    s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 let delta = s.value - before.value(family, &labels).unwrap_or(0.0);
                 (delta != 0.0).then(|| format!("{{{}}} +{delta}", label_text(&s.labels)))
             })

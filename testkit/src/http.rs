@@ -17,16 +17,25 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            io::Error::new(io::ErrorKind::TimedOut, format!("GET {path}: no complete answer within {READ_TIMEOUT:?}"))
-        }
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("GET {path}: no complete answer within {READ_TIMEOUT:?}"),
+        ),
         _ => io::Error::new(e.kind(), format!("GET {path}: {e}")),
     })?;
     let text = String::from_utf8_lossy(&raw);
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("GET {path}: {what}: {text:?}"));
+    let bad = |what: &str| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("GET {path}: {what}: {text:?}"))
+    };
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no end of the header"))?;
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad("no status"))?;
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
     Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
 }
 

@@ -16,8 +16,14 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Runs a command that must succeed and returns its standard output.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (is iproute2 installed?)"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let out =
+        cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (is iproute2 installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -28,7 +34,8 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Self {
-        let name = format!("{PREFIX}{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let name =
+            format!("{PREFIX}{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -77,10 +84,16 @@ impl Netns {
         self.run(|| {
             for (key, value) in settings {
                 let p = format!("/proc/sys/{key}");
-                fs::write(&p, value).unwrap_or_else(|e| panic!("writing {value} to {p} in {}: {e}", self.name));
+                fs::write(&p, value)
+                    .unwrap_or_else(|e| panic!("writing {value} to {p} in {}: {e}", self.name));
                 let got = fs::read_to_string(&p).unwrap_or_default();
                 let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-                assert_eq!(words(&got), words(value), "{p} in {} after writing {value:?}", self.name);
+                assert_eq!(
+                    words(&got),
+                    words(value),
+                    "{p} in {} after writing {value:?}",
+                    self.name
+                );
             }
         })
     }
@@ -149,7 +162,10 @@ pub fn counter_in(text: &str, group: &str, key: &str) -> u64 {
     assert_eq!(lines.len(), 2, "{group} in /proc/net/netstat or snmp");
     let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
     let value = names.zip(values).find(|(n, _)| *n == key).map(|(_, v)| v);
-    value.unwrap_or_else(|| panic!("{group} {key} in /proc/net/netstat or snmp")).parse().expect("a number")
+    value
+        .unwrap_or_else(|| panic!("{group} {key} in /proc/net/netstat or snmp"))
+        .parse()
+        .expect("a number")
 }
 
 /// Deletes the namespaces a run that is gone left behind (killed before its drops ran).
@@ -157,7 +173,9 @@ pub fn remove_stale() {
     let Ok(dir) = fs::read_dir("/run/netns") else { return };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else { continue };
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else {
+            continue;
+        };
         if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
             eprintln!("deleting network namespace {name}, left by a run that is gone");
             let _ = Command::new("ip").args(["netns", "del", &name]).status();

@@ -165,7 +165,8 @@ struct Findings {
     steady_cpu_pct: Option<f64>,
     /// Per timer program: ns per run above an empty program's on unrelated timers, and runs/s.
     unrelated_timer_extra_ns: Vec<(String, f64, f64)>,
-    /// ns/run of twmon_state and of an empty program, state changes per second, during the cost phase.
+    /// ns/run of twmon_state and of an empty program, state changes per second, during the cost
+    /// phase.
     state_ns: Option<f64>,
     state_floor_ns: Option<f64>,
     /// The per-socket hash map floor on the state tracepoint (lookup, then update or delete).
@@ -230,7 +231,8 @@ fn machine() -> String {
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let kernel =
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let mem = fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
@@ -255,7 +257,8 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
     println!("twmon benchmark: {}", machine());
     println!("agent: {}", twmon.display());
     println!(
-        "options: rounds {} x {:.0} s per mode, {} clients, CPU at {:.0} conn/s, {} timewait sockets, {} scrapes{}",
+        "options: rounds {} x {:.0} s per mode, {} clients, CPU at {:.0} conn/s, {} timewait \
+         sockets, {} scrapes{}",
         o.rounds,
         o.round.as_secs_f64(),
         o.clients,
@@ -266,8 +269,9 @@ fn phases(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
     );
     if fs::read_to_string(STATS_SYSCTL).is_ok_and(|v| v.trim() == "1") {
         println!(
-            "note: {STATS_SYSCTL} was 1 before the benchmark: every BPF program on the machine pays for run-time \
-             statistics in every mode, which lowers the churn and steady ratios (sysctl kernel.bpf_stats_enabled=0)"
+            "note: {STATS_SYSCTL} was 1 before the benchmark: every BPF program on the machine \
+             pays for run-time statistics in every mode, which lowers the churn and steady ratios \
+             (sysctl kernel.bpf_stats_enabled=0)"
         );
     }
     let mut f = Findings::default();
@@ -327,11 +331,17 @@ fn ensure_tracefs() {
     if Path::new(TRACEFS).join("events").is_dir() {
         return;
     }
-    let mounted = Command::new("mount").args(["-t", "tracefs", "nodev", TRACEFS]).status().is_ok_and(|s| s.success());
+    let mounted = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", TRACEFS])
+        .status()
+        .is_ok_and(|s| s.success());
     if mounted {
         eprintln!("bench: mounted tracefs at {TRACEFS} (bpftrace needs it to find tracepoints)");
     } else {
-        eprintln!("bench: tracefs is not mounted at {TRACEFS} and mounting it failed; bpftrace's rows will be missing");
+        eprintln!(
+            "bench: tracefs is not mounted at {TRACEFS} and mounting it failed; bpftrace's rows \
+             will be missing"
+        );
     }
 }
 
@@ -423,7 +433,8 @@ const TRACEPOINTS: [(&str, &str); 6] = [
 /// Other twmon instances loaded on the machine now (other users' agents or tests): their
 /// programs run on the same events and count as load that the alternation has to cancel.
 fn other_instances(mine: Option<&Agent>) -> usize {
-    let own: Vec<u32> = mine.map(|a| a.programs().into_iter().map(|p| p.id).collect()).unwrap_or_default();
+    let own: Vec<u32> =
+        mine.map(|a| a.programs().into_iter().map(|p| p.id).collect()).unwrap_or_default();
     bpf::programs_named("twmon_state").into_iter().filter(|id| !own.contains(id)).count()
 }
 
@@ -452,7 +463,8 @@ fn churn_phase(
     eprintln!("bench: churn warm-up");
     load::churn(ns, dsts, o.clients, Until::Time(Duration::from_secs(2)), None)?;
     println!(
-        "| round | order | off conn/s | empty conn/s | on conn/s | empty/off | on/off | events/s to agent | lost | recursion misses | agent CPU % of a core | other twmon instances |"
+        "| round | order | off conn/s | empty conn/s | on conn/s | empty/off | on/off | events/s \
+         to agent | lost | recursion misses | agent CPU % of a core | other twmon instances |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let modes = [Mode::Off, Mode::Empty, Mode::On];
@@ -485,7 +497,8 @@ fn churn_phase(
                     let agent = Agent::start(twmon, &[], work)?;
                     settle(&agent, ns, dsts, o.clients)?;
                     others = others.max(other_instances(Some(&agent)));
-                    let run = run_with_agent(&agent, ns, dsts, o.clients, Until::Time(o.round), None);
+                    let run =
+                        run_with_agent(&agent, ns, dsts, o.clients, Until::Time(o.round), None);
                     others = others.max(other_instances(Some(&agent)));
                     let stopped = agent.stop();
                     match run.and_then(|r| stopped.map(|()| r)) {
@@ -512,7 +525,8 @@ fn churn_phase(
         let ratio = on.churn.rate() / off.rate();
         let empty_ratio = empty.rate() / off.rate();
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.0} | {} | {} | {:.1} | {} |{}{}{}",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.0} | {} | {} | {:.1} | {} \
+             |{}{}{}",
             r + 1,
             order.iter().map(|m| format!("{m:?}").to_lowercase()).collect::<Vec<_>>().join(", "),
             off.rate(),
@@ -554,8 +568,9 @@ fn churn_phase(
         mmm(&ratios, 3)
     );
     println!(
-        "agent at the maximum rate: CPU median {:.1} % of a core, median {:.0} events/s, {lost_total} events lost, \
-         {misses_total} program runs skipped by the kernel's recursion protection",
+        "agent at the maximum rate: CPU median {:.1} % of a core, median {:.0} events/s, \
+         {lost_total} events lost, {misses_total} program runs skipped by the kernel's recursion \
+         protection",
         stats::median(&cpus),
         stats::median(&events_rates)
     );
@@ -584,10 +599,10 @@ struct Bpftrace {
 
 /// Per-socket entry times and per-state duration histograms, as in bcc's tcpstates: the
 /// reference the targets name (about 306 ns per event on the machine they were set on).
-const REFERENCE_SCRIPT: &str = "tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { \
-     if (@start[args->skaddr]) { @us[args->oldstate] = hist((nsecs - @start[args->skaddr]) / 1000); \
-     delete(@start[args->skaddr]); } \
-     if (args->newstate != 7) { @start[args->skaddr] = nsecs; } }";
+const REFERENCE_SCRIPT: &str = "tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { if \
+                                (@start[args->skaddr]) { @us[args->oldstate] = hist((nsecs - \
+                                @start[args->skaddr]) / 1000); delete(@start[args->skaddr]); } if \
+                                (args->newstate != 7) { @start[args->skaddr] = nsecs; } }";
 const REFERENCE_LABEL: &str = "reference: bpftrace, per-socket entry times and duration histograms";
 
 impl Bpftrace {
@@ -635,7 +650,8 @@ const COST_TRACEPOINTS: [(&str, &str, &str); 3] = [
     ("twmon_timer_start", "timer", "timer_start"),
     ("twmon_timer_cancel", "timer", "timer_cancel"),
 ];
-const OTHER_PROGRAMS: [&str; 4] = ["twmon_retransmit", "twmon_send_reset", "twmon_receive_reset", "twmon_sweep"];
+const OTHER_PROGRAMS: [&str; 4] =
+    ["twmon_retransmit", "twmon_send_reset", "twmon_receive_reset", "twmon_sweep"];
 
 /// Measures the floors' run statistics over one churn run: (before, after, records read) each.
 struct FloorWindow {
@@ -674,7 +690,14 @@ fn cost_row(tracepoint: &str, program: &str, s: RunStats, secs: f64, conns: f64)
     );
 }
 
-fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[SocketAddr], f: &mut Findings) -> Result<()> {
+fn cost_phase(
+    twmon: &Path,
+    o: &Options,
+    work: &Path,
+    ns: &Netns,
+    dsts: &[SocketAddr],
+    f: &mut Findings,
+) -> Result<()> {
     println!(
         "\n## 2. Kernel cost per event (run_time_ns / run_cnt with kernel.bpf_stats_enabled, {:.0} s at maximum churn)",
         o.cost.as_secs_f64()
@@ -696,20 +719,32 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
         for (_, cat, tp) in COST_TRACEPOINTS {
             tracers.push(Bpftrace::start(&format!("{cat}:{tp}"))?);
         }
-        tracers.push(Bpftrace::script("sock:inet_sock_set_state", REFERENCE_LABEL, REFERENCE_SCRIPT)?);
+        tracers.push(Bpftrace::script(
+            "sock:inet_sock_set_state",
+            REFERENCE_LABEL,
+            REFERENCE_SCRIPT,
+        )?);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while tracers.iter().any(|t| t.stats().is_none()) && Instant::now() < deadline && !interrupted() {
+        while tracers.iter().any(|t| t.stats().is_none())
+            && Instant::now() < deadline
+            && !interrupted()
+        {
             std::thread::sleep(Duration::from_millis(200));
         }
         tracers.retain(|t| {
             let ok = t.stats().is_some();
             if !ok {
-                eprintln!("bench: bpftrace on {} did not attach within 60 s; left out", t.tracepoint);
+                eprintln!(
+                    "bench: bpftrace on {} did not attach within 60 s; left out",
+                    t.tracepoint
+                );
             }
             ok
         });
     } else {
-        eprintln!("bench: bpftrace not installed (apt-get install bpftrace); its rows are left out");
+        eprintln!(
+            "bench: bpftrace not installed (apt-get install bpftrace); its rows are left out"
+        );
     }
     eprintln!("bench: cost warm-up");
     settle(&agent, ns, dsts, o.clients)?;
@@ -726,8 +761,10 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
     let bt1: Vec<RunStats> = tracers.iter().map(|t| t.stats().unwrap_or_default()).collect();
     let m1 = agent.scrape()?;
     let p1 = agent.programs();
-    let floor_ids: Vec<(FloorKind, String)> = floors.iter().map(|x| (x.kind, x.tracepoint.clone())).collect();
-    let tracer_ids: Vec<(String, &str)> = tracers.iter().map(|t| (t.tracepoint.clone(), t.label)).collect();
+    let floor_ids: Vec<(FloorKind, String)> =
+        floors.iter().map(|x| (x.kind, x.tracepoint.clone())).collect();
+    let tracer_ids: Vec<(String, &str)> =
+        tracers.iter().map(|t| (t.tracepoint.clone(), t.label)).collect();
     drop(tracers);
     drop(floors);
 
@@ -739,7 +776,13 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
     let paused = (|| -> Result<(Vec<bpf::ProgInfo>, Vec<bpf::ProgInfo>, Churn)> {
         load::churn(ns, dsts, o.clients, Until::Time(Duration::from_secs(2)), None)?;
         let q0 = agent.programs();
-        let c = load::churn(ns, dsts, o.clients, Until::Time((o.cost / 2).max(Duration::from_secs(3))), None)?;
+        let c = load::churn(
+            ns,
+            dsts,
+            o.clients,
+            Until::Time((o.cost / 2).max(Duration::from_secs(3))),
+            None,
+        )?;
         Ok((q0, agent.programs(), c))
     })();
     agent.resume();
@@ -805,16 +848,17 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
     let events = m1.get("twmon_events_total", &[]) - m0.get("twmon_events_total", &[]);
     let lost = m1.get("twmon_events_lost_total", &[]) - m0.get("twmon_events_lost_total", &[]);
     println!(
-        "\nper connection: {:.1} state changes, {:.1} events to the agent; kernel time of all twmon \
-         programs {:.0} ns per connection vs {:.0} ns for empty programs on the same three tracepoints",
+        "\nper connection: {:.1} state changes, {:.1} events to the agent; kernel time of all \
+         twmon programs {:.0} ns per connection vs {:.0} ns for empty programs on the same three \
+         tracepoints",
         state_runs / conns,
         events / conns,
         twmon_ns_per_conn,
         floor_ns_per_conn
     );
     println!(
-        "state changes {:.0}/s, events {:.0}/s, events lost {lost}; the sweep visits the {:.0} timewait sockets \
-         the agent follows, in a hash map of {} buckets",
+        "state changes {:.0}/s, events {:.0}/s, events lost {lost}; the sweep visits the {:.0} \
+         timewait sockets the agent follows, in a hash map of {} buckets",
         state_runs / secs,
         events / secs,
         m1.timewait(),
@@ -825,10 +869,12 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
     f.changes_per_conn = Some(state_runs / conns);
 
     let kernel_name = |p: &str| p[..p.len().min(15)].to_string();
-    let find = |v: &[bpf::ProgInfo], p: &str| v.iter().find(|x| x.name == kernel_name(p)).cloned().unwrap_or_default();
+    let find = |v: &[bpf::ProgInfo], p: &str| {
+        v.iter().find(|x| x.name == kernel_name(p)).cloned().unwrap_or_default()
+    };
     println!(
-        "\n| program | ns per run, agent reading | recursion misses | ns per run, agent paused and ring buffer full \
-         ({:.0} conn/s; no record written, nobody woken) |",
+        "\n| program | ns per run, agent reading | recursion misses | ns per run, agent paused and \
+         ring buffer full ({:.0} conn/s; no record written, nobody woken) |",
         paused_churn.rate()
     );
     println!("|---|---|---|---|");
@@ -884,7 +930,9 @@ fn cost_phase(twmon: &Path, o: &Options, work: &Path, ns: &Netns, dsts: &[Socket
 }
 
 fn which(tool: &str) -> bool {
-    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -918,13 +966,18 @@ fn cpu_and_scrape_phase(
         // Pace at the target if the machine reaches it with the agent on, else at a rate it
         // reaches with room to spare; CPU at the maximum rate is in the churn table.
         let on_max = f.on_rate.unwrap_or(f64::INFINITY);
-        let pace = if on_max >= o.rate * 1.05 { o.rate } else { ((on_max * 0.8) / 500.0).floor().max(1.0) * 500.0 };
+        let pace = if on_max >= o.rate * 1.05 {
+            o.rate
+        } else {
+            ((on_max * 0.8) / 500.0).floor().max(1.0) * 500.0
+        };
         println!(
             "\n## 4. Agent CPU and memory at a paced {pace:.0} conn/s ({:.0} s){}",
             o.cpu.as_secs_f64(),
             if pace < o.rate {
                 format!(
-                    "; the machine does not reach {:.0} conn/s with the agent on (median {on_max:.0}), so 80 % of that",
+                    "; the machine does not reach {:.0} conn/s with the agent on (median \
+                     {on_max:.0}), so 80 % of that",
                     o.rate
                 )
             } else {
@@ -965,14 +1018,17 @@ fn cpu_and_scrape_phase(
         let reconcile_avg = reconcile_s / (reconcile_every + reconcile_s) * 100.0;
         let events_cpu = (run.cpu.total() - reconciling).max(0.0);
         println!(
-            "of which reconciling (sock_diag of every namespace, twmon_reconcile_cpu_seconds_total) {reconciling:.2} % in \
-             this window: the last reconcile took {:.0} ms ({tw:.0} timewait sockets), the next one follows {reconcile_every:.0} s \
-             later, {reconcile_avg:.2} % of a core on average; everything else {events_cpu:.2} % = {:.3} % per 1000 conn/s",
+            "of which reconciling (sock_diag of every namespace, \
+             twmon_reconcile_cpu_seconds_total) {reconciling:.2} % in this window: the last \
+             reconcile took {:.0} ms ({tw:.0} timewait sockets), the next one follows \
+             {reconcile_every:.0} s later, {reconcile_avg:.2} % of a core on average; everything \
+             else {events_cpu:.2} % = {:.3} % per 1000 conn/s",
             reconcile_s * 1000.0,
             events_cpu / rate * 1000.0
         );
         println!(
-            "agent memory: RSS {:.1} MiB at start, {:.1} MiB after (anon {:.1}, file {:.1}, of which mmap()ed ring buffer {:.1}); peak (VmHWM) {:.1} MiB",
+            "agent memory: RSS {:.1} MiB at start, {:.1} MiB after (anon {:.1}, file {:.1}, of \
+             which mmap()ed ring buffer {:.1}); peak (VmHWM) {:.1} MiB",
             mib(fresh.rss),
             mib(mem.rss),
             mib(mem.anon),
@@ -1012,8 +1068,9 @@ impl ScrapeTimes {
     fn report(self) -> Result<(f64, f64)> {
         let (med, p99) = (stats::median(&self.ms), stats::percentile(&self.ms, 99.0));
         println!(
-            "latency over {} scrapes: median {med:.2} ms, p99 {p99:.2} ms, max {:.2} ms; of which collecting \
-             (twmon_scrape_collect_seconds, includes the timewait sweep) median {:.2} ms",
+            "latency over {} scrapes: median {med:.2} ms, p99 {p99:.2} ms, max {:.2} ms; of which \
+             collecting (twmon_scrape_collect_seconds, includes the timewait sweep) median {:.2} \
+             ms",
             self.ms.len(),
             stats::max(&self.ms),
             stats::median(&self.collect)
@@ -1030,7 +1087,8 @@ impl ScrapeTimes {
 
 /// Times `n` sequential scrapes, stopping at the first that fails.
 fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
-    let mut t = ScrapeTimes { ms: Vec::with_capacity(n), collect: Vec::with_capacity(n), failure: None };
+    let mut t =
+        ScrapeTimes { ms: Vec::with_capacity(n), collect: Vec::with_capacity(n), failure: None };
     for i in 0..n {
         if interrupted() {
             t.failure = Some(anyhow::anyhow!("interrupted"));
@@ -1044,12 +1102,15 @@ fn time_scrapes(agent: &Agent, n: usize) -> ScrapeTimes {
                 t.collect.push(Scrape::parse(&body).map_or(f64::NAN, |s| s.collect_ms()));
             }
             Ok((status, _)) => {
-                t.failure = Some(anyhow::anyhow!("scrape {} of {n}: /metrics answered {status}", i + 1));
+                t.failure =
+                    Some(anyhow::anyhow!("scrape {} of {n}: /metrics answered {status}", i + 1));
                 break;
             }
             Err(e) => {
-                t.failure =
-                    Some(e.context(format!("scrape {} of {n} got no answer: the agent stopped answering", i + 1)));
+                t.failure = Some(e.context(format!(
+                    "scrape {} of {n} got no answer: the agent stopped answering",
+                    i + 1
+                )));
                 break;
             }
         }
@@ -1074,7 +1135,12 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     let agent = Agent::start(twmon, &[], work)?;
     // The same agent with glibc returning freed heap at once: how much of the RSS is memory
     // the allocator keeps after start-up.
-    let trimmed = Agent::start_with_env(twmon, &[], &[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")], work)?;
+    let trimmed = Agent::start_with_env(
+        twmon,
+        &[],
+        &[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")],
+        work,
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     let before = agent.memory()?;
     let before_trimmed = trimmed.memory()?;
@@ -1082,7 +1148,13 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     let m0 = agent.scrape()?;
     eprintln!("bench: creating {} timewait sockets", o.timewait);
     // Timewait sockets live 60 s: create them well within that.
-    let churn = load::churn(&ns, &servers.addrs, clients, Until::Count(o.timewait, Duration::from_secs(50)), None)?;
+    let churn = load::churn(
+        &ns,
+        &servers.addrs,
+        clients,
+        Until::Count(o.timewait, Duration::from_secs(50)),
+        None,
+    )?;
     // One sweep interval, so silent FIN_WAIT2 -> TIME_WAIT changes are settled.
     std::thread::sleep(Duration::from_millis(1500));
     let in_ns = ns.sockstat_tw();
@@ -1092,18 +1164,23 @@ fn memory_phase(twmon: &Path, o: &Options, work: &Path, f: &mut Findings) -> Res
     let after_trimmed = trimmed.memory()?;
     let maps = agent.maps();
     println!(
-        "created {} connections in {:.1} s ({:.0}/s){}; the namespace holds {in_ns} timewait sockets \
-         (/proc/net/sockstat tw); the agent follows {followed:.0} (twmon_sockets time_wait + fin_wait2, all namespaces)",
+        "created {} connections in {:.1} s ({:.0}/s){}; the namespace holds {in_ns} timewait \
+         sockets (/proc/net/sockstat tw); the agent follows {followed:.0} (twmon_sockets time_wait \
+         + fin_wait2, all namespaces)",
         churn.connections,
         churn.elapsed.as_secs_f64(),
         churn.rate(),
         note_errors(&churn)
     );
-    println!("| agent | RSS before the sockets | RSS with them | anon | file | of which ring buffer | peak (VmHWM) |");
+    println!(
+        "| agent | RSS before the sockets | RSS with them | anon | file | of which ring buffer | \
+         peak (VmHWM) |"
+    );
     println!("|---|---|---|---|---|---|---|");
-    for (label, m, b) in
-        [("as built", after, before), ("GLIBC_TUNABLES=glibc.malloc.trim_threshold=0", after_trimmed, before_trimmed)]
-    {
+    for (label, m, b) in [
+        ("as built", after, before),
+        ("GLIBC_TUNABLES=glibc.malloc.trim_threshold=0", after_trimmed, before_trimmed),
+    ] {
         println!(
             "| {label} | {:.1} MiB | {:.1} MiB | {:.1} | {:.1} | {:.1} | {:.1} MiB |",
             mib(b.rss),
@@ -1200,9 +1277,13 @@ const TIMEWAIT_PER_NAMESPACE: usize = 20;
 /// and sysctls: both against the number of namespaces, with the size of the host's established
 /// hash table, which every sock_diag dump walks whatever the namespace holds.
 fn namespaces_phase(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
-    println!("\n## 8. {} namespaces with {TIMEWAIT_PER_NAMESPACE} timewait sockets each", o.namespaces);
+    println!(
+        "\n## 8. {} namespaces with {TIMEWAIT_PER_NAMESPACE} timewait sockets each",
+        o.namespaces
+    );
     check_interrupted()?;
-    let spaces: Vec<Netns> = (0..o.namespaces).map(|i| Netns::new(&format!("bench-many{i}"))).collect();
+    let spaces: Vec<Netns> =
+        (0..o.namespaces).map(|i| Netns::new(&format!("bench-many{i}"))).collect();
     let made = Instant::now();
     for ns in &spaces {
         ns.run(|| {
@@ -1240,29 +1321,40 @@ fn namespaces_phase(twmon: &Path, o: &Options, work: &Path) -> Result<()> {
         bail!("no reconcile finished within 45 s");
     }
     let n = o.namespaces as f64;
-    let buckets = fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries").unwrap_or_else(|_| "unknown".into());
+    let buckets = fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries")
+        .unwrap_or_else(|_| "unknown".into());
     println!(
-        "the host's established hash table: {} buckets (net.ipv4.tcp_ehash_entries), walked by sock_diag \
-         once per address family of each namespace that holds sockets of it",
+        "the host's established hash table: {} buckets (net.ipv4.tcp_ehash_entries), walked by \
+         sock_diag once per address family of each namespace that holds sockets of it",
         buckets.trim()
     );
     println!("| | median | per namespace | rounds |");
     println!("|---|---|---|---|");
     let (r, s) = (stats::median(&reconcile_ms), stats::median(&scrape_ms));
-    println!("| reconcile (sock_diag, sysctls, breakdowns) | {r:.0} ms | {:.2} ms | {} |", r / n, reconcile_ms.len());
-    println!("| scrape (with TcpExt and sysctls of each) | {s:.1} ms | {:.3} ms | {} |", s / n, scrape_ms.len());
+    println!(
+        "| reconcile (sock_diag, sysctls, breakdowns) | {r:.0} ms | {:.2} ms | {} |",
+        r / n,
+        reconcile_ms.len()
+    );
+    println!(
+        "| scrape (with TcpExt and sysctls of each) | {s:.1} ms | {:.3} ms | {} |",
+        s / n,
+        scrape_ms.len()
+    );
     Ok(())
 }
 
 fn summary(o: &Options, f: &Findings, failed: &[String]) {
     let mut s = String::new();
-    let _ = writeln!(s, "\n## Targets (this machine)\n| target | measured | verdict |\n|---|---|---|");
+    let _ =
+        writeln!(s, "\n## Targets (this machine)\n| target | measured | verdict |\n|---|---|---|");
     if !f.ratios.is_empty() {
         let med = stats::median(&f.ratios);
         let _ = writeln!(
             s,
-            "| churn with the agent on >= 0.97 of off, median of >= 8 rounds at the maximum rate | on/off median \
-             {med:.3} over {} rounds (min {:.3}, max {:.3}); empty programs on the same tracepoints {:.3} | {} |",
+            "| churn with the agent on >= 0.97 of off, median of >= 8 rounds at the maximum rate | \
+             on/off median {med:.3} over {} rounds (min {:.3}, max {:.3}); empty programs on the \
+             same tracepoints {:.3} | {} |",
             f.ratios.len(),
             stats::min(&f.ratios),
             stats::max(&f.ratios),
@@ -1270,27 +1362,32 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
             verdict(med >= 0.97 && f.ratios.len() >= 8)
         );
     }
-    for (label, ratios) in [("bulk transfer", &f.bulk_ratios), ("keep-alive request/response", &f.rr_ratios)] {
+    for (label, ratios) in
+        [("bulk transfer", &f.bulk_ratios), ("keep-alive request/response", &f.rr_ratios)]
+    {
         if ratios.is_empty() {
             continue;
         }
         let med = stats::median(ratios);
         let _ = writeln!(
             s,
-            "| {label} with the agent on >= 0.99 of off, median of >= 8 rounds (1500-byte MTU) | on/off median \
-             {med:.3} over {} rounds (min {:.3}, max {:.3}); twmon's CPU time under this traffic {} | {} |",
+            "| {label} with the agent on >= 0.99 of off, median of >= 8 rounds (1500-byte MTU) | \
+             on/off median {med:.3} over {} rounds (min {:.3}, max {:.3}); twmon's CPU time under \
+             this traffic {} | {} |",
             ratios.len(),
             stats::min(ratios),
             stats::max(ratios),
-            f.steady_cpu_pct.map(|c| format!("{c:.2} % of one core")).unwrap_or_else(|| "not measured".into()),
+            f.steady_cpu_pct
+                .map(|c| format!("{c:.2} % of one core"))
+                .unwrap_or_else(|| "not measured".into()),
             verdict(med >= 0.99 && ratios.len() >= 8)
         );
     }
     if let Some((twmon, empty)) = f.per_conn_ns {
         let _ = writeln!(
             s,
-            "| kernel time of all programs per connection <= 2x empty programs' | {twmon:.0} ns against {empty:.0} ns: \
-             {:.2}x | {} |",
+            "| kernel time of all programs per connection <= 2x empty programs' | {twmon:.0} ns \
+             against {empty:.0} ns: {:.2}x | {} |",
             twmon / empty,
             verdict(twmon <= 2.0 * empty)
         );
@@ -1298,10 +1395,11 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
     if let (Some(ns), Some(floor)) = (f.state_ns, f.state_floor_ns) {
         let _ = writeln!(
             s,
-            "| per state change (program and twin) <= 3x the empty program | twmon_state {ns:.0} ns against {floor:.0} ns: \
-             {:.2}x; {:.0} ns when it writes no records; a program that only keeps each socket's entry time in a \
-             hash map {:.0} ns ({:.2}x); the bpftrace reference script {:.0} ns; one ring-buffer record {:.0} ns with \
-             a wake-up, {:.0} ns without | {} |",
+            "| per state change (program and twin) <= 3x the empty program | twmon_state {ns:.0} \
+             ns against {floor:.0} ns: {:.2}x; {:.0} ns when it writes no records; a program that \
+             only keeps each socket's entry time in a hash map {:.0} ns ({:.2}x); the bpftrace \
+             reference script {:.0} ns; one ring-buffer record {:.0} ns with a wake-up, {:.0} ns \
+             without | {} |",
             ns / floor,
             f.state_paused_ns.unwrap_or(f64::NAN),
             f.state_socket_floor_ns.unwrap_or(f64::NAN),
@@ -1315,7 +1413,8 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
     for (prog, extra, rate) in &f.unrelated_timer_extra_ns {
         let _ = writeln!(
             s,
-            "| {prog} on an unrelated timer <= the empty program's time + 10 ns | {extra:+.1} ns at {rate:.0} runs/s | {} |",
+            "| {prog} on an unrelated timer <= the empty program's time + 10 ns | {extra:+.1} ns \
+             at {rate:.0} runs/s | {} |",
             verdict(*extra <= 10.0)
         );
     }
@@ -1325,9 +1424,9 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
         let scaled = events_cpu / rate * o.rate.max(rate) + reconcile_avg;
         let _ = writeln!(
             s,
-            "| agent CPU <= 1 % of a core at {:.0} conn/s | {cpu:.2} % in a {rate:.0} conn/s window ({events_cpu:.2} % \
-             without reconciles); on average about {scaled:.1} % at {:.0} conn/s with reconciles at {reconcile_avg:.2} %; \
-             {idle:.2} % with no load | {} |",
+            "| agent CPU <= 1 % of a core at {:.0} conn/s | {cpu:.2} % in a {rate:.0} conn/s \
+             window ({events_cpu:.2} % without reconciles); on average about {scaled:.1} % at \
+             {:.0} conn/s with reconciles at {reconcile_avg:.2} %; {idle:.2} % with no load | {} |",
             o.rate,
             o.rate.max(rate),
             verdict(scaled <= 1.0)
@@ -1341,8 +1440,8 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
         let best = churn_rate.unwrap_or(0.0).max(f.state_changes_per_s.unwrap_or(0.0));
         let _ = writeln!(
             s,
-            "| zero lost events at 100000 state changes/s | {lost} lost; fastest run with the agent on about {best:.0} \
-             state changes/s (churn runs {}, cost window {}) | {} |",
+            "| zero lost events at 100000 state changes/s | {lost} lost; fastest run with the \
+             agent on about {best:.0} state changes/s (churn runs {}, cost window {}) | {} |",
             churn_rate.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "not run".into()),
             f.state_changes_per_s.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "not run".into()),
             if lost > 0 {
@@ -1357,8 +1456,9 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
     if let Some(t) = &f.tw {
         let _ = writeln!(
             s,
-            "| agent RSS <= 32 MiB with {} timewait sockets | RSS {:.1} MiB with {} alive ({:.1} MiB before them, \
-             peak {:.1} MiB; {:.1} MiB when glibc returns freed heap); kernel maps {:.1} MiB | {} |",
+            "| agent RSS <= 32 MiB with {} timewait sockets | RSS {:.1} MiB with {} alive ({:.1} \
+             MiB before them, peak {:.1} MiB; {:.1} MiB when glibc returns freed heap); kernel \
+             maps {:.1} MiB | {} |",
             o.timewait,
             t.rss_mib,
             t.sockets,
@@ -1373,7 +1473,8 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
         if let Some((med, p99, tw)) = v {
             let _ = writeln!(
                 s,
-                "| scrape < 10 ms ({label}, {tw:.0} timewait sockets followed) | median {med:.2} ms, p99 {p99:.2} ms | {} |",
+                "| scrape < 10 ms ({label}, {tw:.0} timewait sockets followed) | median {med:.2} \
+                 ms, p99 {p99:.2} ms | {} |",
                 verdict(p99 < 10.0)
             );
         }
@@ -1381,7 +1482,8 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
     if let Some(t) = &f.tw {
         let _ = writeln!(
             s,
-            "| scrape < 10 ms ({} timewait sockets followed) | median {:.2} ms; the sweep alone {:.1} ms | {} |",
+            "| scrape < 10 ms ({} timewait sockets followed) | median {:.2} ms; the sweep alone \
+             {:.1} ms | {} |",
             t.sockets,
             t.scrape_median_ms,
             t.sweep_ms,

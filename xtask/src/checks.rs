@@ -57,7 +57,8 @@ impl Report {
     /// Fails with every failed check, by name and first line, after all have run.
     pub fn assert_passed(self) {
         if !self.failed.is_empty() {
-            let names: Vec<String> = self.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
+            let names: Vec<String> =
+                self.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
             panic!("{} check(s) failed:\n  {}", self.failed.len(), names.join("\n  "));
         }
     }

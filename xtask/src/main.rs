@@ -86,7 +86,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// A command's standard output, when it ran and succeeded.
 pub fn output(cmd: &mut Command) -> Option<String> {
-    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    cmd.output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn build() -> Result<PathBuf> {
@@ -113,7 +116,10 @@ fn main() -> Result<()> {
         Task::Bench { args } => {
             let bin = build()?;
             if !is_root() {
-                bail!("the benchmark loads kernel programs and creates network namespaces: run as root");
+                bail!(
+                    "the benchmark loads kernel programs and creates network namespaces: run as \
+                     root"
+                );
             }
             bench::run(&bin, &args)
         }
@@ -122,25 +128,38 @@ fn main() -> Result<()> {
             setup::ensure()?;
             run(Command::new("cargo").args(["fmt", "--all", "--check"]))
                 .context("formatting differs: run `cargo fmt --all`")?;
-            run(Command::new("cargo").args(["clippy", "--all-targets", "--release", "--", "-D", "warnings"]))?;
-            // The kernel programs, for their own target with the toolchain that builds them.
-            run(Command::new("cargo").args(["+nightly", "clippy", "--package", "monitor-ebpf", "--release"]).args([
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
+            run(Command::new("cargo").args([
+                "clippy",
+                "--all-targets",
+                "--release",
                 "--",
                 "-D",
                 "warnings",
-            ]))
-            .context("clippy on the kernel programs failed (`cargo +nightly clippy` needs nightly's clippy)")
+            ]))?;
+            // The kernel programs, for their own target with the toolchain that builds them.
+            run(Command::new("cargo")
+                .args(["+nightly", "clippy", "--package", "monitor-ebpf", "--release"])
+                .args([
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            .context(
+                "clippy on the kernel programs failed (`cargo +nightly clippy` needs \
+                      nightly's clippy)",
+            )
         }
         Task::Vm { kernels, suites, filter } => {
             if !is_root() {
                 bail!("the VM runner downloads kernels with apt and boots them: run as root");
             }
-            let or =
-                |v: Vec<String>, d: &[&str]| if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v };
+            let or = |v: Vec<String>, d: &[&str]| {
+                if v.is_empty() { d.iter().map(|s| s.to_string()).collect() } else { v }
+            };
             vm::run_matrix(&vm::Options {
                 kernels: or(kernels, vm::DEFAULT_KERNELS),
                 suites: or(suites, vm::DEFAULT_SUITES),
@@ -153,10 +172,19 @@ fn main() -> Result<()> {
                 bail!("the soak loads kernel programs and creates network namespaces: run as root");
             }
             let mut cmd = Command::new("cargo");
-            cmd.args(["test", "--release", "--package", "monitor", "--test", "exact", "soak", "--"])
-                .args(["--ignored", "--exact", "--nocapture"])
-                .env("TWMON_SOAK_MINUTES", minutes.to_string())
-                .env("TWMON_SOAK_SEED", &seed);
+            cmd.args([
+                "test",
+                "--release",
+                "--package",
+                "monitor",
+                "--test",
+                "exact",
+                "soak",
+                "--",
+            ])
+            .args(["--ignored", "--exact", "--nocapture"])
+            .env("TWMON_SOAK_MINUTES", minutes.to_string())
+            .env("TWMON_SOAK_SEED", &seed);
             if let Some(n) = cases {
                 cmd.env("TWMON_SOAK_CASES", n.to_string());
             }

@@ -52,14 +52,29 @@ pub fn ensure() -> Result<()> {
         apt_install(&missing)?;
     }
 
-    let src = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]));
+    let src = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
     match src {
         None => {
-            bail!("the nightly toolchain is missing; the kernel programs need it: `rustup toolchain install nightly`")
+            bail!(
+                "the nightly toolchain is missing; the kernel programs need it: `rustup toolchain \
+                 install nightly`"
+            )
         }
         Some(list) if !list.lines().any(|l| l.starts_with("rust-src")) => {
             eprintln!("setup: adding rust-src to the nightly toolchain");
-            run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))?;
         }
         Some(_) => {}
     }

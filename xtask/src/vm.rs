@@ -61,7 +61,9 @@ pub fn run_matrix(opts: &Options) -> Result<()> {
             let outcome = if k == "host" {
                 run_host(&bins, &opts.filter, &out_root.join("host"))
             } else {
-                kernel_image(k).and_then(|(release, image)| run_guest(&release, &image, &bins, &opts.filter, &out_root))
+                kernel_image(k).and_then(|(release, image)| {
+                    run_guest(&release, &image, &bins, &opts.filter, &out_root)
+                })
             };
             outcome.unwrap_or_else(|e| Outcome {
                 kernel: k.clone(),
@@ -79,10 +81,16 @@ pub fn run_matrix(opts: &Options) -> Result<()> {
         if let Some(crash) = guest_panic(&out_root.join(&outcome.kernel)).filter(|_| !outcome.ok) {
             let kept = out_root.join(format!("{}-panicked-console.log", outcome.kernel));
             let _ = fs::copy(out_root.join(&outcome.kernel).join("console.log"), &kept);
-            eprintln!("vm: {}: the guest kernel panicked ({crash}); booting it once more", outcome.kernel);
+            eprintln!(
+                "vm: {}: the guest kernel panicked ({crash}); booting it once more",
+                outcome.kernel
+            );
             outcome = run();
-            outcome.note =
-                format!("{} (booted twice: the first boot's kernel panicked, {})", outcome.note, kept.display());
+            outcome.note = format!(
+                "{} (booted twice: the first boot's kernel panicked, {})",
+                outcome.note,
+                kept.display()
+            );
         }
         println!("{}", line(&outcome));
         outcomes.push(outcome);
@@ -106,7 +114,10 @@ fn guest_panic(out: &Path) -> Option<String> {
     if !console.contains("Kernel panic - not syncing") {
         return None;
     }
-    let oops = console.lines().find(|l| l.contains("Oops") || l.contains("BUG:")).unwrap_or("Kernel panic");
+    let oops = console
+        .lines()
+        .find(|l| l.contains("Oops") || l.contains("BUG:"))
+        .unwrap_or("Kernel panic");
     Some(oops.trim().to_string())
 }
 
@@ -129,7 +140,10 @@ impl Outcome {
 fn line(o: &Outcome) -> String {
     let verdict = if o.ok { "PASS" } else { "FAIL" };
     let note = if o.note.is_empty() { String::new() } else { format!(": {}", o.note) };
-    format!("vm {}: {verdict}: {} passed, {} failed in {:.0} s{note}", o.kernel, o.passed, o.failed, o.secs)
+    format!(
+        "vm {}: {verdict}: {} passed, {} failed in {:.0} s{note}",
+        o.kernel, o.passed, o.failed, o.secs
+    )
 }
 
 /// qemu, kmod, busybox from Debian; virtme-ng from PyPI.
@@ -151,10 +165,13 @@ fn ensure_tools() -> Result<()> {
 /// virtme-ng's command, from the scripts directory of the python3 that pip installed it for:
 /// found even where that directory is not on PATH or a version manager's shims are stale.
 fn vng() -> PathBuf {
-    output(Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]))
-        .map(|dir| PathBuf::from(dir.trim()).join("vng"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("vng"))
+    output(
+        Command::new("python3")
+            .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]),
+    )
+    .map(|dir| PathBuf::from(dir.trim()).join("vng"))
+    .filter(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("vng"))
 }
 
 /// Builds the agent and the test binaries and returns (suite, executable) for each suite.
@@ -222,7 +239,10 @@ fn apt_options(cache: &Path) -> Result<Vec<String>> {
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(24 * 3600));
     if changed || !fresh {
-        eprintln!("vm: updating the package lists of Debian 11 and 12 (private apt state in {})", apt.display());
+        eprintln!(
+            "vm: updating the package lists of Debian 11 and 12 (private apt state in {})",
+            apt.display()
+        );
         run(Command::new("apt-get").args(&opts).args(["update", "-qq"]))?;
         fs::write(&stamp, b"")?;
     }
@@ -234,7 +254,10 @@ fn apt_options(cache: &Path) -> Result<Vec<String>> {
 fn private_sources() -> Result<String> {
     let path = "/etc/apt/sources.list.d/debian.sources";
     let text = fs::read_to_string(path).with_context(|| {
-        format!("reading {path}: the VM runner reuses the machine's Debian mirrors (deb822 format, as on Debian 12)")
+        format!(
+            "reading {path}: the VM runner reuses the machine's Debian mirrors (deb822 format, \
+                 as on Debian 12)"
+        )
     })?;
     Ok(rewrite_sources(&text))
 }
@@ -282,10 +305,15 @@ fn newest_package(series: &str, names: &str) -> Option<String> {
 fn kernel_image(series: &str) -> Result<(String, PathBuf)> {
     let cache = cache_dir();
     let opts = apt_options(&cache)?;
-    let names = output(Command::new("apt-cache").args(&opts).args(["pkgnames", &format!("linux-image-{series}.")]))
-        .unwrap_or_default();
+    let names = output(
+        Command::new("apt-cache").args(&opts).args(["pkgnames", &format!("linux-image-{series}.")]),
+    )
+    .unwrap_or_default();
     let pkg = newest_package(series, &names).with_context(|| {
-        format!("no Debian kernel package linux-image-{series}.*-amd64-unsigned; known series: 5.10, 6.1, 6.12")
+        format!(
+            "no Debian kernel package linux-image-{series}.*-amd64-unsigned; known series: \
+                 5.10, 6.1, 6.12"
+        )
     })?;
     let release = pkg.trim_start_matches("linux-image-").trim_end_matches("-unsigned").to_string();
     let root = cache.join("kernels").join(&release);
@@ -295,13 +323,19 @@ fn kernel_image(series: &str) -> Result<(String, PathBuf)> {
         fs::create_dir_all(&dl)?;
         eprintln!("vm: downloading {pkg}");
         // `apt-get download` writes to its working directory (so not through `run`, which sets it).
-        let status = Command::new("apt-get").args(&opts).args(["download", "-qq", &pkg]).current_dir(&dl).status()?;
+        let status = Command::new("apt-get")
+            .args(&opts)
+            .args(["download", "-qq", &pkg])
+            .current_dir(&dl)
+            .status()?;
         if !status.success() {
             bail!("apt-get download {pkg} failed: {status}");
         }
         let deb = fs::read_dir(&dl)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&format!("{pkg}_"))))
+            .find(|p| {
+                p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&format!("{pkg}_")))
+            })
             .with_context(|| format!("apt-get download left no {pkg}_*.deb in {}", dl.display()))?;
         let tmp = cache.join("kernels").join(format!(".{release}.tmp"));
         let _ = fs::remove_dir_all(&tmp);
@@ -321,7 +355,8 @@ fn guest_script(bins: &[(String, PathBuf)], filter: &[String], out: &Path) -> St
     s += &format!("cd {}\n", crate::root().join("monitor").display());
     s += &format!("echo \"{MARK}-BOOTED $(uname -r)\"\n");
     for (suite, bin) in bins {
-        let args: Vec<String> = filter.iter().map(|f| format!("'{}'", f.replace('\'', ""))).collect();
+        let args: Vec<String> =
+            filter.iter().map(|f| format!("'{}'", f.replace('\'', ""))).collect();
         s += &format!(
             "{} {} --test-threads 16 > {}/{suite}.log 2>&1\necho \"{MARK} {suite} $?\"\n",
             bin.display(),
@@ -331,7 +366,10 @@ fn guest_script(bins: &[(String, PathBuf)], filter: &[String], out: &Path) -> St
     }
     // Kernel warnings and oopses during the run (a program the verifier warns about, a crash):
     // the agent must leave a kernel's log clean.
-    s += &format!("dmesg | grep -A3 -e 'cut here' -e 'BUG:' -e 'Oops' > {}/dmesg-warnings.log\n", out.display());
+    s += &format!(
+        "dmesg | grep -A3 -e 'cut here' -e 'BUG:' -e 'Oops' > {}/dmesg-warnings.log\n",
+        out.display()
+    );
     s += &format!(
         "echo \"{MARK}-DMESG $(grep -c -e 'cut here' -e 'BUG:' -e 'Oops' {}/dmesg-warnings.log)\"\n",
         out.display()
@@ -370,23 +408,37 @@ fn run_guest(
         }
     }
     fs::write(out.join("console.log"), &console)?;
-    let mut outcome =
-        Outcome { kernel: release.to_string(), passed: 0, failed: 0, ok: true, secs: 0.0, note: String::new() };
+    let mut outcome = Outcome {
+        kernel: release.to_string(),
+        passed: 0,
+        failed: 0,
+        ok: true,
+        secs: 0.0,
+        note: String::new(),
+    };
     for (suite, _) in bins {
         let code = console
             .lines()
             .filter_map(|l| {
-                l.trim().strip_prefix(MARK)?.strip_prefix(' ')?.strip_prefix(suite.as_str())?.strip_prefix(' ')
+                l.trim()
+                    .strip_prefix(MARK)?
+                    .strip_prefix(' ')?
+                    .strip_prefix(suite.as_str())?
+                    .strip_prefix(' ')
             })
             .next()
             .and_then(|c| c.trim().parse::<i32>().ok());
         tally(&mut outcome, suite, code, &out.join(format!("{suite}.log")));
     }
-    let warnings =
-        console.lines().find_map(|l| l.trim().strip_prefix(&format!("{MARK}-DMESG "))?.trim().parse::<u32>().ok());
+    let warnings = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{MARK}-DMESG "))?.trim().parse::<u32>().ok());
     match warnings {
         Some(0) => {}
-        Some(n) => outcome.fail(format!("{n} kernel warnings (see {})", out.join("dmesg-warnings.log").display())),
+        Some(n) => outcome.fail(format!(
+            "{n} kernel warnings (see {})",
+            out.join("dmesg-warnings.log").display()
+        )),
         None => outcome.fail("the guest did not report its kernel log".into()),
     }
     Ok(outcome.finish(start))
@@ -431,9 +483,16 @@ fn run_host(bins: &[(String, PathBuf)], filter: &[String], out: &Path) -> Result
     let _ = fs::remove_dir_all(out);
     fs::create_dir_all(out)?;
     let start = Instant::now();
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let mut outcome =
-        Outcome { kernel: format!("host {release}"), passed: 0, failed: 0, ok: true, secs: 0.0, note: String::new() };
+    let release =
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let mut outcome = Outcome {
+        kernel: format!("host {release}"),
+        passed: 0,
+        failed: 0,
+        ok: true,
+        secs: 0.0,
+        note: String::new(),
+    };
     for (suite, bin) in bins {
         let log = out.join(format!("{suite}.log"));
         let status = Command::new(bin)
@@ -459,13 +518,17 @@ fn tally(outcome: &mut Outcome, suite: &str, code: Option<i32>, log: &Path) {
         // (see `Outcome::finish`).
         Some(0) => return,
         Some(c) => {
-            let names: Vec<&str> =
-                text.lines().filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED")).collect();
+            let names: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+                .collect();
             // The log stays behind on a machine that may be gone (CI): print why here.
             eprintln!("vm: {suite} failed; from {}:\n{}", log.display(), failures(&text));
             format!("{suite} exited {c} (failed: {}; see {})", names.join(", "), log.display())
         }
-        None => format!("{suite} did not report (see {})", log.with_file_name("console.log").display()),
+        None => {
+            format!("{suite} did not report (see {})", log.with_file_name("console.log").display())
+        }
     };
     outcome.fail(why);
 }
@@ -478,7 +541,9 @@ fn failures(log: &str) -> String {
 
 /// Passed and failed counts from libtest's `test result:` line.
 fn counts(log: &str) -> (usize, usize) {
-    let Some(line) = log.lines().rev().find(|l| l.starts_with("test result:")) else { return (0, 0) };
+    let Some(line) = log.lines().rev().find(|l| l.starts_with("test result:")) else {
+        return (0, 0);
+    };
     let num = |word: &str| {
         line.split(';')
             .find(|p| p.trim().ends_with(word))
@@ -499,7 +564,10 @@ mod tests {
                      linux-image-6.12.117+deb12-amd64-unsigned\nlinux-image-6.12.99+deb12-amd64-unsigned\n\
                      linux-image-5.10.0-46-amd64-unsigned\nlinux-image-5.10.0-46-rt-amd64-unsigned\n";
         assert_eq!(newest_package("6.1", names).unwrap(), "linux-image-6.1.0-57-amd64-unsigned");
-        assert_eq!(newest_package("6.12", names).unwrap(), "linux-image-6.12.117+deb12-amd64-unsigned");
+        assert_eq!(
+            newest_package("6.12", names).unwrap(),
+            "linux-image-6.12.117+deb12-amd64-unsigned"
+        );
         assert_eq!(newest_package("5.10", names).unwrap(), "linux-image-5.10.0-46-amd64-unsigned");
         assert_eq!(newest_package("5.15", names), None);
     }

@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use xtask::checks::{self, Report, e2e, tools, twmon};
 
 fn as_root() {
-    assert!(xtask::is_root(), "the checks install tools and load kernel programs: run as root (cargo xtask test)");
+    assert!(
+        xtask::is_root(),
+        "the checks install tools and load kernel programs: run as root (cargo xtask test)"
+    );
 }
 
 /// The checks that run the agent, one at a time: each reads what its own agent counts.

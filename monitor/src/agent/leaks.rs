@@ -37,25 +37,36 @@ impl Agent {
         }
         let mut sockets: HashMap<Tuple, (u64, &str)> = HashMap::new();
         for v in views {
-            for s in v.sockets.iter().filter(|s| s.state == monitor_common::tcp::CLOSE_WAIT && s.inode != 0) {
-                sockets.insert(Tuple::new(v.inode, s.local, s.remote), (s.inode as u64, v.name.as_str()));
+            for s in v
+                .sockets
+                .iter()
+                .filter(|s| s.state == monitor_common::tcp::CLOSE_WAIT && s.inode != 0)
+            {
+                sockets.insert(
+                    Tuple::new(v.inode, s.local, s.remote),
+                    (s.inode as u64, v.name.as_str()),
+                );
             }
         }
-        let inodes: HashSet<u64> = old.iter().filter_map(|(t, _)| sockets.get(t).map(|(i, _)| *i)).collect();
+        let inodes: HashSet<u64> =
+            old.iter().filter_map(|(t, _)| sockets.get(t).map(|(i, _)| *i)).collect();
         let owners = procfs::socket_owners(&inodes);
         let mut by_process: BTreeMap<(String, i32, String), Leak> = BTreeMap::new();
         for (t, since) in old {
             let Some((inode, ns)) = sockets.get(&t) else { continue };
             let age = now.saturating_sub(since) as f64 / 1e9;
             for (pid, comm) in owners.get(inode).into_iter().flatten() {
-                let leak = by_process.entry((ns.to_string(), *pid, comm.clone())).or_insert_with(|| Leak {
-                    netns: ns.to_string(),
-                    pid: *pid,
-                    comm: comm.clone(),
-                    sockets: 0,
-                    oldest_seconds: 0.0,
-                    examples: Vec::new(),
-                });
+                let leak =
+                    by_process.entry((ns.to_string(), *pid, comm.clone())).or_insert_with(|| {
+                        Leak {
+                            netns: ns.to_string(),
+                            pid: *pid,
+                            comm: comm.clone(),
+                            sockets: 0,
+                            oldest_seconds: 0.0,
+                            examples: Vec::new(),
+                        }
+                    });
                 leak.sockets += 1;
                 leak.oldest_seconds = leak.oldest_seconds.max(age);
                 if leak.examples.len() < 3 {
@@ -64,7 +75,11 @@ impl Agent {
                 if logged.insert(t) {
                     self.metrics.leaks_total.inc();
                     tracing::warn!(
-                        pid, comm = %comm, netns = %ns, local = %t.local_addr(), remote = %t.remote_addr(),
+                        pid,
+                        comm = %comm,
+                        netns = %ns,
+                        local = %t.local_addr(),
+                        remote = %t.remote_addr(),
                         seconds = age.round(),
                         "CLOSE_WAIT leak: the peer closed, this process has not called close()"
                     );

@@ -172,7 +172,10 @@ impl Agent {
     pub fn health(&self) -> Result<(), String> {
         let attached = self.attached.load(Ordering::Relaxed);
         if attached != kernel::TRACEPOINTS.len() {
-            return Err(format!("{attached} of {} kernel programs attached", kernel::TRACEPOINTS.len()));
+            return Err(format!(
+                "{attached} of {} kernel programs attached",
+                kernel::TRACEPOINTS.len()
+            ));
         }
         let idle = monotonic_ns().saturating_sub(self.last_drain.load(Ordering::Relaxed));
         if idle > 5_000_000_000 {

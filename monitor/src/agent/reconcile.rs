@@ -25,7 +25,8 @@ impl Agent {
         let found = match &self.config.netns_path {
             None => return (all, hidden),
             Some(path) => {
-                let mut found: Vec<Namespace> = all.into_iter().filter(|n| n.inode == self.config.netns).collect();
+                let mut found: Vec<Namespace> =
+                    all.into_iter().filter(|n| n.inode == self.config.netns).collect();
                 if found.is_empty() {
                     found.push(Namespace {
                         inode: self.config.netns,
@@ -49,8 +50,10 @@ impl Agent {
         let views = ground::read(&namespaces, &mut denied);
         let read: HashSet<u32> = views.iter().map(|v| v.inode).collect();
         let settings = self.settings();
-        *lock(&self.namespaces_read) =
-            namespaces.into_iter().filter(|n| read.contains(&n.inode) && settings.watches(n.inode, &n.name)).collect();
+        *lock(&self.namespaces_read) = namespaces
+            .into_iter()
+            .filter(|n| read.contains(&n.inode) && settings.watches(n.inode, &n.name))
+            .collect();
         self.metrics.set_unreadable(denied, hidden);
         if (denied > 0 || hidden > 0) && !self.warned_unreadable.swap(true, Ordering::Relaxed) {
             // Root that still cannot read them runs in a sandbox: capabilities are not the cure.
@@ -123,8 +126,11 @@ impl Agent {
             let all = kernel.walks_in_kernel();
             let _ = kernel.run_sweep(all);
             let readout = kernel.read();
-            let above = |s: u8| readout.sockets[s as usize] + seeded[s as usize] > totals[s as usize];
-            if !all && (above(monitor_common::tcp::TIME_WAIT) || above(monitor_common::tcp::FIN_WAIT2)) {
+            let above =
+                |s: u8| readout.sockets[s as usize] + seeded[s as usize] > totals[s as usize];
+            if !all
+                && (above(monitor_common::tcp::TIME_WAIT) || above(monitor_common::tcp::FIN_WAIT2))
+            {
                 let _ = kernel.run_sweep(true);
                 kernel.read()
             } else {
@@ -137,7 +143,8 @@ impl Agent {
             let s = s as usize;
             drift[s] = readout.sockets[s] + seeded[s] - totals[s];
         }
-        let watched: Vec<NsView> = views.into_iter().filter(|v| self.settings().watches(v.inode, &v.name)).collect();
+        let watched: Vec<NsView> =
+            views.into_iter().filter(|v| self.settings().watches(v.inode, &v.name)).collect();
         let b = ground::breakdown(&watched, &self.settings());
         let leaks = self.leaks(&watched);
         let took = start.elapsed();
@@ -155,8 +162,9 @@ impl Agent {
     pub(crate) fn forget_gone_namespaces(&self) {
         use std::os::unix::fs::MetadataExt as _;
         let mut read = lock(&self.namespaces_read);
-        let (gone, alive): (Vec<_>, Vec<_>) =
-            read.drain(..).partition(|n| !std::fs::metadata(&n.path).is_ok_and(|m| m.ino() as u32 == n.inode));
+        let (gone, alive): (Vec<_>, Vec<_>) = read
+            .drain(..)
+            .partition(|n| !std::fs::metadata(&n.path).is_ok_and(|m| m.ino() as u32 == n.inode));
         *read = alive;
         drop(read);
         for n in gone {
@@ -174,7 +182,8 @@ impl Agent {
 pub fn reconcile_wait(interval: Duration, took: Duration, max_cpu: f64) -> Duration {
     let stretched = took.div_f64(max_cpu).saturating_sub(took);
     if stretched > interval {
-        tracing::debug!(?took, wait = ?stretched, max_cpu, "reconcile is slow; waiting longer to stay within reconcile.max_cpu");
+        tracing::debug!(?took, wait = ?stretched, max_cpu, "reconcile is slow; waiting longer to \
+                                                            stay within reconcile.max_cpu");
     }
     interval.max(stretched)
 }
@@ -187,8 +196,14 @@ mod tests {
     fn slow_reconciles_wait_longer() {
         let s = Duration::from_secs;
         assert_eq!(reconcile_wait(s(10), Duration::from_millis(20), 0.01), s(10));
-        assert_eq!(reconcile_wait(s(10), Duration::from_millis(200), 0.01), Duration::from_millis(19_800));
+        assert_eq!(
+            reconcile_wait(s(10), Duration::from_millis(200), 0.01),
+            Duration::from_millis(19_800)
+        );
         assert_eq!(reconcile_wait(s(60), Duration::from_millis(200), 0.01), s(60));
-        assert_eq!(reconcile_wait(s(1), Duration::from_millis(1500), 0.5), Duration::from_millis(1500));
+        assert_eq!(
+            reconcile_wait(s(1), Duration::from_millis(1500), 0.5),
+            Duration::from_millis(1500)
+        );
     }
 }

@@ -63,7 +63,9 @@ impl Agent {
         while let Some(item) = ring.next() {
             self.metrics.trace_records.inc();
             match trace::decode(&item) {
-                Some(r) => self.tracer.publish(TraceLine::new(&r.event, &r.comm, r.pid, clock, &names)),
+                Some(r) => {
+                    self.tracer.publish(TraceLine::new(&r.event, &r.comm, r.pid, clock, &names))
+                }
                 None => self.metrics.events_invalid.inc(),
             }
         }

@@ -61,11 +61,27 @@ pub struct Tuple {
 
 impl Tuple {
     pub fn of(ev: &Event) -> Self {
-        Self { netns: ev.netns, local: ev.saddr, lport: ev.sport, remote: ev.daddr, rport: ev.dport }
+        Self {
+            netns: ev.netns,
+            local: ev.saddr,
+            lport: ev.sport,
+            remote: ev.daddr,
+            rport: ev.dport,
+        }
     }
 
-    pub fn new(netns: u32, local: (std::net::IpAddr, u16), remote: (std::net::IpAddr, u16)) -> Self {
-        Self { netns, local: octets(local.0), lport: local.1, remote: octets(remote.0), rport: remote.1 }
+    pub fn new(
+        netns: u32,
+        local: (std::net::IpAddr, u16),
+        remote: (std::net::IpAddr, u16),
+    ) -> Self {
+        Self {
+            netns,
+            local: octets(local.0),
+            lport: local.1,
+            remote: octets(remote.0),
+            rport: remote.1,
+        }
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
@@ -138,7 +154,8 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let events = IntCounter::new("twmon_events_total", "Records received from the kernel programs.")?;
+        let events =
+            IntCounter::new("twmon_events_total", "Records received from the kernel programs.")?;
         registry.register(Box::new(events.clone()))?;
         Ok(Self {
             decided: Decided::default(),
@@ -160,8 +177,9 @@ impl Tracker {
             let state = state_name(ev.from);
             let (at, age) = (found::name(ev.reason), ev.duration_ns as f64 / 1e9);
             tracing::warn!(
-                "a {state} timewait socket ended unseen (found by {at}, {age:.3} s after it entered {state}); \
-                 counted in twmon_timewait_end_missed_total: please report it with the kernel version"
+                "a {state} timewait socket ended unseen (found by {at}, {age:.3} s after it \
+                 entered {state}); counted in twmon_timewait_end_missed_total: please report it \
+                 with the kernel version"
             );
             return;
         }
@@ -258,7 +276,10 @@ impl Tracker {
     /// ends 2MSL after it entered the state), or, when the socket changed since (an orphaned
     /// FIN_WAIT2 got its FIN), from its timer as the kernel program read it.
     fn seeded_timer_end(&mut self, seeded: Seeded, ev: &Event) {
-        if !matches!((ev.from, ev.reason), (tcp::TIME_WAIT, reason::EXPIRED) | (tcp::FIN_WAIT2, reason::FIN_TIMEOUT)) {
+        if !matches!(
+            (ev.from, ev.reason),
+            (tcp::TIME_WAIT, reason::EXPIRED) | (tcp::FIN_WAIT2, reason::FIN_TIMEOUT)
+        ) {
             return;
         }
         let duration = match (ev.from, seeded.due) {
@@ -288,7 +309,11 @@ impl Tracker {
     /// or before the timer's end). Sockets that events have spoken of since
     /// [`Self::begin_seed`] are left out: the kernel programs follow them. Returns how many
     /// were seeded.
-    pub fn seed(&mut self, sockets: impl IntoIterator<Item = (Tuple, u8, Option<Duration>)>, at: u64) -> usize {
+    pub fn seed(
+        &mut self,
+        sockets: impl IntoIterator<Item = (Tuple, u8, Option<Duration>)>,
+        at: u64,
+    ) -> usize {
         let seen = self.window.take().unwrap_or_default();
         let before = self.seed.len();
         for (t, state, left) in sockets {
@@ -336,9 +361,18 @@ impl Tracker {
     /// CLOSE_WAIT sockets that entered the state at or before `before` (ns), oldest first:
     /// those of the last leak scan and the seeded ones.
     pub fn close_wait_older_than(&self, before: u64) -> Vec<(Tuple, u64)> {
-        let seeded = self.seed.iter().filter(|(_, s)| s.state == tcp::CLOSE_WAIT).map(|(t, _)| (*t, self.seeded_at));
-        let mut v: Vec<(Tuple, u64)> =
-            self.close_wait_since.iter().map(|(k, t)| (*k, *t)).chain(seeded).filter(|(_, t)| *t <= before).collect();
+        let seeded = self
+            .seed
+            .iter()
+            .filter(|(_, s)| s.state == tcp::CLOSE_WAIT)
+            .map(|(t, _)| (*t, self.seeded_at));
+        let mut v: Vec<(Tuple, u64)> = self
+            .close_wait_since
+            .iter()
+            .map(|(k, t)| (*k, *t))
+            .chain(seeded)
+            .filter(|(_, t)| *t <= before)
+            .collect();
         v.sort_by_key(|(_, t)| *t);
         v
     }
@@ -375,7 +409,8 @@ mod tests {
             Self { t: Tracker::new(&Registry::new()).unwrap() }
         }
         fn trans(&self, from: u8, to: u8) -> u64 {
-            self.t.decided().lifecycle.transitions[from as usize * monitor_common::STATES + to as usize]
+            self.t.decided().lifecycle.transitions
+                [from as usize * monitor_common::STATES + to as usize]
         }
         fn ends(&self, r: u8) -> u64 {
             self.t.decided().ends[r as usize]
@@ -389,7 +424,12 @@ mod tests {
         }
         fn nothing_decided(&self) -> bool {
             let d = self.t.decided();
-            d.lifecycle.transitions.iter().chain(d.lifecycle.durations.iter()).chain(d.ends.iter()).all(|n| *n == 0)
+            d.lifecycle
+                .transitions
+                .iter()
+                .chain(d.lifecycle.durations.iter())
+                .chain(d.ends.iter())
+                .all(|n| *n == 0)
         }
     }
 
@@ -401,7 +441,8 @@ mod tests {
         t.t.apply(&ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::FIN_WAIT1, 1, 0));
         t.t.apply(&timed(ev(kind::TRANSITION, tcp::FIN_WAIT1, tcp::FIN_WAIT2, 1, 1), 1));
         t.t.apply(&timed(ev(kind::TRANSITION, tcp::FIN_WAIT2, tcp::TIME_WAIT, 1, 3), 2));
-        let mut end = tw(timed(ev(kind::TRANSITION, tcp::TIME_WAIT, tcp::CLOSE, 9, 60_003), 60_000));
+        let mut end =
+            tw(timed(ev(kind::TRANSITION, tcp::TIME_WAIT, tcp::CLOSE, 9, 60_003), 60_000));
         end.reason = reason::EXPIRED;
         t.t.apply(&end);
         t.t.apply(&tw(ev(kind::REARM, tcp::TIME_WAIT, tcp::TIME_WAIT, 8, 10)));
@@ -445,7 +486,10 @@ mod tests {
         // In the bucket the kernel programs would have used: le=2.5 s, its bound.
         let bucket = duration_bucket(2_500_000_000);
         assert_eq!(DURATION_BOUNDS_NS[bucket], 2_500_000_000);
-        assert_eq!(t.t.decided().lifecycle.durations[tcp::TIME_WAIT as usize * DURATION_SLOTS + bucket], 1);
+        assert_eq!(
+            t.t.decided().lifecycle.durations[tcp::TIME_WAIT as usize * DURATION_SLOTS + bucket],
+            1
+        );
         assert_eq!(t.t.pending(), 0);
     }
 
@@ -527,18 +571,25 @@ mod tests {
         );
         assert_eq!(n, 3);
         let s = t.t.seeded();
-        assert_eq!((s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize], s[tcp::CLOSE_WAIT as usize]), (1, 1, 1));
+        assert_eq!(
+            (s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize], s[tcp::CLOSE_WAIT as usize]),
+            (1, 1, 1)
+        );
         assert!(t.t.seeded_timewait());
         // The seeded TIME_WAIT socket's timer ran out 20 s after seeding (and 450 ms late): it
         // expired after 2MSL in TIME_WAIT.
-        t.t.apply(&conn(expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 20_450)), 1002));
+        t.t.apply(&conn(
+            expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 20_450)),
+            1002,
+        ));
         assert_eq!(t.t.seeded()[tcp::TIME_WAIT as usize], 0);
         assert_eq!((t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED)), (1, 1));
         let (n, sum) = t.hist(tcp::TIME_WAIT);
         assert_eq!(n, 1);
         assert!((sum - 60.45).abs() < 1e-6, "time in TIME_WAIT: {sum}");
         // The orphaned FIN_WAIT2 got its FIN (no event: the kernel does not follow it).
-        let now: HashMap<Tuple, u8> = [(tuple(1003), tcp::TIME_WAIT), (tuple(1004), tcp::CLOSE_WAIT)].into();
+        let now: HashMap<Tuple, u8> =
+            [(tuple(1003), tcp::TIME_WAIT), (tuple(1004), tcp::CLOSE_WAIT)].into();
         t.t.reconcile_seed(&now);
         let s = t.t.seeded();
         assert_eq!((s[tcp::TIME_WAIT as usize], s[tcp::FIN_WAIT2 as usize]), (1, 0));
@@ -546,9 +597,16 @@ mod tests {
         assert_eq!(t.t.close_wait_older_than(100), vec![(tuple(1004), 100)]);
         // Its timer was set anew when the FIN came: the kernel program measured its time in
         // TIME_WAIT from the timer.
-        t.t.apply(&conn(timed(expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 62_000)), 60_100), 1003));
+        t.t.apply(&conn(
+            timed(expired(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 62_000)), 60_100),
+            1003,
+        ));
         assert_eq!(
-            (t.trans(tcp::TIME_WAIT, tcp::CLOSE), t.ends(reason::EXPIRED), t.ends(reason::FIN_TIMEOUT)),
+            (
+                t.trans(tcp::TIME_WAIT, tcp::CLOSE),
+                t.ends(reason::EXPIRED),
+                t.ends(reason::FIN_TIMEOUT)
+            ),
             (2, 2, 0)
         );
         assert_eq!(t.hist(tcp::TIME_WAIT).0, 2);
@@ -565,7 +623,10 @@ mod tests {
         let mut t = T::new();
         t.t.begin_seed();
         let left = |s| Some(Duration::from_secs(s));
-        t.t.seed([(tuple(3001), tcp::TIME_WAIT, left(30)), (tuple(3002), tcp::FIN_WAIT2, left(10))], 0);
+        t.t.seed(
+            [(tuple(3001), tcp::TIME_WAIT, left(30)), (tuple(3002), tcp::FIN_WAIT2, left(10))],
+            0,
+        );
         t.t.apply(&conn(tw(ev(kind::UNTRACKED_END, tcp::TIME_WAIT, tcp::CLOSE, 9, 29_000)), 3001));
         let mut fin_timeout = tw(ev(kind::UNTRACKED_END, tcp::FIN_WAIT2, tcp::CLOSE, 8, 10_000));
         fin_timeout.reason = reason::FIN_TIMEOUT;
@@ -579,7 +640,9 @@ mod tests {
     #[test]
     fn close_wait_ages() {
         let mut t = T::new();
-        let age = |port, since_ms| conn(ev(kind::CLOSE_WAIT_AGE, tcp::CLOSE_WAIT, tcp::CLOSE_WAIT, 1, since_ms), port);
+        let age = |port, since_ms| {
+            conn(ev(kind::CLOSE_WAIT_AGE, tcp::CLOSE_WAIT, tcp::CLOSE_WAIT, 1, since_ms), port)
+        };
         // Transitions into and out of CLOSE_WAIT are the kernel's business, not aged here.
         t.t.apply(&conn(ev(kind::TRANSITION, tcp::ESTABLISHED, tcp::CLOSE_WAIT, 1, 5), 2000));
         assert!(t.t.close_wait_older_than(u64::MAX).is_empty());
@@ -588,13 +651,19 @@ mod tests {
         t.t.apply(&age(2001, 10));
         t.t.apply(&age(2003, 30));
         t.t.apply(&age(2002, 20));
-        assert_eq!(t.t.close_wait_older_than(25_000_000), vec![(tuple(2001), 10_000_000), (tuple(2002), 20_000_000)]);
+        assert_eq!(
+            t.t.close_wait_older_than(25_000_000),
+            vec![(tuple(2001), 10_000_000), (tuple(2002), 20_000_000)]
+        );
         assert_eq!(t.t.close_wait_older_than(u64::MAX).len(), 3);
         // The next scan replaces it: 2002 left CLOSE_WAIT meanwhile.
         t.t.begin_close_wait_scan();
         t.t.apply(&age(2001, 10));
         t.t.apply(&age(2003, 30));
-        assert_eq!(t.t.close_wait_older_than(u64::MAX), vec![(tuple(2001), 10_000_000), (tuple(2003), 30_000_000)]);
+        assert_eq!(
+            t.t.close_wait_older_than(u64::MAX),
+            vec![(tuple(2001), 10_000_000), (tuple(2003), 30_000_000)]
+        );
         assert_eq!(t.t.decided().lifecycle.transitions.iter().sum::<u64>(), 0);
     }
 
@@ -615,7 +684,10 @@ mod tests {
         assert_eq!(duration_bucket(0), 0);
         assert_eq!(duration_bucket(b[0]), 0);
         assert_eq!(duration_bucket(b[0] + 1), 1);
-        assert_eq!(duration_bucket(60_000_000_000), b.iter().position(|x| *x == 61_000_000_000).unwrap());
+        assert_eq!(
+            duration_bucket(60_000_000_000),
+            b.iter().position(|x| *x == 61_000_000_000).unwrap()
+        );
         assert_eq!(duration_bucket(u64::MAX), b.len());
     }
 }

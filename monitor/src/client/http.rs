@@ -17,16 +17,21 @@ pub struct Agent {
 impl Agent {
     /// `url` is `http://HOST:PORT` (9864 when no port is given).
     pub async fn locate(url: &str) -> anyhow::Result<Self> {
-        let uri: Uri =
-            url.parse().with_context(|| format!("--agent {url}: not a URL such as http://127.0.0.1:9864"))?;
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("--agent {url}: not a URL such as http://127.0.0.1:9864"))?;
         match uri.scheme_str() {
             Some("http") | None => {}
             Some(other) => bail!(
-                "--agent {url}: this command speaks plain HTTP; for an agent behind TLS ({other}) use curl \
-                 with its /api/v1 paths"
+                "--agent {url}: this command speaks plain HTTP; for an agent behind TLS ({other}) \
+                 use curl with its /api/v1 paths"
             ),
         }
-        let host = uri.host().context("--agent: no host; give http://HOST:PORT")?.trim_matches(['[', ']']).to_string();
+        let host = uri
+            .host()
+            .context("--agent: no host; give http://HOST:PORT")?
+            .trim_matches(['[', ']'])
+            .to_string();
         let port = uri.port_u16().unwrap_or(9864);
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
@@ -42,20 +47,33 @@ impl Agent {
 
     /// GET `path`: the response, once its status is 200.
     pub async fn get(&self, path: &str) -> anyhow::Result<Response<Incoming>> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| anyhow::anyhow!("connecting to the agent at {} timed out", self.addr))?
-            .with_context(|| {
-                format!("cannot connect to the agent at {}: is twmon running there (--web.listen-address)?", self.addr)
-            })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(self.addr),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to the agent at {} timed out", self.addr))?
+        .with_context(|| {
+            format!(
+                "cannot connect to the agent at {}: is twmon running there (--web.listen-address)?",
+                self.addr
+            )
+        })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let request = Request::get(path).header(header::HOST, &self.host).body(Empty::<Bytes>::new())?;
-        let response = sender.send_request(request).await.context("the agent closed the connection")?;
+        let request =
+            Request::get(path).header(header::HOST, &self.host).body(Empty::<Bytes>::new())?;
+        let response =
+            sender.send_request(request).await.context("the agent closed the connection")?;
         let status = response.status();
         if status != StatusCode::OK {
-            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            bail!("the agent answered {status} to {path}: {}", String::from_utf8_lossy(&body).trim());
+            let body =
+                response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            bail!(
+                "the agent answered {status} to {path}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
         }
         Ok(response)
     }

@@ -148,7 +148,9 @@ fn show(rt: &tokio::runtime::Runtime, agent: &Agent, interval: Duration) -> anyh
         if let Err(e) = terminal.draw(|f| view.draw(f)) {
             break Err(e.into());
         }
-        match event::poll(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))) {
+        match event::poll(
+            next.saturating_duration_since(Instant::now()).min(Duration::from_millis(250)),
+        ) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => break Err(e.into()),
@@ -192,8 +194,12 @@ fn s(v: &Value) -> String {
 /// A sparkline of `points`, scaled to its own range.
 fn spark(points: &VecDeque<i64>) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    let (lo, hi) = (points.iter().min().copied().unwrap_or(0), points.iter().max().copied().unwrap_or(0));
-    points.iter().map(|p| if hi == lo { BARS[0] } else { BARS[((p - lo) * 7 / (hi - lo)) as usize] }).collect()
+    let (lo, hi) =
+        (points.iter().min().copied().unwrap_or(0), points.iter().max().copied().unwrap_or(0));
+    points
+        .iter()
+        .map(|p| if hi == lo { BARS[0] } else { BARS[((p - lo) * 7 / (hi - lo)) as usize] })
+        .collect()
 }
 
 impl View {
@@ -225,7 +231,9 @@ impl View {
     /// Change per second between the last two snapshots, either way.
     fn change(&self, at: impl Fn(&Value) -> i64) -> f64 {
         match (&self.now, &self.before) {
-            (Some((t1, a)), Some((t0, b))) => (at(a) - at(b)) as f64 / t1.duration_since(*t0).as_secs_f64().max(1e-3),
+            (Some((t1, a)), Some((t0, b))) => {
+                (at(a) - at(b)) as f64 / t1.duration_since(*t0).as_secs_f64().max(1e-3)
+            }
             _ => 0.0,
         }
     }
@@ -272,15 +280,21 @@ impl View {
             None => String::new(),
         };
         let header = format!(
-            "twmon top  {}  every {:?}  netns: {}  port: {}  sort: {}  [q quit  s sort  n namespace  p port]{status}",
+            "twmon top  {}  every {:?}  netns: {}  port: {}  sort: {}  \
+             [q quit  s sort  n namespace  p port]{status}",
             self.url,
             self.interval,
             self.netns.as_deref().unwrap_or("all"),
             self.port.map_or("all".to_string(), |p| p.to_string()),
             self.sort.name(),
         );
-        f.render_widget(Paragraph::new(header).style(Style::new().add_modifier(Modifier::REVERSED)), head);
-        let halves = |r: Rect| Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(r);
+        f.render_widget(
+            Paragraph::new(header).style(Style::new().add_modifier(Modifier::REVERSED)),
+            head,
+        );
+        let halves = |r: Rect| {
+            Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(r)
+        };
         let [a, b]: [Rect; 2] = halves(top);
         let [c, d]: [Rect; 2] = halves(middle);
         let [e, g]: [Rect; 2] = halves(bottom);
@@ -292,7 +306,14 @@ impl View {
         self.ends(f, g);
     }
 
-    fn table(f: &mut Frame, area: Rect, title: &str, header: &[&str], widths: &[u16], rows: Vec<Vec<String>>) {
+    fn table(
+        f: &mut Frame,
+        area: Rect,
+        title: &str,
+        header: &[&str],
+        widths: &[u16],
+        rows: Vec<Vec<String>>,
+    ) {
         let rows: Vec<Row> = rows.into_iter().map(Row::new).collect();
         // The last column takes what is left, and gives way first when the terminal is narrow.
         let last = widths.len().saturating_sub(1);
@@ -322,22 +343,32 @@ impl View {
                 .collect(),
             Some(ns) => {
                 let of = |st: &str| {
-                    snap["reconcile"]["namespaces"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|r| r["netns"].as_str() == Some(ns.as_str()) && r["state"].as_str() == Some(st))
+                    snap["reconcile"]["namespaces"].as_array().into_iter().flatten().find(|r| {
+                        r["netns"].as_str() == Some(ns.as_str()) && r["state"].as_str() == Some(st)
+                    })
                 };
                 states
                     .iter()
                     .map(|st| {
                         let n = of(st).map_or(0, |r| u(&r["sockets"]));
-                        vec![st.to_string(), n.to_string(), "-".into(), "at the last reconcile".into()]
+                        vec![
+                            st.to_string(),
+                            n.to_string(),
+                            "-".into(),
+                            "at the last reconcile".into(),
+                        ]
                     })
                     .collect()
             }
         };
-        Self::table(f, area, "Sockets", &["state", "now", "change/s", "trend"], &[11, 8, 9, TREND as u16], rows);
+        Self::table(
+            f,
+            area,
+            "Sockets",
+            &["state", "now", "change/s", "trend"],
+            &[11, 8, 9, TREND as u16],
+            rows,
+        );
     }
 
     fn transitions(&self, f: &mut Frame, area: Rect) {
@@ -349,14 +380,20 @@ impl View {
             .map(|(k, v)| (k.clone(), self.rate(|s| u(&s["counts"]["transitions"][k])), u(v)))
             .collect();
         rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.2.cmp(&a.2)));
-        let rows = rows.into_iter().map(|(k, r, t)| vec![k, format!("{r:.1}"), t.to_string()]).collect();
+        let rows =
+            rows.into_iter().map(|(k, r, t)| vec![k, format!("{r:.1}"), t.to_string()]).collect();
         Self::table(f, area, "Transitions", &["from -> to", "/s", "total"], &[28, 9, 12], rows);
     }
 
     fn closers(&self, f: &mut Frame, area: Rect) {
         let key = |r: &Value| (s(&r["netns"]), s(&r["comm"]));
         let find = |snap: &Value, k: &(String, String), field: &str| {
-            snap["closers"].as_array().into_iter().flatten().find(|r| key(r) == *k).map_or(0, |r| u(&r[field]))
+            snap["closers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| key(r) == *k)
+                .map_or(0, |r| u(&r[field]))
         };
         struct Row {
             netns: String,
@@ -417,12 +454,19 @@ impl View {
             .flatten()
             .filter(|r| self.in_netns(r))
             .filter(|r| {
-                let port = r["destination"].as_str().and_then(|d| d.rsplit_once(':')?.1.parse::<u16>().ok());
+                let port = r["destination"]
+                    .as_str()
+                    .and_then(|d| d.rsplit_once(':')?.1.parse::<u16>().ok());
                 self.port.is_none_or(|p| port == Some(p))
             })
             .map(|r| {
                 let ratio = r["ratio"].as_f64().unwrap_or(0.0) * 100.0;
-                vec![s(&r["netns"]), s(&r["destination"]), u(&r["sockets"]).to_string(), format!("{ratio:.1}%")]
+                vec![
+                    s(&r["netns"]),
+                    s(&r["destination"]),
+                    u(&r["sockets"]).to_string(),
+                    format!("{ratio:.1}%"),
+                ]
             })
             .collect();
         Self::table(
@@ -489,7 +533,8 @@ impl View {
             u(&c["map_full"]),
             u(&c["timewait_end_missed"])
         )));
-        let block = Block::default().borders(Borders::ALL).title("How TIME_WAIT ends; what may be off");
+        let block =
+            Block::default().borders(Borders::ALL).title("How TIME_WAIT ends; what may be off");
         f.render_widget(Paragraph::new(lines).block(block), area);
     }
 }

@@ -85,9 +85,13 @@ fn render(line: &str, json: bool) -> String {
     if let Ok(l) = serde_json::from_str::<TraceLine>(line) {
         return l.text();
     }
-    match serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("lost")?.as_u64()) {
+    match serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("lost")?.as_u64())
+    {
         Some(n) => {
-            format!("... {n} lines lost: this terminal read more slowly than they came; filter (--port, --netns)")
+            format!(
+                "... {n} lines lost: this terminal read more slowly than they came; filter \
+                 (--port, --netns)"
+            )
         }
         None => line.to_string(),
     }

@@ -85,8 +85,13 @@ impl Closers {
 
     /// Every process's closes, most first.
     pub fn rows(&self) -> Vec<CloserRow> {
-        let names: BTreeMap<u32, String> =
-            self.watched.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|n| (n.inode, n.name.clone())).collect();
+        let names: BTreeMap<u32, String> = self
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|n| (n.inode, n.name.clone()))
+            .collect();
         let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         // What a closer's cell holds, summed over CPUs (each CPU counts the sockets that entered
         // and left on it, so one alone may be negative).
@@ -110,7 +115,9 @@ impl Closers {
                 timewait: if v.active > 0 { held(v.slot) } else { 0 },
             })
             .collect();
-        rows.sort_by(|a, b| (b.active + b.passive).cmp(&(a.active + a.passive)).then(a.comm.cmp(&b.comm)));
+        rows.sort_by(|a, b| {
+            (b.active + b.passive).cmp(&(a.active + a.passive)).then(a.comm.cmp(&b.comm))
+        });
         rows
     }
 }

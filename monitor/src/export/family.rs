@@ -15,21 +15,42 @@ pub struct Spec {
 }
 
 impl Spec {
-    pub fn counter(name: &str, help: &str, labels: &'static [&'static str]) -> prometheus::Result<Self> {
+    pub fn counter(
+        name: &str,
+        help: &str,
+        labels: &'static [&'static str],
+    ) -> prometheus::Result<Self> {
         Self::new(name, help, MetricType::COUNTER, labels)
     }
 
-    pub fn gauge(name: &str, help: &str, labels: &'static [&'static str]) -> prometheus::Result<Self> {
+    pub fn gauge(
+        name: &str,
+        help: &str,
+        labels: &'static [&'static str],
+    ) -> prometheus::Result<Self> {
         Self::new(name, help, MetricType::GAUGE, labels)
     }
 
-    pub fn histogram(name: &str, help: &str, labels: &'static [&'static str]) -> prometheus::Result<Self> {
+    pub fn histogram(
+        name: &str,
+        help: &str,
+        labels: &'static [&'static str],
+    ) -> prometheus::Result<Self> {
         Self::new(name, help, MetricType::HISTOGRAM, labels)
     }
 
-    fn new(name: &str, help: &str, kind: MetricType, labels: &'static [&'static str]) -> prometheus::Result<Self> {
+    fn new(
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        labels: &'static [&'static str],
+    ) -> prometheus::Result<Self> {
         let variable = labels.iter().map(|l| l.to_string()).collect();
-        Ok(Self { desc: Desc::new(name.into(), help.into(), variable, Default::default())?, kind, labels })
+        Ok(Self {
+            desc: Desc::new(name.into(), help.into(), variable, Default::default())?,
+            kind,
+            labels,
+        })
     }
 
     /// An empty family of this spec, to add samples to.
@@ -63,7 +84,13 @@ impl Family<'_> {
     }
 
     /// A histogram sample: cumulative buckets `(upper bound, count)`, count and sum.
-    pub fn add_histogram(&mut self, values: &[&str], buckets: Vec<proto::Bucket>, count: u64, sum: f64) {
+    pub fn add_histogram(
+        &mut self,
+        values: &[&str],
+        buckets: Vec<proto::Bucket>,
+        count: u64,
+        sum: f64,
+    ) {
         let mut h = proto::Histogram::default();
         h.set_sample_count(count);
         h.set_sample_sum(sum);

@@ -40,8 +40,8 @@ impl GroundMetrics {
             latest: Default::default(),
             drift: Spec::gauge(
                 "twmon_reconcile_drift",
-                "twmon_sockets minus the kernel's own count (sock_diag, as ss) at the last reconcile; \
-                 0 at rest.",
+                "twmon_sockets minus the kernel's own count (sock_diag, as ss) at the last \
+                 reconcile; 0 at rest.",
                 &["state"],
             )?,
             ports: Spec::gauge(
@@ -59,19 +59,20 @@ impl GroundMetrics {
             )?,
             pressure_sockets: Spec::gauge(
                 "twmon_port_pressure_sockets",
-                "Sockets holding a local ephemeral port towards a destination; busiest destinations only.",
+                "Sockets holding a local ephemeral port towards a destination; busiest \
+                 destinations only.",
                 &["netns", "destination"],
             )?,
             netns_sockets: Spec::gauge(
                 "twmon_netns_sockets",
-                "Sockets in teardown states per network namespace (named by container or pod when it \
-                 can be told), from the last reconcile.",
+                "Sockets in teardown states per network namespace (named by container or pod when \
+                 it can be told), from the last reconcile.",
                 &["netns", "state"],
             )?,
             leaked: Spec::gauge(
                 "twmon_close_wait_leaked_sockets",
-                "Sockets in CLOSE_WAIT longer than the leak threshold, by the process holding them (it \
-                 has not called close()); top-K processes.",
+                "Sockets in CLOSE_WAIT longer than the leak threshold, by the process holding them \
+                 (it has not called close()); top-K processes.",
                 &["netns", "pid", "comm"],
             )?,
         })
@@ -94,10 +95,17 @@ impl GroundMetrics {
 
 impl Collector for GroundMetrics {
     fn desc(&self) -> Vec<&Desc> {
-        [&self.drift, &self.ports, &self.pressure_ratio, &self.pressure_sockets, &self.netns_sockets, &self.leaked]
-            .into_iter()
-            .map(|s| &s.desc)
-            .collect()
+        [
+            &self.drift,
+            &self.ports,
+            &self.pressure_ratio,
+            &self.pressure_sockets,
+            &self.netns_sockets,
+            &self.leaked,
+        ]
+        .into_iter()
+        .map(|s| &s.desc)
+        .collect()
     }
 
     fn collect(&self) -> Vec<proto::MetricFamily> {
@@ -111,10 +119,14 @@ impl Collector for GroundMetrics {
         drift.done(&mut out);
         let mut ports = self.ports.family();
         for p in &b.ports {
-            ports.add(&[p.side.label(), &p.port, role(p.state), state_name(p.state)], p.sockets as f64);
+            ports.add(
+                &[p.side.label(), &p.port, role(p.state), state_name(p.state)],
+                p.sockets as f64,
+            );
         }
         ports.done(&mut out);
-        let (mut ratio, mut sockets) = (self.pressure_ratio.family(), self.pressure_sockets.family());
+        let (mut ratio, mut sockets) =
+            (self.pressure_ratio.family(), self.pressure_sockets.family());
         for p in &b.pressure {
             let destination = p.destination.to_string();
             ratio.add(&[&p.netns, &destination], p.ratio);

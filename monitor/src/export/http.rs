@@ -41,7 +41,8 @@ pub fn router(agent: Arc<Agent>, opts: &crate::Web) -> Router {
         telemetry_path: path.into(),
         config: opts.config.clone(),
     };
-    let mut router = Router::new().route("/healthz", get(healthz)).route("/api/v1/snapshot", get(snapshot));
+    let mut router =
+        Router::new().route("/healthz", get(healthz)).route("/api/v1/snapshot", get(snapshot));
     router = router.route(path, get(metrics));
     if path != "/" {
         router = router.route("/", get(index));
@@ -59,13 +60,23 @@ pub fn router(agent: Arc<Agent>, opts: &crate::Web) -> Router {
 /// response headers.
 async fn guard(State(web): State<Web>, req: Request, next: Next) -> Response {
     if !web.config.users.is_empty() && req.uri().path() != "/healthz" {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let config = web.config.clone();
         // bcrypt takes milliseconds on purpose: off the async threads.
-        let ok = tokio::task::spawn_blocking(move || config.authorized(given.as_deref())).await.unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || config.authorized(given.as_deref()))
+            .await
+            .unwrap_or(false);
         if !ok {
             web.agent.metrics.http_refused.with_label_values(&["unauthorized"]).inc();
-            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"twmon\"")], "Unauthorized\n")
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Basic realm=\"twmon\"")],
+                "Unauthorized\n",
+            )
                 .into_response();
         }
     }
@@ -79,7 +90,11 @@ async fn guard(State(web): State<Web>, req: Request, next: Next) -> Response {
 /// A 503 when `--web.max-requests` scrapes are running already, as node_exporter answers.
 fn busy(web: &Web) -> Response {
     web.agent.metrics.http_refused.with_label_values(&["requests"]).inc();
-    (StatusCode::SERVICE_UNAVAILABLE, "too many scrapes at once (--web.max-requests); retry later\n").into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many scrapes at once (--web.max-requests); retry later\n",
+    )
+        .into_response()
 }
 
 async fn index(State(web): State<Web>) -> Html<String> {
@@ -99,8 +114,11 @@ async fn metrics(State(web): State<Web>) -> Response {
     let agent = web.agent.clone();
     match tokio::task::spawn_blocking(move || agent.render()).await {
         Ok(Ok(body)) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("collecting metrics: {e}\n")).into_response(),
+        Ok(Err(e)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("collecting metrics: {e}\n"))
+            .into_response(),
     }
 }
 
@@ -122,21 +140,26 @@ async fn trace(State(web): State<Web>, Query(filter): Query<Filter>) -> Response
         let why = format!("{MAX_CLIENTS} traces are running already; retry later\n");
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     };
-    let lines = futures_util::stream::unfold((client, filter, web), |(mut client, filter, web)| async move {
-        use tokio::sync::broadcast::error::RecvError;
-        let line = loop {
-            match client.lines.recv().await {
-                Ok(line) if filter.matches(&line) => break serde_json::to_string(&*line).unwrap_or_default(),
-                Ok(_) => continue,
-                Err(RecvError::Lagged(n)) => {
-                    web.agent.metrics.trace_lines_lost.inc_by(n);
-                    break format!("{{\"lost\":{n}}}");
+    let lines = futures_util::stream::unfold(
+        (client, filter, web),
+        |(mut client, filter, web)| async move {
+            use tokio::sync::broadcast::error::RecvError;
+            let line = loop {
+                match client.lines.recv().await {
+                    Ok(line) if filter.matches(&line) => {
+                        break serde_json::to_string(&*line).unwrap_or_default();
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => {
+                        web.agent.metrics.trace_lines_lost.inc_by(n);
+                        break format!("{{\"lost\":{n}}}");
+                    }
+                    Err(RecvError::Closed) => return None,
                 }
-                Err(RecvError::Closed) => return None,
-            }
-        };
-        Some((Ok::<_, Infallible>(bytes::Bytes::from(line + "\n")), (client, filter, web)))
-    });
+            };
+            Some((Ok::<_, Infallible>(bytes::Bytes::from(line + "\n")), (client, filter, web)))
+        },
+    );
     ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(lines)).into_response()
 }
 

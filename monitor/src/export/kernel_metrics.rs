@@ -98,14 +98,14 @@ impl KernelMetrics {
             handoff_missed_seen: AtomicU64::new(0),
             sockets: Spec::gauge(
                 "twmon_sockets",
-                "TCP sockets in each teardown state now; time_wait and fin_wait2 include the kernel's \
-                 timewait sockets, as ss shows them.",
+                "TCP sockets in each teardown state now; time_wait and fin_wait2 include the \
+                 kernel's timewait sockets, as ss shows them.",
                 &["state"],
             )?,
             seeded: Spec::gauge(
                 "twmon_seeded_sockets",
-                "Sockets that were in a teardown state when the agent started, counted from sock_diag \
-                 until they leave it (included in twmon_sockets).",
+                "Sockets that were in a teardown state when the agent started, counted from \
+                 sock_diag until they leave it (included in twmon_sockets).",
                 &["state"],
             )?,
             transitions: Spec::counter(
@@ -120,9 +120,9 @@ impl KernelMetrics {
             )?,
             ends: Spec::counter(
                 "twmon_timewait_ends_total",
-                "Timewait sockets that ended, by why: expired (2MSL ran out), fin_timeout (an orphaned \
-                 FIN_WAIT2 got no FIN within tcp_fin_timeout), reuse (a connect() took the 4-tuple), \
-                 killed (RST, a reopening SYN, or namespace teardown).",
+                "Timewait sockets that ended, by why: expired (2MSL ran out), fin_timeout (an \
+                 orphaned FIN_WAIT2 got no FIN within tcp_fin_timeout), reuse (a connect() took \
+                 the 4-tuple), killed (RST, a reopening SYN, or namespace teardown).",
                 &["reason"],
             )?,
             rearms: Spec::counter(
@@ -159,8 +159,8 @@ impl KernelMetrics {
                 "twmon_timewait_handoff_missed_total",
                 "Connections the kernel meant to hand over to a timewait socket and could not \
                  (tcp_max_tw_buckets reached, as TcpExt TCPTimeWaitOverflow counts, or no memory): \
-                 they went from fin_wait2 or closing straight to close. Aborts (a reset, a timeout, \
-                 SO_LINGER 0, a close with unread data) are not counted here.",
+                 they went from fin_wait2 or closing straight to close. Aborts (a reset, a \
+                 timeout, SO_LINGER 0, a close with unread data) are not counted here.",
                 &[],
             )?,
             end_missed: Spec::counter(
@@ -175,7 +175,11 @@ impl KernelMetrics {
                  (only while someone traces; the counts are never affected).",
                 &[],
             )?,
-            attached: Spec::gauge("twmon_bpf_programs_attached", "Kernel programs attached to tracepoints.", &[])?,
+            attached: Spec::gauge(
+                "twmon_bpf_programs_attached",
+                "Kernel programs attached to tracepoints.",
+                &[],
+            )?,
             program_runs: Spec::counter(
                 "twmon_bpf_program_runs_total",
                 "Runs of each kernel program (needs sysctl kernel.bpf_stats_enabled=1).",
@@ -183,9 +187,9 @@ impl KernelMetrics {
             )?,
             program_missed: Spec::counter(
                 "twmon_bpf_program_missed_total",
-                "Times the kernel skipped a program because it was already running on that CPU (its \
-                 tracepoint hit again from an interrupt) and no twin handled the event: each one an \
-                 event lost, which twmon_reconcile_drift then shows.",
+                "Times the kernel skipped a program because it was already running on that CPU \
+                 (its tracepoint hit again from an interrupt) and no twin handled the event: each \
+                 one an event lost, which twmon_reconcile_drift then shows.",
                 &["program"],
             )?,
             program_nested: Spec::counter(
@@ -265,7 +269,8 @@ impl Collector for KernelMetrics {
 
         let mut ends = self.ends.family();
         for why in ENDS {
-            let count = k.counter(counter::TIMEWAIT_ENDS + why as u32) + r.decided.ends[why as usize];
+            let count =
+                k.counter(counter::TIMEWAIT_ENDS + why as u32) + r.decided.ends[why as usize];
             ends.add(&[reason_name(why)], count as f64);
         }
         ends.done(&mut out);
@@ -283,7 +288,9 @@ impl Collector for KernelMetrics {
             if rt > 0 || matches!(s, tcp::FIN_WAIT1 | tcp::CLOSING | tcp::LAST_ACK) {
                 retransmits.add(&[state_name(s)], rt as f64);
             }
-            for (dir, base) in [("sent", counter::RESETS_SENT), ("received", counter::RESETS_RECEIVED)] {
+            for (dir, base) in
+                [("sent", counter::RESETS_SENT), ("received", counter::RESETS_RECEIVED)]
+            {
                 let n = k.counter(base + s as u32);
                 if n > 0 {
                     resets.add(&[dir, state_name(s)], n as f64);
@@ -299,7 +306,9 @@ impl Collector for KernelMetrics {
             map_full.add(&[map], k.counter(idx) as f64);
         }
         map_full.done(&mut out);
-        let handoff = self.handoff_missed_seen.fetch_max(k.counter(counter::HANDOFF_MISSED), Ordering::Relaxed);
+        let handoff = self
+            .handoff_missed_seen
+            .fetch_max(k.counter(counter::HANDOFF_MISSED), Ordering::Relaxed);
         one(&self.handoff_missed, handoff.max(k.counter(counter::HANDOFF_MISSED)) as f64, &mut out);
         one(&self.end_missed, k.counter(counter::TIMEWAIT_MISSED) as f64, &mut out);
         one(&self.trace_lost, k.counter(counter::TRACE_LOST) as f64, &mut out);
@@ -347,7 +356,12 @@ impl KernelMetrics {
                     b
                 })
                 .collect();
-            family.add_histogram(&[state_name(state as u8)], buckets, count, sum_ns[0] as f64 / 1e9);
+            family.add_histogram(
+                &[state_name(state as u8)],
+                buckets,
+                count,
+                sum_ns[0] as f64 / 1e9,
+            );
         }
         family.done(out);
     }

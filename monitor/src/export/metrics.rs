@@ -48,7 +48,10 @@ pub struct Metrics {
     pub trace_records: IntCounter,
 }
 
-fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: C,
+) -> prometheus::Result<C> {
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
@@ -65,17 +68,25 @@ impl Metrics {
         let build = reg(
             &r,
             IntGaugeVec::new(
-                Opts::new("twmon_build_info", "twmon's version and the kernel it runs on; always 1."),
+                Opts::new(
+                    "twmon_build_info",
+                    "twmon's version and the kernel it runs on; always 1.",
+                ),
                 &["version", "kernel", "hz"],
             )?,
         )?;
-        build.with_label_values(&[env!("CARGO_PKG_VERSION"), kernel_release, &hz.to_string()]).set(1);
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), kernel_release, &hz.to_string()])
+            .set(1);
         let m = Self {
             kernel,
             ground,
             events_invalid: reg(
                 &r,
-                IntCounter::new("twmon_events_invalid_total", "Ring-buffer records that failed to decode.")?,
+                IntCounter::new(
+                    "twmon_events_invalid_total",
+                    "Ring-buffer records that failed to decode.",
+                )?,
             )?,
             scrape_seconds: reg(
                 &r,
@@ -114,7 +125,8 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "twmon_close_wait_leaks_total",
-                    "Sockets found in CLOSE_WAIT past the leak threshold (each counted and logged once).",
+                    "Sockets found in CLOSE_WAIT past the leak threshold (each counted and logged \
+                     once).",
                 )?,
             )?,
             http_refused: reg(
@@ -143,29 +155,34 @@ impl Metrics {
             )?,
             trace_clients: reg(
                 &r,
-                IntGauge::new("twmon_trace_clients", "Clients streaming the trace (/api/v1/trace, twmon trace) now.")?,
+                IntGauge::new(
+                    "twmon_trace_clients",
+                    "Clients streaming the trace (/api/v1/trace, twmon trace) now.",
+                )?,
             )?,
             trace_lines_lost: reg(
                 &r,
                 IntCounter::new(
                     "twmon_trace_lines_lost_total",
-                    "Trace lines a client lost because it read more slowly than they came (it is told \
-                     how many).",
+                    "Trace lines a client lost because it read more slowly than they came (it is \
+                     told how many).",
                 )?,
             )?,
             trace_records: reg(
                 &r,
                 IntCounter::new(
                     "twmon_trace_records_total",
-                    "Trace records the kernel programs wrote and the agent read: only while someone \
-                     traces, and when every client filters on one port, only that port's connections.",
+                    "Trace records the kernel programs wrote and the agent read: only while \
+                     someone traces, and when every client filters on one port, only that port's \
+                     connections.",
                 )?,
             )?,
             registry: r,
         };
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
         // process_max_fds, process_start_time_seconds: the names every exporter uses.
-        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         for reason in ["connections", "requests", "unauthorized"] {
             m.http_refused.with_label_values(&[reason]);
         }
@@ -193,7 +210,12 @@ impl Metrics {
     }
 
     /// Publishes one reconcile: drift per state, breakdowns, leaks, and what it cost.
-    pub fn set_reconciled(&self, reconciled: Reconciled, took: std::time::Duration, cpu: std::time::Duration) {
+    pub fn set_reconciled(
+        &self,
+        reconciled: Reconciled,
+        took: std::time::Duration,
+        cpu: std::time::Duration,
+    ) {
         self.ground.set(reconciled);
         self.reconcile_seconds.set(took.as_secs_f64());
         self.reconcile_cpu_seconds.inc_by(cpu.as_secs_f64());
@@ -231,27 +253,41 @@ mod tests {
         });
 
         let families = m.registry.gather();
-        let family = |name: &str| families.iter().find(|f| f.name() == name).unwrap_or_else(|| panic!("{name}"));
+        let family = |name: &str| {
+            families.iter().find(|f| f.name() == name).unwrap_or_else(|| panic!("{name}"))
+        };
         let with = |f: &'static str, v: &'static str| {
             move |m: &&proto::Metric| m.get_label().iter().any(|l| l.name() == f && l.value() == v)
         };
         let transitions = family("twmon_state_transitions_total");
-        let tw_close = transitions.get_metric().iter().filter(with("from", "time_wait")).find(with("to", "close"));
+        let tw_close = transitions
+            .get_metric()
+            .iter()
+            .filter(with("from", "time_wait"))
+            .find(with("to", "close"));
         assert_eq!(tw_close.unwrap().get_counter().get_value(), 3.0);
         let ends = family("twmon_timewait_ends_total");
-        let end = |r| ends.get_metric().iter().find(with("reason", r)).unwrap().get_counter().get_value();
+        let end =
+            |r| ends.get_metric().iter().find(with("reason", r)).unwrap().get_counter().get_value();
         assert_eq!((end("expired"), end("reuse"), end("killed")), (2.0, 1.0, 0.0));
-        assert_eq!(family("twmon_timewait_rearms_total").get_metric()[0].get_counter().get_value(), 3.0);
+        assert_eq!(
+            family("twmon_timewait_rearms_total").get_metric()[0].get_counter().get_value(),
+            3.0
+        );
 
         let durations = family("twmon_state_duration_seconds");
         assert_eq!(durations.get_field_type(), proto::MetricType::HISTOGRAM);
-        let h = durations.get_metric().iter().find(with("state", "time_wait")).unwrap().get_histogram();
+        let h =
+            durations.get_metric().iter().find(with("state", "time_wait")).unwrap().get_histogram();
         assert_eq!(h.get_sample_count(), 2, "the end without a known entry time is not observed");
         assert!((h.get_sample_sum() - 61.5).abs() < 1e-9);
-        let le = |bound: f64| h.get_bucket().iter().find(|b| b.upper_bound() == bound).unwrap().cumulative_count();
+        let le = |bound: f64| {
+            h.get_bucket().iter().find(|b| b.upper_bound() == bound).unwrap().cumulative_count()
+        };
         assert_eq!((le(0.5), le(1.0), le(59.0), le(61.0), le(600.0)), (0, 1, 1, 2, 2));
         assert_eq!(h.get_bucket().len(), DURATION_BOUNDS_NS.len());
-        let fin_wait2 = durations.get_metric().iter().find(with("state", "fin_wait2")).unwrap().get_histogram();
+        let fin_wait2 =
+            durations.get_metric().iter().find(with("state", "fin_wait2")).unwrap().get_histogram();
         assert_eq!(fin_wait2.get_bucket()[duration_bucket(2_000_000)].upper_bound(), 0.0025);
         assert_eq!(fin_wait2.get_bucket()[duration_bucket(2_000_000)].cumulative_count(), 1);
         assert!(durations.get_metric().iter().find(with("state", "close_wait")).is_none());

@@ -59,7 +59,9 @@ impl Collector for NamespaceCounters {
 
     fn collect(&self) -> Vec<proto::MetricFamily> {
         let namespaces = self.watched.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let read = match netns::visit(namespaces, |_| (procfs::read_tcpext().ok(), procfs::read_sysctls().ok())) {
+        let read = match netns::visit(namespaces, |_| {
+            (procfs::read_tcpext().ok(), procfs::read_sysctls().ok())
+        }) {
             Ok(read) => read,
             Err(e) => {
                 tracing::warn!("TcpExt and sysctls not read: {e}");

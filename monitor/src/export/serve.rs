@@ -16,6 +16,7 @@ use tokio::{
     net::TcpListener,
     sync::{Semaphore, watch},
     task::JoinSet,
+    time::timeout,
 };
 use tokio_rustls::TlsAcceptor;
 
@@ -63,7 +64,8 @@ pub async fn serve(
                     Err(e) => {
                         // EMFILE and the like: say it once, back off, keep serving.
                         if !warned {
-                            tracing::warn!("accepting a connection failed: {e}; raise LimitNOFILE or lower --web.max-connections");
+                            tracing::warn!("accepting a connection failed: {e}; raise LimitNOFILE \
+                                            or lower --web.max-connections");
                             warned = true;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -80,7 +82,7 @@ pub async fn serve(
                     match tls {
                         None => connection(stream, app, limits, stopped).await,
                         // The handshake gets the same time as a request's headers.
-                        Some(tls) => match tokio::time::timeout(limits.read_header_timeout, tls.accept(stream)).await {
+                        Some(tls) => match timeout(limits.read_header_timeout, tls.accept(stream)).await {
                             Ok(Ok(stream)) => connection(stream, app, limits, stopped).await,
                             Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
                             Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -92,9 +94,11 @@ pub async fn serve(
         }
     }
     let _ = stop.send(true);
-    let drained = tokio::time::timeout(limits.shutdown_grace, async { while conns.join_next().await.is_some() {} });
+    let drained =
+        timeout(limits.shutdown_grace, async { while conns.join_next().await.is_some() {} });
     if drained.await.is_err() {
-        tracing::info!(grace = ?limits.shutdown_grace, "dropping connections still open after the shutdown grace period");
+        tracing::info!(grace = ?limits.shutdown_grace, "dropping connections still open after the \
+                                                        shutdown grace period");
     }
     conns.abort_all();
 }

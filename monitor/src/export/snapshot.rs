@@ -82,7 +82,11 @@ impl Report {
             namespaces: b
                 .namespaces
                 .iter()
-                .map(|(n, s, c)| NamespaceJson { netns: n.clone(), state: state_name(*s), sockets: *c })
+                .map(|(n, s, c)| NamespaceJson {
+                    netns: n.clone(),
+                    state: state_name(*s),
+                    sockets: *c,
+                })
                 .collect(),
             leaks,
         }
@@ -113,14 +117,26 @@ impl Counts {
             .iter()
             .enumerate()
             .filter(|(_, c)| **c > 0)
-            .map(|(i, c)| (format!("{} -> {}", state_name((i / n) as u8), state_name((i % n) as u8)), *c))
+            .map(|(i, c)| {
+                (format!("{} -> {}", state_name((i / n) as u8), state_name((i % n) as u8)), *c)
+            })
             .collect();
         let ends = [reason::EXPIRED, reason::REUSE, reason::KILLED, reason::FIN_TIMEOUT];
         let timewait_ends = ends
             .iter()
-            .map(|r| (reason_name(*r), k.counter(counter::TIMEWAIT_ENDS + *r as u32) + decided.ends[*r as usize]))
+            .map(|r| {
+                (
+                    reason_name(*r),
+                    k.counter(counter::TIMEWAIT_ENDS + *r as u32) + decided.ends[*r as usize],
+                )
+            })
             .collect();
-        let full = [counter::SOCKS_FULL, counter::TIMEWAIT_FULL, counter::ORPHANS_FULL, counter::CLOSERS_FULL];
+        let full = [
+            counter::SOCKS_FULL,
+            counter::TIMEWAIT_FULL,
+            counter::ORPHANS_FULL,
+            counter::CLOSERS_FULL,
+        ];
         Self {
             transitions,
             timewait_ends,
@@ -133,7 +149,18 @@ impl Counts {
 
 /// The whole snapshot: `sockets` (the agent's live counts, by state number), the running
 /// counts, the last reconcile and the closes by process.
-pub fn json(sockets: &[i64], counts: Counts, report: Report, closers: Vec<CloserRow>) -> serde_json::Value {
-    let sockets: BTreeMap<&str, i64> = GAUGE_STATES.iter().map(|s| (state_name(*s), sockets[*s as usize])).collect();
-    serde_json::json!({ "sockets": sockets, "counts": counts, "reconcile": report, "closers": closers })
+pub fn json(
+    sockets: &[i64],
+    counts: Counts,
+    report: Report,
+    closers: Vec<CloserRow>,
+) -> serde_json::Value {
+    let sockets: BTreeMap<&str, i64> =
+        GAUGE_STATES.iter().map(|s| (state_name(*s), sockets[*s as usize])).collect();
+    serde_json::json!({
+        "sockets": sockets,
+        "counts": counts,
+        "reconcile": report,
+        "closers": closers,
+    })
 }

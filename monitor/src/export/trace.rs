@@ -52,9 +52,19 @@ pub struct TraceLine {
 impl TraceLine {
     /// `clock`: Unix seconds minus CLOCK_MONOTONIC seconds, now. `names`: namespace names by
     /// inode.
-    pub fn new(ev: &Event, comm: &[u8; 16], pid: u32, clock: f64, names: &HashMap<u32, String>) -> Self {
+    pub fn new(
+        ev: &Event,
+        comm: &[u8; 16],
+        pid: u32,
+        clock: f64,
+        names: &HashMap<u32, String>,
+    ) -> Self {
         let ip = |a: &[u8; 16]| -> IpAddr {
-            if ev.family == AF_INET6 { Ipv6Addr::from(*a).into() } else { Ipv4Addr::new(a[0], a[1], a[2], a[3]).into() }
+            if ev.family == AF_INET6 {
+                Ipv6Addr::from(*a).into()
+            } else {
+                Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()
+            }
         };
         let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
         let is_end = ev.to == monitor_common::tcp::CLOSE && ev.flags & flags::TIMEWAIT != 0;
@@ -245,12 +255,21 @@ mod tests {
         };
         let names = HashMap::from([(7, "web".to_string())]);
         let l = TraceLine::new(&ev, &[0; 16], 0, 3600.0, &names);
-        assert_eq!((l.time, l.netns.as_str(), l.comm.as_deref(), l.pid), (3601.5, "web", None, None));
-        assert_eq!((l.local.to_string(), l.remote.to_string()), ("10.0.0.1:40000".into(), "10.0.0.2:80".into()));
+        assert_eq!(
+            (l.time, l.netns.as_str(), l.comm.as_deref(), l.pid),
+            (3601.5, "web", None, None)
+        );
+        assert_eq!(
+            (l.local.to_string(), l.remote.to_string()),
+            ("10.0.0.1:40000".into(), "10.0.0.2:80".into())
+        );
         assert_eq!((l.seconds, l.reason.as_deref()), (Some(0.25), Some("expired")));
         let text = l.text();
         assert!(text.starts_with("01:00:01.500 web"), "{text}");
-        assert!(text.contains("time_wait -> close") && text.ends_with("after 250.0 ms (expired)"), "{text}");
+        assert!(
+            text.contains("time_wait -> close") && text.ends_with("after 250.0 ms (expired)"),
+            "{text}"
+        );
         let json = serde_json::to_string(&l).unwrap();
         assert_eq!(serde_json::from_str::<TraceLine>(&json).unwrap(), l);
         assert!(!json.contains("comm") && !json.contains("pid"), "{json}");
@@ -261,7 +280,16 @@ mod tests {
 
         assert!(Filter { port: Some(80), ..Filter::default() }.matches(&l));
         assert!(!Filter { port: Some(81), ..Filter::default() }.matches(&l));
-        assert!(Filter { state: Some("time_wait".into()), netns: Some("web".into()), ..Filter::default() }.matches(&l));
-        assert!(!Filter { address: Some("10.0.0.3".parse().unwrap()), ..Filter::default() }.matches(&l));
+        assert!(
+            Filter {
+                state: Some("time_wait".into()),
+                netns: Some("web".into()),
+                ..Filter::default()
+            }
+            .matches(&l)
+        );
+        assert!(
+            !Filter { address: Some("10.0.0.3".parse().unwrap()), ..Filter::default() }.matches(&l)
+        );
     }
 }

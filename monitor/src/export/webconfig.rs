@@ -89,13 +89,17 @@ impl WebConfig {
         let tls = file.tls_server_config.map(|t| tls_config(&t, base)).transpose().map_err(err)?;
         for (user, hash) in &file.basic_auth_users {
             if !hash.starts_with("$2") {
-                return Err(err(format!("basic_auth_users.{user}: not a bcrypt hash (htpasswd -nBC 10 {user})")));
+                return Err(err(format!(
+                    "basic_auth_users.{user}: not a bcrypt hash (htpasswd -nBC 10 {user})"
+                )));
             }
         }
         let mut headers = Vec::new();
         for (k, v) in file.http_server_config.map(|h| h.headers).unwrap_or_default() {
-            let name = HeaderName::try_from(k.as_str()).map_err(|e| err(format!("header {k}: {e}")))?;
-            let value = HeaderValue::try_from(v.as_str()).map_err(|e| err(format!("header {k}: {e}")))?;
+            let name =
+                HeaderName::try_from(k.as_str()).map_err(|e| err(format!("header {k}: {e}")))?;
+            let value =
+                HeaderValue::try_from(v.as_str()).map_err(|e| err(format!("header {k}: {e}")))?;
             headers.push((name, value));
         }
         Ok(Self { tls, users: Arc::new(file.basic_auth_users), headers: Arc::new(headers) })
@@ -105,8 +109,12 @@ impl WebConfig {
     /// bcrypt is slow on purpose: call it off the async runtime.
     pub fn authorized(&self, authorization: Option<&str>) -> bool {
         use base64::Engine as _;
-        let Some(encoded) = authorization.and_then(|a| a.strip_prefix("Basic ")) else { return false };
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else { return false };
+        let Some(encoded) = authorization.and_then(|a| a.strip_prefix("Basic ")) else {
+            return false;
+        };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
         let Ok(pair) = String::from_utf8(decoded) else { return false };
         let Some((user, password)) = pair.split_once(':') else { return false };
         self.users.get(user).is_some_and(|hash| bcrypt::verify(password, hash).unwrap_or(false))
@@ -125,7 +133,8 @@ fn tls_config(t: &Tls, base: &Path) -> Result<Arc<ServerConfig>, String> {
     if chain.is_empty() {
         return Err(format!("cert_file {}: no certificate in it", cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("key_file {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| format!("key_file {}: {e}", key.display()))?;
 
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = {
         let rank = |v: &Option<String>, default: u8| match v.as_deref() {
@@ -151,33 +160,44 @@ fn tls_config(t: &Tls, base: &Path) -> Result<Arc<ServerConfig>, String> {
 
     let auth = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
     let roots = || -> Result<Arc<RootCertStore>, String> {
-        let Some(ca) = &t.client_ca_file else { return Err(format!("client_auth_type {auth} needs client_ca_file")) };
+        let Some(ca) = &t.client_ca_file else {
+            return Err(format!("client_auth_type {auth} needs client_ca_file"));
+        };
         let ca = resolve(ca);
         let mut store = RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| format!("client_ca_file {}: {e}", ca.display()))? {
-            store.add(c.map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?).map_err(|e| e.to_string())?;
+        for c in CertificateDer::pem_file_iter(&ca)
+            .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?
+        {
+            store
+                .add(c.map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?)
+                .map_err(|e| e.to_string())?;
         }
         Ok(Arc::new(store))
     };
     let verifier = match auth {
         "NoClientCert" => None,
-        "RequireAndVerifyClientCert" => Some(WebPkiClientVerifier::builder_with_provider(roots()?, provider)),
-        "VerifyClientCertIfGiven" => {
-            Some(WebPkiClientVerifier::builder_with_provider(roots()?, provider).allow_unauthenticated())
+        "RequireAndVerifyClientCert" => {
+            Some(WebPkiClientVerifier::builder_with_provider(roots()?, provider))
         }
+        "VerifyClientCertIfGiven" => Some(
+            WebPkiClientVerifier::builder_with_provider(roots()?, provider).allow_unauthenticated(),
+        ),
         "RequestClientCert" | "RequireAnyClientCert" => {
             return Err(format!(
                 "client_auth_type {auth}: a certificate that is not verified proves nothing; use \
                  RequireAndVerifyClientCert or VerifyClientCertIfGiven with client_ca_file"
             ));
         }
-        other => return Err(format!("client_auth_type {other}: not one of exporter-toolkit's types")),
+        other => {
+            return Err(format!("client_auth_type {other}: not one of exporter-toolkit's types"));
+        }
     };
     let builder = match verifier {
         Some(v) => builder.with_client_cert_verifier(v.build().map_err(|e| e.to_string())?),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| format!("cert_file and key_file: {e}"))?;
+    let mut config =
+        builder.with_single_cert(chain, key).map_err(|e| format!("cert_file and key_file: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

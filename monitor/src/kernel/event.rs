@@ -44,7 +44,13 @@ mod tests {
 
     fn bytes(ev: &Event) -> Vec<u8> {
         // SAFETY: Event is repr(C) plain data without padding.
-        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), std::mem::size_of::<Event>()) }.to_vec()
+        unsafe {
+            std::slice::from_raw_parts(
+                (ev as *const Event).cast::<u8>(),
+                std::mem::size_of::<Event>(),
+            )
+        }
+        .to_vec()
     }
 
     #[test]

@@ -86,11 +86,20 @@ fn type_name(btf: &Btf, t: &dyn btf_rs::BtfType) -> String {
 }
 
 /// Checks that tracepoint `name` passes a `struct first *` first and at least `count` arguments.
-fn check_tracepoint(btf: &Btf, name: &str, first: &str, count: usize) -> Result<Vec<String>, LayoutError> {
+fn check_tracepoint(
+    btf: &Btf,
+    name: &str,
+    first: &str,
+    count: usize,
+) -> Result<Vec<String>, LayoutError> {
     let args = tracepoint_args(btf, name)?;
     let want = format!("struct {first} *");
     if args.len() < count || args[0] != want {
-        return Err(LayoutError::Arguments(name.into(), args.join(", "), format!("{want}, ... ({count} arguments)")));
+        return Err(LayoutError::Arguments(
+            name.into(),
+            args.join(", "),
+            format!("{want}, ... ({count} arguments)"),
+        ));
     }
     Ok(args)
 }
@@ -151,7 +160,8 @@ fn strip(btf: &Btf, mut ty: Type) -> Option<Type> {
 
 /// Address of a kernel symbol from /proc/kallsyms.
 pub fn kallsyms(symbol: &str) -> Result<u64, LayoutError> {
-    let text = fs::read_to_string("/proc/kallsyms").map_err(|_| LayoutError::Symbol(symbol.to_string()))?;
+    let text = fs::read_to_string("/proc/kallsyms")
+        .map_err(|_| LayoutError::Symbol(symbol.to_string()))?;
     text.lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
@@ -183,8 +193,12 @@ pub struct Features {
 /// Whether `enum name` in the kernel's BTF has `enumerator`.
 fn has_enumerator(btf: &Btf, name: &str, enumerator: &str) -> bool {
     btf.resolve_types_by_name(name).unwrap_or_default().iter().any(|t| match t {
-        Type::Enum(e) => e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == enumerator)),
-        Type::Enum64(e) => e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == enumerator)),
+        Type::Enum(e) => {
+            e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == enumerator))
+        }
+        Type::Enum64(e) => {
+            e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == enumerator))
+        }
         _ => false,
     })
 }
@@ -195,9 +209,11 @@ fn enumerator(btf: &Btf, name: &str, enumerator: &str) -> Result<u32, LayoutErro
         .unwrap_or_default()
         .iter()
         .find_map(|t| match t {
-            Type::Enum(e) => {
-                e.members.iter().find(|m| btf.resolve_name(*m).is_ok_and(|n| n == enumerator)).map(|m| m.val())
-            }
+            Type::Enum(e) => e
+                .members
+                .iter()
+                .find(|m| btf.resolve_name(*m).is_ok_and(|n| n == enumerator))
+                .map(|m| m.val()),
             _ => None,
         })
         .filter(|v| *v < 32)
@@ -206,17 +222,24 @@ fn enumerator(btf: &Btf, name: &str, enumerator: &str) -> Result<u32, LayoutErro
 
 /// The features in `required` this kernel lacks, by their description.
 fn missing_features(btf: &Btf, required: &[(&str, &str, &str)]) -> Vec<String> {
-    required.iter().filter(|(ty, e, _)| !has_enumerator(btf, ty, e)).map(|(_, _, what)| what.to_string()).collect()
+    required
+        .iter()
+        .filter(|(ty, e, _)| !has_enumerator(btf, ty, e))
+        .map(|(_, _, what)| what.to_string())
+        .collect()
 }
 
 /// Fails with one line naming what this kernel lacks and which version brings it.
 fn check_features(btf: &Btf) -> Result<Features, LayoutError> {
     let missing = missing_features(btf, REQUIRED);
     if !missing.is_empty() {
-        let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+        let release =
+            fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
         return Err(LayoutError::TooOld { release, missing: missing.join(", nor ") });
     }
-    Ok(Features { for_each_map_elem: has_enumerator(btf, "bpf_func_id", "BPF_FUNC_for_each_map_elem") })
+    Ok(Features {
+        for_each_map_elem: has_enumerator(btf, "bpf_func_id", "BPF_FUNC_for_each_map_elem"),
+    })
 }
 
 /// The kernel's BTF, read at once: parsing from the file seeks once per type (over 100000
@@ -304,10 +327,13 @@ mod tests {
         assert!(check_features(&btf).unwrap().for_each_map_elem, "this machine's kernel is 6.x");
         let old = [("bpf_map_type", "BPF_MAP_TYPE_NO_SUCH_MAP", "BPF ring buffer (5.8+)")];
         assert_eq!(missing_features(&btf, &old), ["BPF ring buffer (5.8+)"]);
-        let err = LayoutError::TooOld { release: "4.19.0".into(), missing: "BPF ring buffer (5.8+)".into() };
-        assert!(
-            err.to_string().starts_with("this kernel (4.19.0) has no BPF ring buffer (5.8+); twmon needs Linux 5.10")
-        );
+        let err = LayoutError::TooOld {
+            release: "4.19.0".into(),
+            missing: "BPF ring buffer (5.8+)".into(),
+        };
+        assert!(err.to_string().starts_with(
+            "this kernel (4.19.0) has no BPF ring buffer (5.8+); twmon needs Linux 5.10"
+        ));
     }
 
     /// A kernel without BTF (no file, or not BTF) is told what it needs.

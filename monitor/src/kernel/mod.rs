@@ -18,7 +18,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramFd, RawTracePoint, RawTracePointRunOptions, TestRun},
 };
-use monitor_common::{ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, sweep, tcp, twin};
+use monitor_common::{
+    ClockSample, KernelLayout, Lifecycle, Settings, SockEntry, counter, sweep, tcp, twin,
+};
 
 use crate::export::closers::ClosersMaps;
 use layout::LayoutError;
@@ -145,8 +147,10 @@ pub fn missing_capabilities(cap_eff: u64) -> Vec<&'static str> {
 /// Fails, naming them, when this process lacks capabilities the programs need.
 fn check_capabilities() -> Result<(), KernelError> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff =
-        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
     match eff.map(missing_capabilities) {
         Some(missing) if !missing.is_empty() => Err(KernelError::Capabilities(missing)),
         // Unreadable: let loading say what is wrong.
@@ -171,7 +175,10 @@ fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
 
 impl Kernel {
     /// Loads, calibrates and attaches everything. On error nothing stays attached.
-    pub fn load(netns_only: u32, limits: &Limits) -> Result<(Self, RingBuf<MapData>, Option<Logger>), KernelError> {
+    pub fn load(
+        netns_only: u32,
+        limits: &Limits,
+    ) -> Result<(Self, RingBuf<MapData>, Option<Logger>), KernelError> {
         check_capabilities()?;
         raise_memlock();
         let (layout, features): (KernelLayout, _) = layout::read(netns_only)?;
@@ -180,14 +187,16 @@ impl Kernel {
         if !walk_in_kernel {
             tracing::info!(
                 "this kernel has no bpf_for_each_map_elem (5.13+): the agent walks the orphan and \
-                 socket maps itself for the sweep and the CLOSE_WAIT scan (one program run per entry)"
+                 socket maps itself for the sweep and the CLOSE_WAIT scan (one program run per \
+                 entry)"
             );
         }
         // Parsed once, for the loader's relocations and for loading each program (the loader
         // would parse its own otherwise). The layout above comes from btf-rs, which looks up
         // members and enumerators by name.
-        let btf = aya::Btf::from_sys_fs()
-            .map_err(|e| KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string())))?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| {
+            KernelError::Layout(LayoutError::Btf(layout::BTF_PATH.into(), e.to_string()))
+        })?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("LAYOUT", &layout, true)
@@ -196,7 +205,11 @@ impl Kernel {
             .map_max_entries("EVENTS", limits.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(|e| {
-                if is_permission(&e) { KernelError::Permission(e.to_string()) } else { KernelError::Load(e.into()) }
+                if is_permission(&e) {
+                    KernelError::Permission(e.to_string())
+                } else {
+                    KernelError::Load(e.into())
+                }
             })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -206,22 +219,33 @@ impl Kernel {
             }
         };
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name).ok_or_else(|| KernelError::Load(anyhow::anyhow!("map {name} missing")))
+            ebpf.take_map(name)
+                .ok_or_else(|| KernelError::Load(anyhow::anyhow!("map {name} missing")))
         };
-        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?).map_err(|e| KernelError::Load(e.into()))?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?).map_err(|e| KernelError::Load(e.into()))?;
-        let gauges = PerCpuArray::try_from(take(&mut ebpf, "GAUGES")?).map_err(|e| KernelError::Load(e.into()))?;
-        let lifecycle =
-            PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?).map_err(|e| KernelError::Load(e.into()))?;
-        let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?).map_err(|e| KernelError::Load(e.into()))?;
+        let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
+            .map_err(|e| KernelError::Load(e.into()))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
+            .map_err(|e| KernelError::Load(e.into()))?;
+        let gauges = PerCpuArray::try_from(take(&mut ebpf, "GAUGES")?)
+            .map_err(|e| KernelError::Load(e.into()))?;
+        let lifecycle = PerCpuArray::try_from(take(&mut ebpf, "LIFECYCLE")?)
+            .map_err(|e| KernelError::Load(e.into()))?;
+        let settings_map = Array::try_from(take(&mut ebpf, "SETTINGS")?)
+            .map_err(|e| KernelError::Load(e.into()))?;
         let closers = ClosersMaps {
-            closes: HashMap::try_from(take(&mut ebpf, "CLOSERS")?).map_err(|e| KernelError::Load(e.into()))?,
-            held: PerCpuArray::try_from(take(&mut ebpf, "TIMEWAIT_HELD")?).map_err(|e| KernelError::Load(e.into()))?,
+            closes: HashMap::try_from(take(&mut ebpf, "CLOSERS")?)
+                .map_err(|e| KernelError::Load(e.into()))?,
+            held: PerCpuArray::try_from(take(&mut ebpf, "TIMEWAIT_HELD")?)
+                .map_err(|e| KernelError::Load(e.into()))?,
         };
-        let trace = RingBuf::try_from(take(&mut ebpf, "TRACE")?).map_err(|e| KernelError::Load(e.into()))?;
+        let trace = RingBuf::try_from(take(&mut ebpf, "TRACE")?)
+            .map_err(|e| KernelError::Load(e.into()))?;
 
-        let own: &[&str] =
-            if walk_in_kernel { &[SWEEP, SWEEP_ALL, CLOSE_WAIT_SCAN] } else { &[SWEEP_ONE, CLOSE_WAIT_ONE] };
+        let own: &[&str] = if walk_in_kernel {
+            &[SWEEP, SWEEP_ALL, CLOSE_WAIT_SCAN]
+        } else {
+            &[SWEEP_ONE, CLOSE_WAIT_ONE]
+        };
         for name in own {
             load_test_run(&mut ebpf, name)?;
         }
@@ -258,7 +282,9 @@ impl Kernel {
                     .try_into()
                     .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.into()))?;
                 prog.load(tp, &btf).map_err(|e| load_error(name, e))?;
-                prog.attach().map_err(|e| KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}")))?;
+                prog.attach().map_err(|e| {
+                    KernelError::Attach(name.to_string(), tp.to_string(), format!("{e:#}"))
+                })?;
             }
             kernel.attached += 1;
         }
@@ -270,9 +296,11 @@ impl Kernel {
     fn calibrate(&mut self) -> Result<(), KernelError> {
         let sample = |k: &mut Self| -> Result<ClockSample, KernelError> {
             let name = if k.walk_in_kernel { SWEEP } else { SWEEP_ONE };
-            k.test_run(name, [0, 0]).map_err(|e| KernelError::Load(anyhow::anyhow!("running {name}: {e}")))?;
+            k.test_run(name, [0, 0])
+                .map_err(|e| KernelError::Load(anyhow::anyhow!("running {name}: {e}")))?;
             let clock: Array<&MapData, ClockSample> =
-                Array::try_from(k.ebpf.map("CLOCK").expect("CLOCK map")).map_err(|e| KernelError::Load(e.into()))?;
+                Array::try_from(k.ebpf.map("CLOCK").expect("CLOCK map"))
+                    .map_err(|e| KernelError::Load(e.into()))?;
             clock.get(&0, 0).map_err(|e| KernelError::Load(e.into()))
         };
         let a = sample(self)?;
@@ -400,7 +428,10 @@ impl Kernel {
 
     /// A hash map of the programs' keyed by kernel address, and its capacity.
     fn map<V: aya::Pod>(&self, name: &str) -> std::io::Result<(HashMap<&MapData, u64, V>, usize)> {
-        let map = self.ebpf.map(name).ok_or_else(|| std::io::Error::other(format!("map {name} missing")))?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| std::io::Error::other(format!("map {name} missing")))?;
         let aya::maps::Map::HashMap(data) = map else {
             return Err(std::io::Error::other(format!("map {name} is not a hash map")));
         };

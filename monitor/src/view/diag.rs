@@ -2,7 +2,9 @@
 //! calling thread's network namespace. Used to seed the agent at start-up and to reconcile.
 use std::{net::IpAddr, time::Duration};
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 pub use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -83,8 +85,8 @@ fn dump_family(family: u8, states: u32, out: &mut Vec<DiagSocket>) -> Result<(),
         let mut offset = 0;
         while offset < n {
             let bytes = &rx[offset..n];
-            let msg =
-                <NetlinkMessage<SockDiagMessage>>::deserialize(bytes).map_err(|e| DiagError::Dump(e.to_string()))?;
+            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(bytes)
+                .map_err(|e| DiagError::Dump(e.to_string()))?;
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(()),

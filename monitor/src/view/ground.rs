@@ -49,7 +49,9 @@ pub fn read(namespaces: &[Namespace], denied: &mut usize) -> Vec<NsView> {
     };
     read.into_iter()
         .filter_map(|(ns, r)| match r {
-            Ok((Ok(sockets), sysctls)) => Some(NsView { inode: ns.inode, name: ns.name, sockets, sysctls }),
+            Ok((Ok(sockets), sysctls)) => {
+                Some(NsView { inode: ns.inode, name: ns.name, sockets, sysctls })
+            }
             Ok((Err(e), _)) => {
                 tracing::warn!(netns = %ns.name, "sock_diag dump failed: {e}");
                 None
@@ -174,7 +176,8 @@ pub fn breakdown(views: &[NsView], cfg: &Config) -> Breakdowns {
     let mut pressure: HashMap<(usize, SocketAddr), u64> = HashMap::new();
     let mut namespaces: BTreeMap<(String, u8), u64> = BTreeMap::new();
     for (i, v) in views.iter().enumerate() {
-        let listening: HashSet<u16> = v.sockets.iter().filter(|s| s.state == tcp::LISTEN).map(|s| s.local.1).collect();
+        let listening: HashSet<u16> =
+            v.sockets.iter().filter(|s| s.state == tcp::LISTEN).map(|s| s.local.1).collect();
         for s in &v.sockets {
             if s.state == tcp::LISTEN {
                 continue;
@@ -210,8 +213,11 @@ pub fn breakdown(views: &[NsView], cfg: &Config) -> Breakdowns {
             }
             let mut ranked: Vec<(&str, u64)> = per_port.into_iter().collect();
             ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-            let mut kept: Vec<(Side, String)> =
-                ranked.iter().take(cfg.breakdown.top_k).map(|(p, _)| (side, p.to_string())).collect();
+            let mut kept: Vec<(Side, String)> = ranked
+                .iter()
+                .take(cfg.breakdown.top_k)
+                .map(|(p, _)| (side, p.to_string()))
+                .collect();
             kept.extend(cfg.breakdown.always_ports.iter().map(|p| (side, p.to_string())));
             kept
         })
@@ -225,8 +231,14 @@ pub fn breakdown(views: &[NsView], cfg: &Config) -> Breakdowns {
     let mut pressure: Vec<PressureRow> = pressure
         .into_iter()
         .map(|((i, destination), sockets)| {
-            let size = views[i].sysctls.as_ref().map(|s| s.ephemeral_ports()).unwrap_or(28232).max(1);
-            PressureRow { netns: views[i].name.clone(), destination, sockets, ratio: sockets as f64 / size as f64 }
+            let size =
+                views[i].sysctls.as_ref().map(|s| s.ephemeral_ports()).unwrap_or(28232).max(1);
+            PressureRow {
+                netns: views[i].name.clone(),
+                destination,
+                sockets,
+                ratio: sockets as f64 / size as f64,
+            }
         })
         .collect();
     pressure.sort_by(|a, b| b.ratio.total_cmp(&a.ratio).then(a.destination.cmp(&b.destination)));
@@ -295,7 +307,10 @@ mod tests {
         ]);
         let b = breakdown(&[v], &Config::default());
         let row = |side, port: &str, state| {
-            b.ports.iter().find(|r| r.side == side && r.port == port && r.state == state).map(|r| r.sockets)
+            b.ports
+                .iter()
+                .find(|r| r.side == side && r.port == port && r.state == state)
+                .map(|r| r.sockets)
         };
         assert_eq!(row(Side::Local, "45000", tcp::TIME_WAIT), Some(1));
         assert_eq!(row(Side::Local, "8080", tcp::CLOSE_WAIT), Some(1));
@@ -315,7 +330,11 @@ mod tests {
         let sockets: Vec<DiagSocket> = (0..50u16)
             .flat_map(|i| {
                 (0..=i % 5).map(move |j| {
-                    sock(tcp::TIME_WAIT, &format!("10.0.0.1:{}", 40000 + i * 10 + j), &format!("10.0.0.7:{}", 1000 + i))
+                    sock(
+                        tcp::TIME_WAIT,
+                        &format!("10.0.0.1:{}", 40000 + i * 10 + j),
+                        &format!("10.0.0.7:{}", 1000 + i),
+                    )
                 })
             })
             .collect();

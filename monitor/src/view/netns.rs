@@ -70,9 +70,9 @@ impl From<NetnsError> for io::Error {
     /// `PermissionDenied`; the message is [`NetnsError`]'s, which says what to do.
     fn from(e: NetnsError) -> Self {
         let kind = match &e {
-            NetnsError::Open { source, .. } | NetnsError::Enter { source, .. } | NetnsError::Thread { source, .. } => {
-                source.kind()
-            }
+            NetnsError::Open { source, .. }
+            | NetnsError::Enter { source, .. }
+            | NetnsError::Thread { source, .. } => source.kind(),
             NetnsError::NotNamespace { .. } => io::ErrorKind::InvalidInput,
             NetnsError::Replaced { .. } => io::ErrorKind::NotFound,
         };
@@ -111,7 +111,9 @@ pub fn discover() -> Vec<Namespace> {
 pub fn discover_counting_hidden() -> (Vec<Namespace>, usize) {
     let mut hidden = 0;
     let host = host_inode().unwrap_or_else(|e| {
-        tracing::debug!("cannot tell the host's network namespace, none will be named \"host\": {e}");
+        tracing::debug!(
+            "cannot tell the host's network namespace, none will be named \"host\": {e}"
+        );
         0
     });
     // inode -> pids living in it, ascending (/proc lists pids in order, but do not rely on it).
@@ -120,7 +122,9 @@ pub fn discover_counting_hidden() -> (Vec<Namespace>, usize) {
         match std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| u32::try_from(m.ino())) {
             Ok(Ok(inode)) => pids.entry(inode).or_default().push(pid),
             // Kernel threads live in the initial namespace; another user's process may not.
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !is_kthread(pid) => hidden += 1,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !is_kthread(pid) => {
+                hidden += 1
+            }
             // Gone, or a kernel thread / zombie without namespaces.
             _ => continue,
         }
@@ -175,7 +179,11 @@ pub fn own_inode() -> io::Result<u32> {
 /// initial network namespace.
 pub fn host_inode() -> io::Result<u32> {
     inode_of(Path::new("/proc/1/ns/net")).or_else(|first| {
-        if is_kthread(2) { inode_of(Path::new("/proc/2/ns/net")).map_err(|_| first) } else { Err(first) }
+        if is_kthread(2) {
+            inode_of(Path::new("/proc/2/ns/net")).map_err(|_| first)
+        } else {
+            Err(first)
+        }
     })
 }
 
@@ -245,7 +253,9 @@ fn name_from_pids(pids: &[i32], named: Option<&str>, inode: u32, host_inode: u32
             }
             let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
             if pod_name.is_none() {
-                pod_name = environ_get(&environ, "HOSTNAME").filter(|n| is_dns_subdomain(n)).map(String::from);
+                pod_name = environ_get(&environ, "HOSTNAME")
+                    .filter(|n| is_dns_subdomain(n))
+                    .map(String::from);
             }
             if k8s_namespace.is_none() {
                 k8s_namespace = environ_get(&environ, "POD_NAMESPACE")
@@ -277,13 +287,16 @@ fn name_from_pids(pids: &[i32], named: Option<&str>, inode: u32, host_inode: u32
 /// path (the agent's own, when it runs in a pod) would give a wrong answer.
 fn service_account_namespace(pid: i32) -> Option<String> {
     let root = File::open(format!("/proc/{pid}/root")).ok()?;
-    ["var/run/secrets/kubernetes.io/serviceaccount/namespace", "run/secrets/kubernetes.io/serviceaccount/namespace"]
-        .into_iter()
-        .find_map(|path| {
-            let text = read_in_root(&root, path).ok()?;
-            let ns = text.trim();
-            is_dns_label(ns).then(|| ns.to_string())
-        })
+    [
+        "var/run/secrets/kubernetes.io/serviceaccount/namespace",
+        "run/secrets/kubernetes.io/serviceaccount/namespace",
+    ]
+    .into_iter()
+    .find_map(|path| {
+        let text = read_in_root(&root, path).ok()?;
+        let ns = text.trim();
+        is_dns_label(ns).then(|| ns.to_string())
+    })
 }
 
 fn read_in_root(root: &File, path: &str) -> io::Result<String> {
@@ -469,7 +482,8 @@ pub fn visit<T: Send + 'static>(
 /// `ns.inode` (a /proc/PID/ns/net path can change owner when the pid is reused).
 fn enter(ns: &Namespace) -> io::Result<()> {
     let path = &ns.path;
-    let file = File::open(path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
+    let file =
+        File::open(path).map_err(|source| NetnsError::Open { path: path.clone(), source })?;
     let found = file
         .metadata()
         .map_err(|source| NetnsError::Open { path: path.clone(), source })
@@ -503,8 +517,12 @@ pub fn namespace_type(file: &File) -> io::Result<i32> {
 /// Fails with `InvalidInput` when the path is not a namespace file (for example a /run/netns
 /// entry whose namespace was unmounted).
 pub fn inode_of(path: &Path) -> io::Result<u32> {
-    let file = File::open(path).map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?;
-    let ino = file.metadata().map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?.ino();
+    let file =
+        File::open(path).map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?;
+    let ino = file
+        .metadata()
+        .map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })?
+        .ino();
     Ok(check_nsfs(path, &file, ino)?)
 }
 
@@ -513,7 +531,10 @@ fn check_nsfs(path: &Path, file: &File, ino: u64) -> Result<u32, NetnsError> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
     if rc != 0 {
-        return Err(NetnsError::Open { path: path.to_path_buf(), source: io::Error::last_os_error() });
+        return Err(NetnsError::Open {
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
     #[allow(clippy::unnecessary_cast)] // f_type's type differs between architectures
     if st.f_type as i64 != NSFS_MAGIC {
@@ -569,9 +590,15 @@ mod tests {
 
     #[test]
     fn docker_systemd_v2() {
-        assert_eq!(workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope\n")), container());
+        assert_eq!(
+            workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope\n")),
+            container()
+        );
         // systemd running inside the container moves itself into a child cgroup.
-        assert_eq!(workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope/init.scope\n")), container());
+        assert_eq!(
+            workload_from_cgroup(&format!("0::/system.slice/docker-{ID}.scope/init.scope\n")),
+            container()
+        );
     }
 
     #[test]
@@ -620,7 +647,8 @@ mod tests {
         let text = format!("0::/kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice/crio-{ID}.scope\n");
         assert_eq!(workload_from_cgroup(&text), pod(Some(ID)));
         // conmon lives in the pod's cgroup but is not a container.
-        let conmon = format!("0::/kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice/crio-conmon-{ID}.scope\n");
+        let conmon =
+            format!("0::/kubepods.slice/kubepods-pod{UID_SYSTEMD}.slice/crio-conmon-{ID}.scope\n");
         assert_eq!(workload_from_cgroup(&conmon), pod(None));
     }
 
@@ -636,7 +664,10 @@ mod tests {
         let text = format!(
             "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice/cri-containerd-{ID}.scope\n"
         );
-        assert_eq!(workload_from_cgroup(&text), Some(Workload::Pod { uid: hash.into(), container: Some(ID.into()) }));
+        assert_eq!(
+            workload_from_cgroup(&text),
+            Some(Workload::Pod { uid: hash.into(), container: Some(ID.into()) })
+        );
     }
 
     #[test]
@@ -662,7 +693,8 @@ mod tests {
 
     #[test]
     fn environ() {
-        let env = b"PATH=/usr/bin\0HOSTNAME=web-7d9f8b6c5-x2k4q\0KUBERNETES_SERVICE_HOST=10.96.0.1\0\
+        let env =
+            b"PATH=/usr/bin\0HOSTNAME=web-7d9f8b6c5-x2k4q\0KUBERNETES_SERVICE_HOST=10.96.0.1\0\
                     POD_NAMESPACE=shop\0EMPTY=\0BAD=\xff\0";
         assert_eq!(environ_get(env, "HOSTNAME"), Some("web-7d9f8b6c5-x2k4q"));
         assert_eq!(environ_get(env, "POD_NAMESPACE"), Some("shop"));
@@ -728,7 +760,12 @@ mod tests {
     #[test]
     fn visit_refuses_a_replaced_namespace() {
         let own = inode_of(Path::new("/proc/self/ns/net")).unwrap();
-        let ns = Namespace { inode: own + 1, path: "/proc/self/ns/net".into(), name: "x".into(), pid: None };
+        let ns = Namespace {
+            inode: own + 1,
+            path: "/proc/self/ns/net".into(),
+            name: "x".into(),
+            pid: None,
+        };
         let mut results = visit(vec![ns], |_| ()).unwrap();
         let e = results.pop().unwrap().1.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");

@@ -167,11 +167,12 @@ pub fn read_sysctls() -> io::Result<Sysctls> {
         text.trim().parse().map_err(|_| format_error(path, "not a number", &text))
     }
     let range_text = read(PORT_RANGE)?;
-    let ip_local_port_range =
-        parse_port_range(&range_text).ok_or_else(|| format_error(PORT_RANGE, "not two port numbers", &range_text))?;
+    let ip_local_port_range = parse_port_range(&range_text)
+        .ok_or_else(|| format_error(PORT_RANGE, "not two port numbers", &range_text))?;
     let reserved_text = read(RESERVED_PORTS)?;
-    let reserved = parse_port_list(&reserved_text)
-        .ok_or_else(|| format_error(RESERVED_PORTS, "not a list of ports and port ranges", &reserved_text))?;
+    let reserved = parse_port_list(&reserved_text).ok_or_else(|| {
+        format_error(RESERVED_PORTS, "not a list of ports and port ranges", &reserved_text)
+    })?;
     Ok(Sysctls {
         tcp_max_tw_buckets: number(MAX_TW_BUCKETS)?,
         ip_local_port_range,
@@ -211,8 +212,11 @@ pub fn parse_port_list(text: &str) -> Option<Vec<(u16, u16)>> {
 
 /// How many distinct ports of `list` lie in the inclusive `range`.
 pub fn ports_within(list: &[(u16, u16)], range: (u16, u16)) -> usize {
-    let mut clipped: Vec<(u16, u16)> =
-        list.iter().map(|&(a, b)| (a.max(range.0), b.min(range.1))).filter(|(a, b)| a <= b).collect();
+    let mut clipped: Vec<(u16, u16)> = list
+        .iter()
+        .map(|&(a, b)| (a.max(range.0), b.min(range.1)))
+        .filter(|(a, b)| a <= b)
+        .collect();
     clipped.sort_unstable();
     let mut count = 0usize;
     let mut next = 0u32; // first port not yet counted
@@ -240,8 +244,10 @@ pub struct Sockstat {
 
 pub fn read_sockstat() -> io::Result<Sockstat> {
     let text = read(SOCKSTAT)?;
-    let field =
-        |name| sockstat_field(&text, "TCP:", name).ok_or_else(|| format_error(SOCKSTAT, "no \"TCP: ...\" line", &text));
+    let field = |name| {
+        sockstat_field(&text, "TCP:", name)
+            .ok_or_else(|| format_error(SOCKSTAT, "no \"TCP: ...\" line", &text))
+    };
     let inuse6 = match read(SOCKSTAT6) {
         Ok(text6) => sockstat_field(&text6, "TCP6:", "inuse").unwrap_or(0),
         Err(ProcfsError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => 0,
@@ -273,15 +279,21 @@ pub fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, Vec<(i32, String)>> 
     }
     let Ok(proc) = std::fs::read_dir("/proc") else { return out };
     for entry in proc.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         let dir = format!("/proc/{pid}/fd");
         // The listing, and a handle to read each link relative to: a one-component lookup per
         // fd instead of resolving /proc/PID/fd/N from the root, which is most of the cost.
-        let (Ok(fds), Ok(handle)) = (std::fs::read_dir(&dir), std::fs::File::open(&dir)) else { continue };
+        let (Ok(fds), Ok(handle)) = (std::fs::read_dir(&dir), std::fs::File::open(&dir)) else {
+            continue;
+        };
         let mut comm: Option<Option<String>> = None;
         let mut target = [0u8; 64];
         for fd in fds.flatten() {
-            let Some(target) = read_link_at(&handle, &fd.file_name(), &mut target) else { continue };
+            let Some(target) = read_link_at(&handle, &fd.file_name(), &mut target) else {
+                continue;
+            };
             let Some(inode) = parse_socket_link(target) else { continue };
             if !inodes.contains(&inode) {
                 continue;
@@ -302,11 +314,17 @@ pub fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, Vec<(i32, String)>> 
 
 /// readlinkat(2) into `buf`; None on error. A target longer than `buf` comes back cut short,
 /// which is fine here: "socket:[N]" always fits and anything longer is not a socket.
-fn read_link_at<'a>(dir: &std::fs::File, name: &std::ffi::OsStr, buf: &'a mut [u8]) -> Option<&'a [u8]> {
+fn read_link_at<'a>(
+    dir: &std::fs::File,
+    name: &std::ffi::OsStr,
+    buf: &'a mut [u8],
+) -> Option<&'a [u8]> {
     use std::os::fd::AsRawFd as _;
     let name = std::ffi::CString::new(name.as_bytes()).ok()?;
     // SAFETY: valid dir fd, NUL-terminated name, and a buffer with its length.
-    let n = unsafe { libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::readlinkat(dir.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
     usize::try_from(n).ok().map(|n| &buf[..n])
 }
 
@@ -370,7 +388,8 @@ MPTcpExt: 99 99
 
     #[test]
     fn sockstat() {
-        let text = "sockets: used 24\nTCP: inuse 3 orphan 1 tw 4 alloc 6 mem 2\nUDP: inuse 0 mem 0\n";
+        let text =
+            "sockets: used 24\nTCP: inuse 3 orphan 1 tw 4 alloc 6 mem 2\nUDP: inuse 0 mem 0\n";
         let tw = |text| sockstat_field(text, "TCP:", "tw");
         assert_eq!(tw(text), Some(4));
         assert_eq!(sockstat_field(text, "TCP:", "inuse"), Some(3));

@@ -23,7 +23,10 @@ pub fn raise_nofile() {
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0, "getrlimit");
         // Root may raise the hard limit too (some hosts and VMs start with 4096).
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max.max(1 << 20), rlim_max: lim.rlim_max.max(1 << 20) };
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max.max(1 << 20),
+            rlim_max: lim.rlim_max.max(1 << 20),
+        };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
             lim = raised;
         } else {
@@ -31,7 +34,11 @@ pub fn raise_nofile() {
             assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
         }
     }
-    assert!(lim.rlim_cur >= 20_000, "RLIMIT_NOFILE hard limit {} is too low for this test", lim.rlim_max);
+    assert!(
+        lim.rlim_cur >= 20_000,
+        "RLIMIT_NOFILE hard limit {} is too low for this test",
+        lim.rlim_max
+    );
 }
 
 /// A `[reconcile]` section for tests that read what reconciles produce (drift, breakdowns,
@@ -93,7 +100,8 @@ impl Agent {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("start twmon");
-        let mut agent = Self { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], 0)), log };
+        let mut agent =
+            Self { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], 0)), log };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if agent.addr.port() == 0
@@ -110,7 +118,11 @@ impl Agent {
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("twmon exited with {status} before it was healthy:\n{}", agent.log());
             }
-            assert!(Instant::now() < deadline, "twmon not healthy after {START_TIMEOUT:?}:\n{}", agent.log());
+            assert!(
+                Instant::now() < deadline,
+                "twmon not healthy after {START_TIMEOUT:?}:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -207,7 +219,9 @@ impl Agent {
             .unwrap()
             .flatten()
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|info| info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()))
+            .filter_map(|info| {
+                info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
+            })
             .collect();
         ids.sort_unstable();
         ids.dedup();
@@ -226,8 +240,14 @@ pub fn program_exists(id: u32) -> bool {
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
     let attr = Attr { id, next_id: 0, open_flags: 0 };
     // SAFETY: attr is a valid bpf_attr prefix for this command, of the size given.
-    let fd =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, &attr as *const Attr, size_of::<Attr>() as u32) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            &attr as *const Attr,
+            size_of::<Attr>() as u32,
+        )
+    };
     if fd >= 0 {
         // SAFETY: a descriptor the call above returned.
         unsafe { libc::close(fd as i32) };

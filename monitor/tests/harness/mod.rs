@@ -56,8 +56,14 @@ enum Close {
     Held,
 }
 
-const CLOSES: [Close; 6] =
-    [Close::ClientFirst, Close::ServerFirst, Close::Simultaneous, Close::Linger0, Close::Unread, Close::Held];
+const CLOSES: [Close; 6] = [
+    Close::ClientFirst,
+    Close::ServerFirst,
+    Close::Simultaneous,
+    Close::Linger0,
+    Close::Unread,
+    Close::Held,
+];
 
 /// A case's settings, drawn from its seed.
 #[derive(Debug)]
@@ -157,11 +163,15 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
     }
     if plan.lose_acks {
         ns.exec(&["nft", "add", "table", "inet", LOSS_TABLE]);
-        ns.exec(&["nft", &format!("add chain inet {LOSS_TABLE} out {{ type filter hook output priority 0; }}")]);
+        ns.exec(&[
+            "nft",
+            &format!("add chain inet {LOSS_TABLE} out {{ type filter hook output priority 0; }}"),
+        ]);
         // The servers' bare ACKs only (a client's would be the handshake's last too): the
         // final ACK of a close the server began, and its ACK of a client's FIN.
         let rule = format!(
-            "add rule inet {LOSS_TABLE} out tcp sport {SERVER_PORTS} tcp flags == ack numgen random mod 3 == 0 drop"
+            "add rule inet {LOSS_TABLE} out tcp sport {SERVER_PORTS} tcp flags == ack numgen \
+             random mod 3 == 0 drop"
         );
         ns.exec(&["nft", &rule]);
     }
@@ -197,14 +207,19 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
         let start = Instant::now();
         loop {
             let dump = ns.exec(&["ss", "-tanoH"]);
-            let timewait: String =
-                dump.lines().filter(|l| l.contains("timer:(timewait")).collect::<Vec<_>>().join("\n");
+            let timewait: String = dump
+                .lines()
+                .filter(|l| l.contains("timer:(timewait"))
+                .collect::<Vec<_>>()
+                .join("\n");
             let now = common::ss_in(&timewait, "FIN-WAIT-2");
             let closing = ns.ss("FIN-WAIT-1").len();
             for pair in ns.ss("TIME-WAIT") {
                 orphans.remove(&pair);
             }
-            let done = now.is_empty() && closing == 0 && start.elapsed() > Duration::from_secs(fin_timeout);
+            let done = now.is_empty()
+                && closing == 0
+                && start.elapsed() > Duration::from_secs(fin_timeout);
             orphans.extend(now);
             if done || start.elapsed() > Duration::from_secs(30) {
                 break;
@@ -233,7 +248,14 @@ const SERVER_PORTS: &str = "20000-20007";
 
 /// One thread's connections: `n` of them to its own two listeners (IPv4 and IPv6), each ended
 /// by one of `closes`. Returns what it made and the server ends it holds in CLOSE_WAIT.
-fn worker(netns: &str, index: u16, seed: u64, n: usize, v6_percent: u64, closes: &[Close]) -> (Made, Vec<TcpStream>) {
+fn worker(
+    netns: &str,
+    index: u16,
+    seed: u64,
+    n: usize,
+    v6_percent: u64,
+    closes: &[Close],
+) -> (Made, Vec<TcpStream>) {
     enter(netns);
     let mut rng = Rng::new(seed);
     // Fixed ports below the ephemeral range: port 0 would take one of a narrow range's few.
@@ -324,11 +346,18 @@ fn enter(path: &str) {
 fn wait_quiet(ns: &Netns) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let busy: usize = ["FIN-WAIT-1", "CLOSING", "LAST-ACK", "CLOSE-WAIT"].iter().map(|s| ns.ss(s).len()).sum();
+        let busy: usize = ["FIN-WAIT-1", "CLOSING", "LAST-ACK", "CLOSE-WAIT"]
+            .iter()
+            .map(|s| ns.ss(s).len())
+            .sum();
         if busy == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "sockets still closing after 30 s:\n{}", ns.exec(&["ss", "-tanH"]));
+        assert!(
+            Instant::now() < deadline,
+            "sockets still closing after 30 s:\n{}",
+            ns.exec(&["ss", "-tanH"])
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -407,7 +436,10 @@ impl Kernel {
                 - c("Tcp", "AttemptFails")
                 - c("Tcp", "CurrEstab"),
             retransmitted: c("Tcp", "RetransSegs"),
-            states: SS_STATES.iter().map(|(name, state)| (*name, common::ss_in(&ss, state).len() as f64)).collect(),
+            states: SS_STATES
+                .iter()
+                .map(|(name, state)| (*name, common::ss_in(&ss, state).len() as f64))
+                .collect(),
         }
     }
 
@@ -447,7 +479,16 @@ pub fn at_rest(agent: &Agent, ns: &Netns, timeout: Duration) -> (Metrics, Kernel
             ns.exec(&["ss", "-tanH"]),
             ns.exec(&["cat", "/proc/net/tcp"]),
             ns.exec(&["cat", "/proc/net/tcp6"]),
-            agent.log().lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
+            agent
+                .log()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n"),
         );
         previous = Some(after);
         std::thread::sleep(Duration::from_millis(200));
@@ -461,21 +502,29 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     // Events the kernel skipped (a program's tracepoint hit again on its CPU from an interrupt,
     // outside the window its twin covers): counted, and every number below is off by them.
     let skipped: f64 = m.series("twmon_bpf_program_missed_total").iter().map(|(_, v)| v).sum();
-    assert_eq!(skipped, 0.0, "{ctx}: events the kernel skipped (twmon_bpf_program_missed_total)\n{n}");
+    assert_eq!(
+        skipped, 0.0,
+        "{ctx}: events the kernel skipped (twmon_bpf_program_missed_total)\n{n}"
+    );
     let remaining = k.sockets("time_wait") + k.sockets("fin_wait2");
     let ended = ends(m, "reuse") + ends(m, "killed") + ends(m, "expired") + ends(m, "fin_timeout");
     // Timewait sockets that never got their FIN (orphans in FIN_WAIT2): known exactly to the
     // harness, or, with a real server and client, only bounded by twmon's fin_wait2 -> close,
     // which also counts full sockets aborted in FIN_WAIT2 (SO_LINGER 0, data after close).
     let (fewest, most) = if made.orphans_unknown {
-        let most = m.transitions("fin_wait2", "close") - m.get("twmon_timewait_handoff_missed_total", &[])
+        let most = m.transitions("fin_wait2", "close")
+            - m.get("twmon_timewait_handoff_missed_total", &[])
             + k.sockets("fin_wait2");
         (0.0, most)
     } else {
         (made.never_fin as f64, made.never_fin as f64)
     };
     let (without_fin, against) = if tw_counted_at_creation() {
-        assert_eq!(ended, k.created - remaining, "{ctx}: timewait sockets ended vs created - still there\n{n}");
+        assert_eq!(
+            ended,
+            k.created - remaining,
+            "{ctx}: timewait sockets ended vs created - still there\n{n}"
+        );
         (k.created - into_state(m, "time_wait"), "TcpExt TW + TWKilled")
     } else {
         assert_eq!(
@@ -487,8 +536,8 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     };
     assert!(
         fewest <= without_fin && without_fin <= most,
-        "{ctx}: {against} - transitions into time_wait = {without_fin}, but the orphans without a FIN \
-         are {fewest}..={most}\n{n}"
+        "{ctx}: {against} - transitions into time_wait = {without_fin}, but the orphans without a \
+         FIN are {fewest}..={most}\n{n}"
     );
     assert_eq!(
         m.get("twmon_timewait_handoff_missed_total", &[]),
@@ -501,33 +550,47 @@ pub fn check(ctx: &str, m: &Metrics, k: &Kernel, made: &Made) {
     // when we are in TIME_WAIT already (one per side). Every retransmit twmon counts is one the
     // kernel counts. (A real server's segments are not the harness's to count.)
     let retransmits: f64 = m.series("twmon_retransmits_total").iter().map(|(_, v)| v).sum();
-    assert!(retransmits <= k.retransmitted, "{ctx}: retransmits {retransmits} vs RetransSegs {}\n{n}", k.retransmitted);
+    assert!(
+        retransmits <= k.retransmitted,
+        "{ctx}: retransmits {retransmits} vs RetransSegs {}\n{n}",
+        k.retransmitted
+    );
     if !made.orphans_unknown {
         let rearms = m.get("twmon_timewait_rearms_total", &[]);
-        let fins_again: f64 =
-            ["last_ack", "closing"].iter().map(|s| m.get("twmon_retransmits_total", &[("state", s)])).sum();
+        let fins_again: f64 = ["last_ack", "closing"]
+            .iter()
+            .map(|s| m.get("twmon_retransmits_total", &[("state", s)]))
+            .sum();
         let acks = 2 * made.simultaneous;
         assert!(
             rearms <= fins_again + acks as f64,
-            "{ctx}: re-arms {rearms} vs FINs sent again from LAST_ACK or CLOSING {fins_again} + ACKs after \
-             simultaneous closes {acks}\n{n}"
+            "{ctx}: re-arms {rearms} vs FINs sent again from LAST_ACK or CLOSING {fins_again} + \
+             ACKs after simultaneous closes {acks}\n{n}"
         );
     }
     assert_eq!(
         out_of_state(m, "established"),
         k.established_left - made.abandoned as f64,
-        "{ctx}: sides that left ESTABLISHED vs Tcp ActiveOpens + PassiveOpens - AttemptFails - CurrEstab \
-         - connects the harness abandoned in SYN_SENT ({})\n{n}",
+        "{ctx}: sides that left ESTABLISHED vs Tcp ActiveOpens + PassiveOpens - AttemptFails - \
+         CurrEstab - connects the harness abandoned in SYN_SENT ({})\n{n}",
         made.abandoned
     );
-    assert_eq!(m.get("twmon_timewait_end_missed_total", &[]), 0.0, "{ctx}: ends no program saw\n{n}");
+    assert_eq!(
+        m.get("twmon_timewait_end_missed_total", &[]),
+        0.0,
+        "{ctx}: ends no program saw\n{n}"
+    );
     assert_eq!(m.get("twmon_events_lost_total", &[]), 0.0, "{ctx}\n{n}");
     for (s, _) in SS_STATES {
         assert_eq!(m.sockets(s), k.sockets(s), "{ctx}: {s} vs ss\n{n}");
     }
     // Every TIME_WAIT socket is one whose close the agent saw: each is held by a process.
     let held: f64 = m.series("twmon_timewait_sockets").iter().map(|(_, v)| v).sum();
-    assert_eq!(held, k.sockets("time_wait"), "{ctx}: TIME_WAIT by the process that closed first vs ss\n{n}");
+    assert_eq!(
+        held,
+        k.sockets("time_wait"),
+        "{ctx}: TIME_WAIT by the process that closed first vs ss\n{n}"
+    );
 }
 
 /// Kernel work done on a thread of PID 1, which some kernels hide from every BPF program: this
@@ -558,7 +621,10 @@ impl Blind {
     fn try_watch() -> std::io::Result<Self> {
         let root = std::path::Path::new("/sys/kernel/tracing");
         if !root.join("instances").exists() {
-            let _ = std::process::Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(root).status();
+            let _ = std::process::Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(root)
+                .status();
         }
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -575,7 +641,11 @@ impl Blind {
             .ok_or_else(|| std::io::Error::other("tw_timer_handler not in /proc/kallsyms"))?;
         for (event, also) in Self::EVENTS {
             let also = also.replace("TW_TIMER_HANDLER", &handler);
-            let filter = if also.is_empty() { init.join(" || ") } else { format!("({}) && {also}", init.join(" || ")) };
+            let filter = if also.is_empty() {
+                init.join(" || ")
+            } else {
+                format!("({}) && {also}", init.join(" || "))
+            };
             let event = blind.dir.join("events").join(event);
             std::fs::write(event.join("filter"), filter)?;
             std::fs::write(event.join("enable"), "1")?;

@@ -30,7 +30,12 @@ impl Agent {
     }
 
     /// As [`Agent::start`], with extra environment variables.
-    pub fn start_with_env(bin: &Path, extra: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Result<Self> {
+    pub fn start_with_env(
+        bin: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Result<Self> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, testkit::http::free_port()?));
         let log = log_dir.join(format!("twmon-{}.log", addr.port()));
         let child = Command::new(bin)
@@ -106,7 +111,8 @@ impl Agent {
             if first.contains('-') && !first.ends_with(':') {
                 in_map = line.ends_with("anon_inode:bpf-map");
             } else if in_map && first == "Rss:" {
-                maps += line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                maps +=
+                    line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             }
         }
         Ok(Memory {
@@ -188,7 +194,10 @@ fn ticks_per_second() -> f64 {
 
 impl CpuTicks {
     pub fn since(self, before: CpuTicks) -> CpuTicks {
-        CpuTicks { user: self.user.saturating_sub(before.user), system: self.system.saturating_sub(before.system) }
+        CpuTicks {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
     }
 
     /// As percentages of one core over `secs` seconds.
@@ -212,7 +221,13 @@ impl CpuPercent {
 
 impl std::fmt::Display for CpuPercent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.2} % of one core (user {:.2}, system {:.2})", self.total(), self.user, self.system)
+        write!(
+            f,
+            "{:.2} % of one core (user {:.2}, system {:.2})",
+            self.total(),
+            self.user,
+            self.system
+        )
     }
 }
 
@@ -280,6 +295,7 @@ impl Scrape {
 
     /// Timewait sockets the agent follows now (its TIME_WAIT and FIN_WAIT2 gauges include them).
     pub fn timewait(&self) -> f64 {
-        self.get("twmon_sockets", &[("state", "time_wait")]) + self.get("twmon_sockets", &[("state", "fin_wait2")])
+        self.get("twmon_sockets", &[("state", "time_wait")])
+            + self.get("twmon_sockets", &[("state", "fin_wait2")])
     }
 }

@@ -57,7 +57,9 @@ impl Attr {
 
 fn bpf(cmd: u32, attr: &mut Attr) -> io::Result<i64> {
     // SAFETY: attr is a valid, writable buffer of the size passed.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr.0.as_mut_ptr(), attr.0.len() as u32) };
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr.0.as_mut_ptr(), attr.0.len() as u32)
+    };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
@@ -117,7 +119,8 @@ fn num(info: &[(String, String)], key: &str) -> u64 {
 
 /// Statistics of a program fd this process holds.
 pub fn prog_stats(prog: &OwnedFd) -> RunStats {
-    let info = fdinfo(Path::new(&format!("/proc/self/fdinfo/{}", prog.as_raw_fd()))).unwrap_or_default();
+    let info =
+        fdinfo(Path::new(&format!("/proc/self/fdinfo/{}", prog.as_raw_fd()))).unwrap_or_default();
     RunStats { run_time_ns: num(&info, "run_time_ns"), run_cnt: num(&info, "run_cnt") }
 }
 
@@ -148,7 +151,10 @@ pub fn process_progs(pid: u32) -> Vec<ProgInfo> {
         out.push(ProgInfo {
             id,
             name: prog_name(id).unwrap_or_default(),
-            stats: RunStats { run_time_ns: num(&info, "run_time_ns"), run_cnt: num(&info, "run_cnt") },
+            stats: RunStats {
+                run_time_ns: num(&info, "run_time_ns"),
+                run_cnt: num(&info, "run_cnt"),
+            },
             recursion_misses: num(&info, "recursion_misses"),
         });
     }
@@ -162,7 +168,10 @@ fn prog_name(id: u32) -> Option<String> {
     let mut info = [0u8; 96];
     bpf(
         BPF_OBJ_GET_INFO_BY_FD,
-        Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64),
+        Attr::new()
+            .u32(0, prog.as_raw_fd() as u32)
+            .u32(4, info.len() as u32)
+            .u64(8, info.as_mut_ptr() as u64),
     )
     .ok()?;
     let n = &info[64..80];
@@ -214,7 +223,10 @@ fn map_name(id: u32) -> Option<String> {
     let mut info = [0u8; 96];
     bpf(
         BPF_OBJ_GET_INFO_BY_FD,
-        Attr::new().u32(0, map.as_raw_fd() as u32).u32(4, info.len() as u32).u64(8, info.as_mut_ptr() as u64),
+        Attr::new()
+            .u32(0, map.as_raw_fd() as u32)
+            .u32(4, info.len() as u32)
+            .u64(8, info.as_mut_ptr() as u64),
     )
     .ok()?;
     let name = &info[24..40];
@@ -268,9 +280,13 @@ impl FloorKind {
         match self {
             FloorKind::Empty => "floor: empty program",
             FloorKind::Count => "floor: per-CPU count",
-            FloorKind::SocketMap => "floor: per-socket entry time in a hash map (lookup, then update or delete)",
+            FloorKind::SocketMap => {
+                "floor: per-socket entry time in a hash map (lookup, then update or delete)"
+            }
             FloorKind::RingWakeup => "ring buffer output, wake-up per record (flags 0)",
-            FloorKind::RingNoWakeup => "ring buffer output, BPF_RB_NO_WAKEUP, reader polls every 10 ms",
+            FloorKind::RingNoWakeup => {
+                "ring buffer output, BPF_RB_NO_WAKEUP, reader polls every 10 ms"
+            }
         }
     }
 }
@@ -366,7 +382,8 @@ impl RingReader {
                 let mut n = 0;
                 while cons < prod {
                     // SAFETY: the header of the record at cons, inside the double-mapped data.
-                    let hdr = unsafe { &*(data.add((cons as usize) & (size - 1)) as *const AtomicU32) };
+                    let hdr =
+                        unsafe { &*(data.add((cons as usize) & (size - 1)) as *const AtomicU32) };
                     let len = hdr.load(Ordering::Acquire);
                     if len & (1 << 31) != 0 {
                         break; // still being written
@@ -405,7 +422,9 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 fn program(kind: FloorKind, map_fd: Option<i32>) -> Vec<[u8; 8]> {
     const MOV64_IMM: u8 = 0xb7;
     const EXIT: u8 = 0x95;
-    let ld_map = |reg: u8| [insn(0x18, reg, 1, 0, map_fd.expect("floor needs its map")), insn(0, 0, 0, 0, 0)];
+    let ld_map = |reg: u8| {
+        [insn(0x18, reg, 1, 0, map_fd.expect("floor needs its map")), insn(0, 0, 0, 0, 0)]
+    };
     match kind {
         FloorKind::Empty => vec![insn(MOV64_IMM, 0, 0, 0, 0), insn(EXIT, 0, 0, 0, 0)],
         FloorKind::Count => {
@@ -470,7 +489,8 @@ fn program(kind: FloorKind, map_fd: Option<i32>) -> Vec<[u8; 8]> {
         FloorKind::RingWakeup | FloorKind::RingNoWakeup => {
             const RECORD: i32 = 72;
             // A zeroed 72-byte record on the stack.
-            let mut p: Vec<[u8; 8]> = (1..=RECORD / 8).map(|i| insn(0x7a, 10, 0, (-8 * i) as i16, 0)).collect();
+            let mut p: Vec<[u8; 8]> =
+                (1..=RECORD / 8).map(|i| insn(0x7a, 10, 0, (-8 * i) as i16, 0)).collect();
             p.extend(ld_map(1)); // r1 = ring buffer
             p.extend([
                 insn(0xbf, 2, 10, 0, 0),      // r2 = r10
@@ -492,18 +512,28 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
         FloorKind::Empty => None,
         FloorKind::Count => {
             let mut a = Attr::new();
-            a.u32(0, BPF_MAP_TYPE_PERCPU_ARRAY).u32(4, 4).u32(8, 8).u32(12, 1).bytes(28, b"bench_floor");
+            a.u32(0, BPF_MAP_TYPE_PERCPU_ARRAY)
+                .u32(4, 4)
+                .u32(8, 8)
+                .u32(12, 1)
+                .bytes(28, b"bench_floor");
             Some(fd(bpf(BPF_MAP_CREATE, &mut a).context("creating the floor program's map")?))
         }
         FloorKind::SocketMap => {
             let mut a = Attr::new();
-            a.u32(0, BPF_MAP_TYPE_HASH).u32(4, 8).u32(8, 8).u32(12, 262_144).bytes(28, b"bench_sockets");
+            a.u32(0, BPF_MAP_TYPE_HASH)
+                .u32(4, 8)
+                .u32(8, 8)
+                .u32(12, 262_144)
+                .bytes(28, b"bench_sockets");
             Some(fd(bpf(BPF_MAP_CREATE, &mut a).context("creating the floor program's hash map")?))
         }
         FloorKind::RingWakeup | FloorKind::RingNoWakeup => {
             let mut a = Attr::new();
             a.u32(0, BPF_MAP_TYPE_RINGBUF).u32(12, RING_BYTES).bytes(28, b"bench_ring");
-            Some(fd(bpf(BPF_MAP_CREATE, &mut a).context("creating the floor program's ring buffer")?))
+            Some(fd(
+                bpf(BPF_MAP_CREATE, &mut a).context("creating the floor program's ring buffer")?
+            ))
         }
     };
     let reader = match (&map, kind) {
@@ -534,7 +564,10 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
         Ok(rc) => fd(rc),
         Err(e) => {
             let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-            bail!("loading the {kind:?} floor program failed: {e}\n{}", String::from_utf8_lossy(&log[..end]));
+            bail!(
+                "loading the {kind:?} floor program failed: {e}\n{}",
+                String::from_utf8_lossy(&log[..end])
+            );
         }
     };
 
@@ -544,5 +577,12 @@ pub fn attach_floor(kind: FloorKind, category: &str, name: &str) -> Result<Floor
     a.u64(0, tp.as_ptr() as u64).u32(8, prog.as_raw_fd() as u32);
     let link = fd(bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a)
         .with_context(|| format!("attaching the floor program to raw tracepoint {name}"))?);
-    Ok(Floor { kind, tracepoint: format!("{category}:{name}"), _link: link, prog, reader, _map: map })
+    Ok(Floor {
+        kind,
+        tracepoint: format!("{category}:{name}"),
+        _link: link,
+        prog,
+        reader,
+        _map: map,
+    })
 }

@@ -63,15 +63,18 @@ impl Servers {
             for _ in 0..acceptors {
                 let l = l.try_clone()?;
                 let stop = stop.clone();
-                threads.push(std::thread::Builder::new().stack_size(128 << 10).name("bench-server".into()).spawn(
-                    move || {
+                threads.push(
+                    std::thread::Builder::new()
+                        .stack_size(128 << 10)
+                        .name("bench-server".into())
+                        .spawn(move || {
                         while !stop.load(Ordering::Relaxed) {
                             if let Ok((s, _)) = l.accept() {
                                 serve(s);
                             }
                         }
-                    },
-                )?);
+                    })?,
+                );
             }
         }
         Ok(Servers { listeners, threads, stop, addrs })
@@ -124,8 +127,15 @@ fn one_connection(dst: SocketAddr) -> std::io::Result<()> {
 
 /// Runs `clients` client threads inside `ns` against `dsts` (spread round-robin), as fast as
 /// they can or, with `pace`, at that many connections per second in total.
-pub fn churn(ns: &Netns, dsts: &[SocketAddr], clients: usize, until: Until, pace: Option<f64>) -> Result<Churn> {
-    let ns_file: OwnedFd = File::open(ns.path()).with_context(|| format!("opening {}", ns.path()))?.into();
+pub fn churn(
+    ns: &Netns,
+    dsts: &[SocketAddr],
+    clients: usize,
+    until: Until,
+    pace: Option<f64>,
+) -> Result<Churn> {
+    let ns_file: OwnedFd =
+        File::open(ns.path()).with_context(|| format!("opening {}", ns.path()))?.into();
     let (limit, budget) = match until {
         Until::Time(d) => (d, i64::MAX),
         Until::Count(n, d) => (d, n as i64),
@@ -137,13 +147,15 @@ pub fn churn(ns: &Netns, dsts: &[SocketAddr], clients: usize, until: Until, pace
         let handles: Vec<_> = (0..clients)
             .map(|i| {
                 let dst = dsts[i % dsts.len()];
-                let (ns_file, remaining, start_line, start) = (&ns_file, &remaining, &start_line, &start);
+                let (ns_file, remaining, start_line, start) =
+                    (&ns_file, &remaining, &start_line, &start);
                 std::thread::Builder::new()
                     .stack_size(128 << 10)
                     .name("bench-client".into())
                     .spawn_scoped(s, move || -> Result<(u64, u64, Option<String>)> {
                         // SAFETY: setns on a namespace fd we hold, for this thread only.
-                        let entered = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } == 0;
+                        let entered =
+                            unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } == 0;
                         start_line.wait();
                         if !entered {
                             bail!("setns into {} failed", ns.name);
@@ -152,7 +164,10 @@ pub fn churn(ns: &Netns, dsts: &[SocketAddr], clients: usize, until: Until, pace
                         let deadline = t0 + limit;
                         let period = pace.map(|r| Duration::from_secs_f64(clients as f64 / r));
                         // Stagger paced clients across one period.
-                        let mut due = t0 + period.map(|p| p.mul_f64(i as f64 / clients as f64)).unwrap_or_default();
+                        let mut due = t0
+                            + period
+                                .map(|p| p.mul_f64(i as f64 / clients as f64))
+                                .unwrap_or_default();
                         let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
                         loop {
                             let now = Instant::now();
@@ -188,7 +203,10 @@ pub fn churn(ns: &Netns, dsts: &[SocketAddr], clients: usize, until: Until, pace
             .collect();
         start.set(Instant::now()).expect("set once");
         start_line.wait();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| bail!("a client thread panicked"))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a client thread panicked")))
+            .collect()
     });
     let elapsed = start.get().expect("set").elapsed();
     let mut out = Churn { elapsed, ..Churn::default() };

@@ -89,17 +89,19 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (l, stop2) = (listener.try_clone()?, stop.clone());
-        let acceptor = std::thread::Builder::new().name("bench-open-server".into()).spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                let Ok((s, _)) = l.accept() else { continue };
-                let serve = match workload {
-                    Workload::Bulk => sink,
-                    Workload::RequestResponse => answer,
-                };
-                // The connection's thread ends when the client closes it.
-                let _ = std::thread::Builder::new().stack_size(512 << 10).spawn(move || serve(s));
-            }
-        })?;
+        let acceptor =
+            std::thread::Builder::new().name("bench-open-server".into()).spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    let Ok((s, _)) = l.accept() else { continue };
+                    let serve = match workload {
+                        Workload::Bulk => sink,
+                        Workload::RequestResponse => answer,
+                    };
+                    // The connection's thread ends when the client closes it.
+                    let _ =
+                        std::thread::Builder::new().stack_size(512 << 10).spawn(move || serve(s));
+                }
+            })?;
         Ok(Server { listener, acceptor: Some(acceptor), stop, addr })
     }
 }
@@ -118,7 +120,13 @@ impl Drop for Server {
 /// `clients` connections to `dst` from inside `ns`, each on its own thread, made before the
 /// clock starts and closed after it stops; returns bytes written (bulk) or requests answered,
 /// and the time measured.
-pub fn run(ns: &Netns, dst: SocketAddr, workload: Workload, clients: usize, d: Duration) -> Result<(u64, Duration)> {
+pub fn run(
+    ns: &Netns,
+    dst: SocketAddr,
+    workload: Workload,
+    clients: usize,
+    d: Duration,
+) -> Result<(u64, Duration)> {
     // All connected, then the clock starts.
     let (ready, go) = (Barrier::new(clients + 1), Barrier::new(clients + 1));
     let start = std::sync::OnceLock::<Instant>::new();
@@ -158,8 +166,10 @@ pub fn run(ns: &Netns, dst: SocketAddr, workload: Workload, clients: usize, d: D
         let t0 = Instant::now();
         start.set(t0).expect("set once");
         go.wait();
-        let counts: Vec<Result<u64>> =
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| bail!("a client thread panicked"))).collect();
+        let counts: Vec<Result<u64>> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a client thread panicked")))
+            .collect();
         (counts, t0.elapsed())
     });
     let (counts, elapsed) = counts;

@@ -48,9 +48,10 @@ pub(super) fn steady_phase(
     f: &mut Findings,
 ) -> Result<()> {
     println!(
-        "\n## 6. Traffic that closes nothing: {BULK_STREAMS}-stream bulk transfer and {RR_CONNECTIONS}-connection keep-alive \
-         request/response ({MESSAGE} bytes each way) on loopback with a 1500-byte MTU; agent off, empty programs, on \
-         ({rounds} rounds, {:.0} s per workload and mode, order rotated every round)",
+        "\n## 6. Traffic that closes nothing: {BULK_STREAMS}-stream bulk transfer and \
+         {RR_CONNECTIONS}-connection keep-alive request/response ({MESSAGE} bytes each way) on \
+         loopback with a 1500-byte MTU; agent off, empty programs, on ({rounds} rounds, {:.0} s \
+         per workload and mode, order rotated every round)",
         round.as_secs_f64(),
         MESSAGE = 64,
     );
@@ -60,7 +61,8 @@ pub(super) fn steady_phase(
     eprintln!("bench: steady warm-up");
     both(&ns, &servers, Duration::from_secs(1))?;
     println!(
-        "| round | order | bulk Gbit/s off / empty / on | requests/s off / empty / on | bulk on/off | requests on/off | bulk empty/off | requests empty/off |"
+        "| round | order | bulk Gbit/s off / empty / on | requests/s off / empty / on | bulk \
+         on/off | requests on/off | bulk empty/off | requests empty/off |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let modes = [Mode::Off, Mode::Empty, Mode::On];
@@ -95,7 +97,8 @@ pub(super) fn steady_phase(
             empty_ratios[i].push(empty[i] / off[i]);
         }
         println!(
-            "| {} | {} | {:.2} / {:.2} / {:.2} | {:.0} / {:.0} / {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {:.2} / {:.2} / {:.2} | {:.0} / {:.0} / {:.0} | {:.3} | {:.3} | {:.3} | \
+             {:.3} |",
             r + 1,
             order.iter().map(|m| format!("{m:?}").to_lowercase()).collect::<Vec<_>>().join(", "),
             off[0],
@@ -130,38 +133,48 @@ pub(super) fn steady_phase(
     // in the order attached, and the later ones find what the earlier ones read in the cache.
     // Their difference shows what this measurement can resolve.
     let _stats = bpf::enable_stats()?;
-    let empties =
-        || TRACEPOINTS[..3].iter().map(|(c, t)| bpf::attach_floor(FloorKind::Empty, c, t)).collect::<Result<Vec<_>>>();
+    let empties = || {
+        TRACEPOINTS[..3]
+            .iter()
+            .map(|(c, t)| bpf::attach_floor(FloorKind::Empty, c, t))
+            .collect::<Result<Vec<_>>>()
+    };
     let before = empties()?;
     let agent = Agent::start(twmon, &[], work)?;
     let after = empties()?;
     let floors: Vec<&bpf::Floor> = before.iter().chain(&after).collect();
     let d = (cost / 2).max(Duration::from_secs(3));
     eprintln!("bench: steady cost");
-    let (m0, fl0, c0) = (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>(), agent.cpu_ticks()?);
+    let (m0, fl0, c0) =
+        (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>(), agent.cpu_ticks()?);
     let mut secs = 0.0;
     for (w, s) in WORKLOADS.iter().zip(&servers) {
         secs += open::run(&ns, s.addr, *w, clients(*w), d)?.1.as_secs_f64();
     }
-    let (m1, fl1, c1) = (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>(), agent.cpu_ticks()?);
+    let (m1, fl1, c1) =
+        (agent.scrape()?, floors.iter().map(|x| x.stats()).collect::<Vec<_>>(), agent.cpu_ticks()?);
     agent.stop()?;
     let agent_cpu = c1.since(c0).percent(secs).total();
     println!(
-        "\nper event, both workloads ({:.0} s), run-time statistics on (timer events here are all unrelated timers: \
-         no timewait socket was made):",
+        "\nper event, both workloads ({:.0} s), run-time statistics on (timer events here are all \
+         unrelated timers: no timewait socket was made):",
         secs
     );
     println!(
-        "| tracepoint | twmon program | runs/s | twmon ns per run | empty program ns per run, attached before / after \
-         twmon | twmon - empty (mean of both) | empty after - empty before |"
+        "| tracepoint | twmon program | runs/s | twmon ns per run | empty program ns per run, \
+         attached before / after twmon | twmon - empty (mean of both) | empty after - empty before \
+         |"
     );
     println!("|---|---|---|---|---|---|---|");
     let mut added_ns_per_s = 0.0;
-    for (i, (prog, (cat, tp))) in
-        ["twmon_state", "twmon_timer_start", "twmon_timer_cancel"].iter().zip(&TRACEPOINTS[..3]).enumerate()
+    for (i, (prog, (cat, tp))) in ["twmon_state", "twmon_timer_start", "twmon_timer_cancel"]
+        .iter()
+        .zip(&TRACEPOINTS[..3])
+        .enumerate()
     {
         let s = m1.program(prog).since(m0.program(prog));
-        let (e0, e1) = (fl1[i].since(fl0[i]).ns_per_run(), fl1[i + 3].since(fl0[i + 3]).ns_per_run());
+        let (e0, e1) =
+            (fl1[i].since(fl0[i]).ns_per_run(), fl1[i + 3].since(fl0[i + 3]).ns_per_run());
         let empty = (e0 + e1) / 2.0;
         let extra = s.ns_per_run() - empty;
         if s.run_cnt > 0 {
@@ -184,8 +197,9 @@ pub(super) fn steady_phase(
     // throughput more finely than the on/off ratios, whose spread here is several percent.
     let kernel_pct = added_ns_per_s / 1e7;
     println!(
-        "\ntwmon's CPU time under this traffic: its programs {kernel_pct:.3} % of one core above empty programs', the \
-         agent {agent_cpu:.2} %; together {:.2} % of one core, at most that share of the machine's throughput",
+        "\ntwmon's CPU time under this traffic: its programs {kernel_pct:.3} % of one core above \
+         empty programs', the agent {agent_cpu:.2} %; together {:.2} % of one core, at most that \
+         share of the machine's throughput",
         kernel_pct + agent_cpu
     );
     f.steady_cpu_pct = Some(kernel_pct + agent_cpu);

@@ -59,8 +59,10 @@ fn panels(v: &Value) -> Vec<&Value> {
 
 impl Dashboard {
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let json = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let json = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
         Ok(Self { json })
     }
 
@@ -82,7 +84,10 @@ impl Dashboard {
             problems.push("id must be null so that importing creates the dashboard".into());
         }
         if d.get("__inputs").is_some() {
-            problems.push("__inputs is for manual import only; provisioning needs the datasource variable".into());
+            problems.push(
+                "__inputs is for manual import only; provisioning needs the datasource variable"
+                    .into(),
+            );
         }
 
         let vars = d["templating"]["list"].as_array().cloned().unwrap_or_default();
@@ -94,7 +99,9 @@ impl Dashboard {
         for name in ["job", "instance"] {
             match var(name) {
                 Some(v) if v["type"] == "query" && v["datasource"]["uid"] == DATASOURCE => {
-                    if name == "instance" && !v["definition"].as_str().unwrap_or("").contains("$job") {
+                    if name == "instance"
+                        && !v["definition"].as_str().unwrap_or("").contains("$job")
+                    {
                         problems.push("variable `instance` should be filtered by $job".into());
                     }
                 }
@@ -143,7 +150,13 @@ impl Dashboard {
                 }
                 let expr = t["expr"].as_str().unwrap_or("").to_string();
                 problems.extend(lint_expr(&expr).into_iter().map(|p| format!("{at}: {p}")));
-                queries.push(Query { panel_id: id, panel: title.clone(), ref_id, expr, instant: t["instant"] == true });
+                queries.push(Query {
+                    panel_id: id,
+                    panel: title.clone(),
+                    ref_id,
+                    expr,
+                    instant: t["instant"] == true,
+                });
             }
         }
         if !problems.is_empty() {
@@ -187,7 +200,8 @@ fn lint_expr(expr: &str) -> Vec<String> {
     // Variables other than these would reach Prometheus unreplaced.
     let mut rest = expr;
     while let Some(i) = rest.find('$') {
-        let name: String = rest[i + 1..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let name: String =
+            rest[i + 1..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
         if !["__rate_interval", "job", "instance"].contains(&name.as_str()) {
             problems.push(format!("unknown variable ${name}"));
         }

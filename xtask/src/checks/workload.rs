@@ -82,7 +82,10 @@ pub fn run(plan: Plan) -> Result<Summary> {
             // SAFETY: unshare has no memory-safety preconditions; CLONE_NEWNET moves only this
             // thread into a new network namespace.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                bail!("unshare(CLONE_NEWNET): {} (the checks run as root)", std::io::Error::last_os_error());
+                bail!(
+                    "unshare(CLONE_NEWNET): {} (the checks run as root)",
+                    std::io::Error::last_os_error()
+                );
             }
             sh("ip", &["link", "set", "lo", "up"])?;
             let result = Workload::new()?.run(&plan);
@@ -96,7 +99,12 @@ pub fn run(plan: Plan) -> Result<Summary> {
 
 fn sh(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
-    ensure!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 
@@ -109,7 +117,9 @@ fn tcpext() -> Result<BTreeMap<String, u64>> {
     let values = lines[1].split_whitespace().skip(1).map(|v| v.parse::<u64>().unwrap_or(0));
     Ok(names
         .zip(values)
-        .filter(|(n, _)| n.starts_with("TW") || n.starts_with("TCPAbortOn") || *n == "TCPTimeWaitOverflow")
+        .filter(|(n, _)| {
+            n.starts_with("TW") || n.starts_with("TCPAbortOn") || *n == "TCPTimeWaitOverflow"
+        })
         .map(|(n, v)| (n.to_string(), v))
         .collect())
 }
@@ -124,8 +134,8 @@ impl DropRule {
     fn from_ports(ports: &[u16], what: &str) -> Result<Self> {
         let set = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
         let rules = format!(
-            "table inet twmon_check {{\n  chain out {{\n    type filter hook input priority 0;\n    \
-             tcp sport {{ {set} }} {what} drop\n  }}\n}}\n"
+            "table inet twmon_check {{\n chain out {{\n type filter hook input priority 0;\n tcp \
+             sport {{ {set} }} {what} drop\n }}\n}}\n"
         );
         let mut child = Command::new("nft")
             .args(["-f", "-"])
@@ -135,7 +145,11 @@ impl DropRule {
             .context("running nft (apt-get install nftables)")?;
         child.stdin.take().expect("piped").write_all(rules.as_bytes())?;
         let out = child.wait_with_output()?;
-        ensure!(out.status.success(), "nft -f: {}\n{rules}", String::from_utf8_lossy(&out.stderr).trim());
+        ensure!(
+            out.status.success(),
+            "nft -f: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(Self)
     }
 
@@ -161,7 +175,13 @@ impl Workload {
     fn new() -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
-        Ok(Self { listener, addr, summary: Summary::default(), held: Vec::new(), to_reuse: Vec::new() })
+        Ok(Self {
+            listener,
+            addr,
+            summary: Summary::default(),
+            held: Vec::new(),
+            to_reuse: Vec::new(),
+        })
     }
 
     fn connect(&self, from: Option<SocketAddr>) -> Result<Pair> {
@@ -170,7 +190,8 @@ impl Workload {
         if let Some(from) = from {
             s.bind(&SockAddr::from(from)).with_context(|| format!("binding {from} again"))?;
         }
-        s.connect(&SockAddr::from(self.addr)).with_context(|| format!("connecting to {}", self.addr))?;
+        s.connect(&SockAddr::from(self.addr))
+            .with_context(|| format!("connecting to {}", self.addr))?;
         let client: TcpStream = s.into();
         let (server, _) = self.listener.accept()?;
         for s in [&client, &server] {
@@ -254,7 +275,10 @@ impl Workload {
             Self::exchange(&mut p)?;
             pairs.push(p);
         }
-        let ports: Vec<u16> = pairs.iter().map(|(c, _)| c.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
+        let ports: Vec<u16> = pairs
+            .iter()
+            .map(|(c, _)| c.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
         let rule = DropRule::from_ports(&ports, "tcp flags & fin == fin")?;
         for (c, _) in &pairs {
             c.shutdown(Shutdown::Write)?;
@@ -288,7 +312,10 @@ impl Workload {
             Self::eof(&mut p.1)?;
             pairs.push(p);
         }
-        let ports: Vec<u16> = pairs.iter().map(|(c, _)| c.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
+        let ports: Vec<u16> = pairs
+            .iter()
+            .map(|(c, _)| c.local_addr().map(|a| a.port()))
+            .collect::<Result<_, _>>()?;
         let rule = DropRule::from_ports(&ports, "")?;
         for (c, s) in pairs.iter_mut() {
             s.shutdown(Shutdown::Write)?;
