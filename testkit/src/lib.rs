@@ -1,5 +1,6 @@
 //! What twmon's tests (`monitor/tests`), checks and benchmark (`xtask`) share, written once:
 //!
+//! - [`agent`]: where an agent started on port 0 listens;
 //! - [`netns`]: network namespaces of their own, with the kernel's view from inside (`ss`,
 //!   /proc/net counters, sysctls);
 //! - [`http`]: a plain HTTP GET and a free port, to talk to the agent without a client stack
@@ -8,6 +9,7 @@
 //!
 //! Set-up failures (no `ip`, a namespace that cannot be made) panic with what to do: this is
 //! test support, and a host that cannot make a namespace cannot run any of them.
+pub mod agent;
 pub mod exposition;
 pub mod http;
 pub mod netns;

@@ -51,12 +51,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub const FAST_RECONCILE: &str = "[reconcile]\ninterval = \"1s\"\nmax_cpu = 1.0\n";
 
-/// The address in the agent's `serving /metrics address=...` log line.
-fn listening_on(log: &str) -> Option<SocketAddr> {
-    let line = log.lines().find(|l| l.contains("serving /metrics"))?;
-    line.split_whitespace().find_map(|w| w.strip_prefix("address=")?.parse().ok())
-}
-
 /// The real agent, watching one namespace.
 pub struct Agent {
     child: Option<Child>,
@@ -105,7 +99,7 @@ impl Agent {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if agent.addr.port() == 0
-                && let Some(addr) = listening_on(&agent.log())
+                && let Some(addr) = testkit::agent::served_address(&agent.log())
             {
                 agent.addr = addr;
             }

@@ -24,7 +24,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 impl Agent {
-    /// Starts `twmon` on a free loopback port and waits until /healthz says it is attached.
+    /// Starts `twmon` on a loopback port the kernel picks and waits until /healthz says it is
+    /// attached.
     pub fn start(bin: &Path, extra: &[&str], log_dir: &Path) -> Result<Self> {
         Self::start_with_env(bin, extra, &[], log_dir)
     }
@@ -36,10 +37,12 @@ impl Agent {
         env: &[(&str, &str)],
         log_dir: &Path,
     ) -> Result<Self> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, testkit::http::free_port()?));
-        let log = log_dir.join(format!("twmon-{}.log", addr.port()));
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = log_dir.join(format!("twmon-{n}.log"));
+        // Info, for the line that says where it listens; the agent logs little more at it.
         let child = Command::new(bin)
-            .args(["--web.listen-address", &addr.to_string(), "--log.level", "warn"])
+            .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "info"])
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -47,16 +50,23 @@ impl Agent {
             .stderr(fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut agent = Agent { child, addr, log };
+        let mut agent = Agent { child, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), log };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            if agent.addr.port() == 0
+                && let Some(addr) = fs::read_to_string(&agent.log)
+                    .ok()
+                    .and_then(|l| testkit::agent::served_address(&l))
+            {
+                agent.addr = addr;
+            }
             if let Some(status) = agent.child.try_wait()? {
                 bail!(
                     "twmon exited during start-up ({status}):\n{}",
                     fs::read_to_string(&agent.log).unwrap_or_default()
                 );
             }
-            if let Ok((200, _)) = http_get(addr, "/healthz") {
+            if agent.addr.port() != 0 && matches!(http_get(agent.addr, "/healthz"), Ok((200, _))) {
                 return Ok(agent);
             }
             if interrupted() {

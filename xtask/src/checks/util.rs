@@ -47,9 +47,7 @@ impl Proc {
     /// The address an agent says it serves on (`serving /metrics address=...`): agents started
     /// here listen on port 0, so nothing can take their port between a pick and a bind.
     pub fn served_address(&self) -> Option<SocketAddr> {
-        let text = std::fs::read_to_string(&self.log).ok()?;
-        let line = text.lines().find(|l| l.contains("serving /metrics"))?;
-        line.split_whitespace().find_map(|w| w.strip_prefix("address=")?.parse().ok())
+        testkit::agent::served_address(&std::fs::read_to_string(&self.log).ok()?)
     }
 
     /// Waits until the agent this is answers /healthz with 200; returns where it listens.
