@@ -1,6 +1,7 @@
 //! What twmon's tests (`monitor/tests`), checks and benchmark (`xtask`) share, written once:
 //!
-//! - [`agent`]: where an agent started on port 0 listens;
+//! - [`process`], [`agent`]: a process stopped on every path; where an agent started on port 0
+//!   listens, and when it is ready;
 //! - [`netns`]: network namespaces of their own, with the kernel's view from inside (`ss`,
 //!   /proc/net counters, sysctls);
 //! - [`http`]: a plain HTTP GET and a free port, to talk to the agent without a client stack
@@ -13,3 +14,4 @@ pub mod agent;
 pub mod exposition;
 pub mod http;
 pub mod netns;
+pub mod process;

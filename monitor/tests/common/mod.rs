@@ -3,9 +3,8 @@
 #![allow(dead_code)]
 
 use std::{
-    fs::File,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,6 +13,7 @@ pub use testkit::{
     exposition::Metrics,
     http::get as http_get,
     netns::{Netns, counter_in, ss_in},
+    process::Process,
 };
 
 /// Room for tens of thousands of sockets in one test process.
@@ -53,9 +53,8 @@ pub const FAST_RECONCILE: &str = "[reconcile]\ninterval = \"1s\"\nmax_cpu = 1.0\
 
 /// The real agent, watching one namespace.
 pub struct Agent {
-    child: Option<Child>,
+    process: Process,
     pub addr: SocketAddr,
-    log: std::path::PathBuf,
 }
 
 impl Agent {
@@ -87,42 +86,24 @@ impl Agent {
     /// waits until it says where it listens and is healthy.
     fn spawn(tag: &str, args: &[String]) -> Self {
         let log = std::env::temp_dir().join(format!("twmon-{tag}-{}.log", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_twmon"))
-            .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "debug"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start twmon");
-        let mut agent =
-            Self { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], 0)), log };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if agent.addr.port() == 0
-                && let Some(addr) = testkit::agent::served_address(&agent.log())
-            {
-                agent.addr = addr;
-            }
-            // Behind TLS (--web.config.file) plain HTTP gets no answer: listening is enough,
-            // the caller speaks TLS.
-            let tls = args.iter().any(|a| a == "--web.config.file");
-            if agent.addr.port() != 0 && (tls || matches!(agent.get("/healthz"), Ok((200, _)))) {
-                return agent;
-            }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("twmon exited with {status} before it was healthy:\n{}", agent.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "twmon not healthy after {START_TIMEOUT:?}:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut process = Process::spawn(
+            "twmon",
+            Command::new(env!("CARGO_BIN_EXE_twmon"))
+                .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "debug"])
+                .args(args),
+            &log,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // Behind TLS (--web.config.file) plain HTTP gets no answer: listening is enough, the
+        // caller speaks TLS.
+        let tls = args.iter().any(|a| a == "--web.config.file");
+        let addr = testkit::agent::wait_healthy(&mut process, START_TIMEOUT, tls)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self { process, addr }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     /// The log once it contains `text`, or after `timeout`.
@@ -168,26 +149,23 @@ impl Agent {
 
     /// Sends `sig` and does not wait.
     pub fn send(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, sig) };
+        self.process.signal(sig);
     }
 
     /// Whether the agent is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+        self.process.exited().unwrap().is_none()
     }
 
     /// Sends `sig` and returns the exit status.
     pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait().unwrap()
+        self.process.signal(sig);
+        self.process.wait().unwrap()
     }
 
     /// The agent's resident memory (VmRSS), in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.as_ref().unwrap().id();
+        let pid = self.process.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_else(|e| panic!("the agent's /proc/{pid}/status: {e}"));
         status
@@ -208,7 +186,7 @@ impl Agent {
     }
 
     fn bpf_ids(&self, key: &str) -> Vec<u32> {
-        let pid = self.child.as_ref().unwrap().id();
+        let pid = self.process.pid();
         let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
             .unwrap()
             .flatten()
@@ -247,14 +225,4 @@ pub fn program_exists(id: u32) -> bool {
         unsafe { libc::close(fd as i32) };
     }
     fd >= 0
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
 }

@@ -1,21 +1,20 @@
 //! The agent under test as a child process: start, scrape, read its CPU and memory, stop.
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use testkit::exposition::Metrics;
+use testkit::{exposition::Metrics, process::Process};
 
 use super::{bpf, interrupted};
 
 pub struct Agent {
-    child: Child,
+    process: Process,
     pub addr: SocketAddr,
-    pub log: PathBuf,
 }
 
 /// One GET (`testkit`): status and body.
@@ -41,46 +40,23 @@ impl Agent {
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = log_dir.join(format!("twmon-{n}.log"));
         // Info, for the line that says where it listens; the agent logs little more at it.
-        let child = Command::new(bin)
-            .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "info"])
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut agent = Agent { child, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if agent.addr.port() == 0
-                && let Some(addr) = fs::read_to_string(&agent.log)
-                    .ok()
-                    .and_then(|l| testkit::agent::served_address(&l))
-            {
-                agent.addr = addr;
-            }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!(
-                    "twmon exited during start-up ({status}):\n{}",
-                    fs::read_to_string(&agent.log).unwrap_or_default()
-                );
-            }
-            if agent.addr.port() != 0 && matches!(http_get(agent.addr, "/healthz"), Ok((200, _))) {
-                return Ok(agent);
-            }
-            if interrupted() {
-                bail!("interrupted while twmon was starting");
-            }
-            if Instant::now() > deadline {
-                bail!("twmon did not become healthy within 60 s; its log: {}", agent.log.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let mut process = Process::spawn(
+            "twmon",
+            Command::new(bin)
+                .args(["--web.listen-address", "127.0.0.1:0", "--log.level", "info"])
+                .args(extra)
+                .envs(env.iter().copied()),
+            &log,
+        )?;
+        if interrupted() {
+            bail!("interrupted while twmon was starting");
         }
+        let addr = testkit::agent::wait_healthy(&mut process, Duration::from_secs(60), false)?;
+        Ok(Agent { process, addr })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Scrapes /metrics once.
@@ -141,51 +117,24 @@ impl Agent {
 
     /// Stops the agent (SIGSTOP): it reads nothing until [`Agent::resume`].
     pub fn pause(&self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGSTOP) };
+        self.process.signal(libc::SIGSTOP);
     }
 
     pub fn resume(&self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGCONT) };
+        self.process.signal(libc::SIGCONT);
     }
 
     pub fn maps(&self) -> Vec<bpf::MapMemory> {
         bpf::process_maps(self.pid())
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s (and then dropped: stopped).
     pub fn stop(mut self) -> Result<()> {
-        self.terminate()
-    }
-
-    fn terminate(&mut self) -> Result<()> {
-        if self.child.try_wait()?.is_some() {
-            return Ok(());
+        let status = self.process.stop()?;
+        if status.code().is_none() {
+            bail!("twmon did not exit within 10 s of SIGTERM ({status})");
         }
-        // SAFETY: signalling our own child; a paused agent must run again to handle SIGTERM.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGCONT);
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child.kill()?;
-        self.child.wait()?;
-        bail!("twmon did not exit within 10 s of SIGTERM; killed");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Err(e) = self.terminate() {
-            eprintln!("bench: stopping twmon: {e:#}");
-        }
+        Ok(())
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::{
     Report,
     tools::Tools,
-    util::{Proc, first_line, http_get, must, output, wait_for},
+    util::{self, Proc, first_line, http_get, must, output, wait_for},
 };
 
 /// The systemd unit: verified, its sandbox scored, and the agent run under it (as the unit's
@@ -400,7 +400,7 @@ fn syscalls(tools: &Tools, unit: &Unit, twmon: &Path) -> Result<String> {
             .args(["--web.listen-address", "127.0.0.1:0"]),
         &dir.join("twmon.log"),
     )?;
-    let addr = traced.wait_healthy(Duration::from_secs(60))?;
+    let addr = util::wait_healthy(&mut traced, Duration::from_secs(60))?;
     for path in ["/metrics", "/", "/metrics", "/healthz"] {
         http_get(addr, path)?;
     }

@@ -120,7 +120,7 @@ pub fn run(report: &mut Report, tools: &Tools, twmon: &Path, queries: &[Query]) 
             .arg(&config),
         &dir.join("twmon.log"),
     )?;
-    let agent_addr = agent.wait_healthy(Duration::from_secs(30))?;
+    let agent_addr = util::wait_healthy(&mut agent, Duration::from_secs(30))?;
 
     let rules = crate::root().join("deploy/prometheus/twmon.rules.yml");
     let config = format!(

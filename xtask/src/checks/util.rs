@@ -1,99 +1,20 @@
 //! Small helpers for the checks: processes that are stopped on every path, free ports, a
 //! minimal HTTP client, and running commands with their output kept for the report.
 use std::{
-    fs::File,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-/// A process the checks started. Dropping it stops it (SIGTERM, then SIGKILL after 10 s), so
-/// an error or a panic anywhere leaves nothing running.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    pub log: PathBuf,
-}
+/// A process the checks started, stopped on every path (`testkit`).
+pub use testkit::process::Process as Proc;
 
-impl Proc {
-    /// Starts `cmd` with stdout and stderr going to `log`.
-    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        Ok(Self { name: name.to_string(), child, log: log.to_path_buf() })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails with the end of the log if the process has exited.
-    pub fn alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}); its log ends with:\n{}", self.name, self.log_tail(20));
-        }
-        Ok(())
-    }
-
-    /// The address an agent says it serves on (`serving /metrics address=...`): agents started
-    /// here listen on port 0, so nothing can take their port between a pick and a bind.
-    pub fn served_address(&self) -> Option<SocketAddr> {
-        testkit::agent::served_address(&std::fs::read_to_string(&self.log).ok()?)
-    }
-
-    /// Waits until the agent this is answers /healthz with 200; returns where it listens.
-    pub fn wait_healthy(&mut self, within: Duration) -> Result<SocketAddr> {
-        let name = format!("{} /healthz", self.name);
-        let mut addr = None;
-        wait_for(&name, within, || {
-            self.alive()?;
-            addr = self.served_address();
-            Ok(addr.is_some_and(|a| http_get(a, "/healthz").is_ok_and(|(c, _)| c == 200)))
-        })?;
-        addr.context("no address in the log")
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Stops the process and returns how it ended.
-    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        // SAFETY: kill(2) on the pid of a child that has not been reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("  {} did not stop on SIGTERM within 10 s; killing it", self.name);
-        self.child.kill()?;
-        Ok(self.child.wait()?)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("  stopping {}: {e}", self.name);
-        }
-    }
+/// Waits until the agent `p` is answers /healthz with 200; returns where it listens.
+pub fn wait_healthy(p: &mut Proc, within: Duration) -> Result<SocketAddr> {
+    Ok(testkit::agent::wait_healthy(p, within, false)?)
 }
 
 /// Where each thread of a process waits in the kernel, e.g. `twmon:futex_do_wait`: tells a hung
