@@ -1,11 +1,5 @@
 //! The agent under test as a child process: start, scrape, read its CPU and memory, stop.
-use std::{
-    fs,
-    net::SocketAddr,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use testkit::{exposition::Metrics, process::Process};
