@@ -5,6 +5,7 @@ mod common;
 use std::{net::TcpListener, process::Command};
 
 use common::{Agent, Netns};
+use testkit::workload::{Close, Server};
 
 #[test]
 fn metrics_healthz_and_index() {
@@ -183,23 +184,13 @@ fn metrics_match_the_golden_file() {
     // Traffic that gives every family series: closes by either side, a reset, durations,
     // TIME_WAIT for the reconcile's breakdowns, and a CLOSE_WAIT held past the leak threshold.
     let _held = ns.run(|| {
-        use std::io::Read as _;
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        for i in 0..6 {
-            let c = std::net::TcpStream::connect(addr).unwrap();
-            let (s, _) = l.accept().unwrap();
-            let (first, mut second) = if i % 2 == 0 { (c, s) } else { (s, c) };
-            if i == 4 {
-                socket2::SockRef::from(&first).set_linger(Some(std::time::Duration::ZERO)).unwrap();
-            }
-            drop(first);
-            let _ = second.read(&mut [0u8; 8]);
+        let server = Server::bind("127.0.0.1:0");
+        for how in [Close::ClientFirst, Close::ServerFirst, Close::Reset] {
+            how.run(server.connect());
+            how.run(server.connect());
         }
-        let c = std::net::TcpStream::connect(addr).unwrap();
-        let (s, _) = l.accept().unwrap();
-        drop(c);
-        (l, s)
+        let held = Close::Held.run(server.connect());
+        (server, held)
     });
     let expected = std::fs::read_to_string(golden_path).unwrap_or_default();
     let wanted: Vec<&str> =
@@ -307,24 +298,18 @@ fn label_names(mut rest: &str) -> Vec<&str> {
 /// key changes the view, and `q` quits with 0.
 #[test]
 fn top_shows_what_ss_shows() {
-    use std::{io::Read as _, time::Duration};
+    use std::time::Duration;
     let ns = Netns::new("top");
     let agent = Agent::start(&ns);
     // TIME_WAIT on the clients' side, and CLOSE_WAIT held by the server.
     let _held = ns.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut held = Vec::new();
-        for i in 0..10 {
-            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            drop(c);
-            if i < 7 {
-                let _ = s.read_to_end(&mut Vec::new());
-            } else {
-                held.push(s);
-            }
-        }
-        (l, held)
+        let server = Server::bind("127.0.0.1:0");
+        let held: Vec<_> = (0..10)
+            .filter_map(|i| {
+                if i < 7 { Close::ClientFirst } else { Close::Held }.run(server.connect())
+            })
+            .collect();
+        (server, held)
     });
     let session = format!("twmon-top-{}", std::process::id());
     let exit = std::env::temp_dir().join(format!("{session}.exit"));

@@ -16,7 +16,7 @@ mod harness;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -25,7 +25,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{Agent, Metrics, Netns};
 use harness::{Made, ends};
 use monitor_common::{SockEntry, tcp};
-use socket2::{Domain, Socket, Type};
+use testkit::workload::{self, Close, Server};
 
 /// How long a rest point may take to come: a scrape and two reads of the kernel cost seconds
 /// in a software-emulated VM running four tests at once.
@@ -200,13 +200,10 @@ fn namespace_churn(seed: u64) {
     let spaces: Vec<Netns> = (0..2 + rng.below(6)).map(|_| Netns::new("churn")).collect();
     for ns in &spaces {
         let n = 1 + rng.below(20) as usize;
-        ns.run(move || {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        ns.run(|| {
+            let server = Server::bind("127.0.0.1:0");
             for _ in 0..n {
-                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-                let (mut s, _) = l.accept().unwrap();
-                drop(c);
-                let _ = s.read(&mut [0u8; 1]);
+                Close::ClientFirst.run(server.connect());
             }
         });
     }
@@ -256,15 +253,13 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
     const EACH: usize = 8;
     let ns = Netns::new("abortfin");
     let agent = Agent::start(&ns);
-    let server = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    let addr = server.local_addr().unwrap();
+    let server = ns.run(|| Server::bind("127.0.0.1:0"));
     for round in 0..3 * EACH {
-        let c = ns.run(move || TcpStream::connect(addr).unwrap());
-        let (mut s, _) = server.accept().unwrap();
+        let (c, mut s) = ns.run(|| server.connect());
         match round % 3 {
             0 | 1 => {
                 c.shutdown(std::net::Shutdown::Write).unwrap();
-                assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0, "the client's FIN");
+                workload::eof(&mut s);
                 if round % 3 == 1 {
                     s.write_all(b"unread").unwrap();
                 } else {
@@ -280,7 +275,7 @@ fn aborts_after_the_fin_are_not_missed_hand_offs() {
             }
             _ => {
                 drop(c);
-                assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0, "the client's FIN");
+                workload::eof(&mut s);
                 let _ = s.write_all(b"after close");
             }
         }
@@ -319,14 +314,10 @@ fn syn_reopens_time_wait() {
     let ns = Netns::new("reopen");
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40003"]);
     let agent = Agent::start(&ns);
-    let server = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    let addr = server.local_addr().unwrap();
+    let server = ns.run(|| Server::bind("127.0.0.1:0"));
     for _ in 0..N {
-        let mut c = ns.run(move || TcpStream::connect(addr).expect("a port of 4 is free"));
-        let (s, _) = server.accept().unwrap();
-        drop(s);
-        assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0, "the server's FIN");
-        drop(c);
+        // One of the range's 4 ports is free.
+        Close::ServerFirst.run(ns.run(|| server.connect()));
         // The client's LAST_ACK ends once the server's final ACK arrives.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !ns.ss("LAST-ACK").is_empty() && Instant::now() < deadline {
@@ -359,22 +350,10 @@ fn timewait_entry_without_socket_is_ended() {
     let ns = Netns::new("ghost");
     let config = Agent::config_file("ghost", common::FAST_RECONCILE);
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
-    let server = ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    let addr = server.local_addr().unwrap();
+    let server = ns.run(|| Server::bind("127.0.0.1:0"));
     let local: SocketAddr = "127.0.0.1:40123".parse().unwrap();
-    let client = move || {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        s.set_reuse_address(true).unwrap();
-        s.bind(&local.into()).unwrap();
-        s.connect(&addr.into()).unwrap();
-        TcpStream::from(s)
-    };
     // The server closes first: its side goes to TIME_WAIT.
-    let mut c = ns.run(client);
-    let (s, _) = server.accept().unwrap();
-    drop(s);
-    assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0);
-    drop(c);
+    Close::ServerFirst.run(ns.run(|| server.connect_reusable(Some(local))));
     let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == 1.0);
     assert_eq!(m.sockets("time_wait"), 1.0);
     let maps = AgentMaps::open(&agent);
@@ -382,8 +361,7 @@ fn timewait_entry_without_socket_is_ended() {
     assert_eq!(entries.len(), 1, "one timewait entry");
 
     // The same 4-tuple again: the SYN ends the timewait socket.
-    let mut again = ns.run(client);
-    let (mut s2, _) = server.accept().unwrap();
+    let (mut again, mut s2) = ns.run(|| server.connect_reusable(Some(local)));
     let m = agent.wait_for(SETTLE, |m| early_ends(m) == 1.0);
     assert_eq!(m.sockets("time_wait"), 0.0, "{}", m.explain());
     assert!(maps.timewait().iter().next().is_none(), "the entry ended with its socket");

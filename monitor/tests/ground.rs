@@ -6,54 +6,16 @@ mod common;
 use std::{
     cell::Cell,
     collections::HashSet,
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     time::{Duration, Instant},
 };
 
 use common::{Agent, Metrics, Netns};
+use testkit::workload::{self, Close, Server};
 
 const SETTLE: Duration = Duration::from_secs(15);
 const STATES: [&str; 6] =
     ["fin_wait1", "fin_wait2", "close_wait", "closing", "last_ack", "time_wait"];
-
-fn pairs(ns: &Netns, n: usize) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
-    pairs_on(ns, "127.0.0.1:0", n)
-}
-
-fn pairs_on(
-    ns: &Netns,
-    bind: &'static str,
-    n: usize,
-) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
-    ns.run(move || {
-        let l = TcpListener::bind(bind).unwrap();
-        let addr = l.local_addr().unwrap();
-        let v = (0..n)
-            .map(|_| {
-                let c = TcpStream::connect(addr).unwrap();
-                let (s, _) = l.accept().unwrap();
-                (c, s)
-            })
-            .collect();
-        (l, v)
-    })
-}
-
-/// Client closes first; the server reads EOF and closes: TIME_WAIT on the client.
-fn close_both(c: TcpStream, mut s: TcpStream) {
-    drop(c);
-    let mut b = [0u8; 1];
-    assert_eq!(s.read(&mut b).unwrap(), 0);
-}
-
-/// Client closes, server keeps its end: CLOSE_WAIT on the server, FIN_WAIT2 on the client.
-fn half_close(c: TcpStream, mut s: TcpStream) -> TcpStream {
-    drop(c);
-    let mut b = [0u8; 1];
-    assert_eq!(s.read(&mut b).unwrap(), 0);
-    s
-}
 
 fn ss_state(ns: &Netns, ss_name: &str) -> f64 {
     ns.ss(ss_name).len() as f64
@@ -73,16 +35,16 @@ fn first_scrape_shows_sockets_from_before_start() {
     // The half-closed clients are orphans in FIN_WAIT2 until the release: give them longer than
     // an agent takes to start in a loaded VM (60 s, the default, was reached once).
     ns.sysctls(&[("net/ipv4/tcp_fin_timeout", "180")]);
-    let (_l, mut conns) = pairs(&ns, 165);
-    let (_l6, conns6) = pairs_on(&ns, "[::1]:0", 55);
+    let (_l, mut conns) = workload::pairs(&ns, "127.0.0.1:0", 165);
+    let (_l6, conns6) = workload::pairs(&ns, "[::1]:0", 55);
     conns.extend(conns6);
     // 15 IPv4 and 5 IPv6 connections stay half-closed; 150 and 50 close.
     let held6: Vec<_> = conns.drain(215..).collect();
     let held: Vec<TcpStream> =
-        conns.drain(150..165).chain(held6).map(|(c, s)| half_close(c, s)).collect();
+        conns.drain(150..165).chain(held6).filter_map(|p| Close::Held.run(p)).collect();
     assert_eq!((conns.len(), held.len()), (200, 20));
     for (c, s) in conns {
-        close_both(c, s);
+        Close::ClientFirst.run((c, s));
     }
     // FIN_WAIT2 peers reach it once the (possibly delayed) ACK of their FIN arrives.
     std::thread::sleep(Duration::from_millis(500));
@@ -135,19 +97,11 @@ fn drift_is_zero_at_rest_after_churn() {
     let ns = Netns::new("drift");
     let config = Agent::config_file("drift", common::FAST_RECONCILE);
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
-    let (_l, conns) = pairs(&ns, 300);
+    let (_l, conns) = workload::pairs(&ns, "127.0.0.1:0", 300);
     let mut held = Vec::new();
-    for (i, (c, mut s)) in conns.into_iter().enumerate() {
-        match i % 4 {
-            0 => close_both(c, s),
-            1 => close_both(s, c),
-            2 => {
-                socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
-                drop(c);
-                let _ = s.read(&mut [0u8; 1]);
-            }
-            _ => held.push(half_close(c, s)),
-        }
+    for (i, pair) in conns.into_iter().enumerate() {
+        let how = [Close::ClientFirst, Close::ServerFirst, Close::Reset, Close::Held][i % 4];
+        held.extend(how.run(pair));
     }
     held.truncate(held.len() / 2);
     // Each side closed first for a quarter, then the released half of the held quarter: their
@@ -187,12 +141,12 @@ fn per_namespace_counts_match_ss() {
     let a = Netns::new("nsa");
     let b = Netns::new("nsb");
     let agent = Agent::start_all("twons", common::FAST_RECONCILE);
-    let (_la, ca) = pairs(&a, 30);
+    let (_la, ca) = workload::pairs(&a, "127.0.0.1:0", 30);
     for (c, s) in ca {
-        close_both(c, s);
+        Close::ClientFirst.run((c, s));
     }
-    let (_lb, cb) = pairs(&b, 12);
-    let _held: Vec<TcpStream> = cb.into_iter().map(|(c, s)| half_close(c, s)).collect();
+    let (_lb, cb) = workload::pairs(&b, "127.0.0.1:0", 12);
+    let _held: Vec<TcpStream> = cb.into_iter().filter_map(|p| Close::Held.run(p)).collect();
     let name = |ns: &Netns| format!("netns/{}", ns.name);
     // A namespace has a series for each state it holds sockets in, and none for the others.
     let get = |m: &Metrics, ns: &Netns, state: &str| {
@@ -305,8 +259,8 @@ fn close_wait_leak_is_named() {
         &format!("{}[close_wait]\nleak_threshold = \"2s\"\n", common::FAST_RECONCILE),
     );
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
-    let (_l, conns) = pairs(&ns, 5);
-    let _held: Vec<TcpStream> = conns.into_iter().map(|(c, s)| half_close(c, s)).collect();
+    let (_l, conns) = workload::pairs(&ns, "127.0.0.1:0", 5);
+    let _held: Vec<TcpStream> = conns.into_iter().filter_map(|p| Close::Held.run(p)).collect();
     let pid = std::process::id().to_string();
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap().trim().to_string();
     let leaked = |m: &Metrics| {
@@ -351,8 +305,8 @@ fn port_pressure_ratio() {
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40999"]);
     let config = Agent::config_file("pressure", common::FAST_RECONCILE);
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
-    let (l, conns) = pairs(&ns, N);
-    let dst = l.local_addr().unwrap().to_string();
+    let (l, conns) = workload::pairs(&ns, "127.0.0.1:0", N);
+    let dst = l.addr().to_string();
     let ratio = |m: &Metrics| {
         m.get(
             "twmon_port_pressure_ratio",
@@ -389,12 +343,9 @@ fn breakdown_cardinality_is_bounded() {
     let agent = Agent::start_with(&ns, &["--config.file", &config]);
     ns.run(|| {
         for p in 0..PORTS {
-            let l = TcpListener::bind(("127.0.0.1", 10000 + p)).unwrap();
-            let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            c.write_all(b"x").unwrap();
-            s.read_exact(&mut [0u8; 1]).unwrap();
-            if p % 2 == 0 { close_both(c, s) } else { close_both(s, c) }
+            let mut pair = Server::bind(("127.0.0.1", 10000 + p)).connect();
+            workload::exchange(&mut pair);
+            if p % 2 == 0 { Close::ClientFirst } else { Close::ServerFirst }.run(pair);
         }
     });
     // The kernel may end one early (an emulated 6.12 killed one 4 ms in): its own count is the
@@ -453,9 +404,9 @@ fn breakdown_cardinality_is_bounded() {
 fn deleted_namespace_series_go_within_seconds() {
     let ns = Netns::new("gone");
     let name = format!("netns/{}", ns.name);
-    let (_l, conns) = pairs(&ns, 10);
+    let (_l, conns) = workload::pairs(&ns, "127.0.0.1:0", 10);
     for (c, s) in conns {
-        close_both(c, s);
+        Close::ClientFirst.run((c, s));
     }
     let agent = Agent::start_all("gone", "[reconcile]\ninterval = \"5m\"\n");
     let series =
@@ -499,7 +450,7 @@ fn kernel_counters_are_read_at_each_scrape() {
     assert_eq!(tcpext(&before), ns.counter("TcpExt", "TCPAbortOnData") as f64);
     assert_eq!(sysctl(&before), 60.0);
     // SO_LINGER 0: each close sends a reset, counted in TCPAbortOnData.
-    let (_l, conns) = pairs(&ns, N);
+    let (_l, conns) = workload::pairs(&ns, "127.0.0.1:0", N);
     for (c, _s) in conns {
         socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
     }

@@ -8,44 +8,23 @@ mod common;
 mod harness;
 
 use std::{
-    io::{Read, Write},
+    io::Read,
     net::{SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use common::{Agent, Metrics, Netns};
-use socket2::{Domain, SockRef, Socket, Type};
+use testkit::workload::{self, Close, NftTable, Pair, Server};
 
 const N: usize = 20;
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// `n` established connections inside `ns`, client and server ends.
-fn connect(ns: &Netns, n: usize, v6: bool) -> Vec<(TcpStream, TcpStream)> {
-    ns.run(move || {
-        let l = TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).expect("listen");
-        let addr = l.local_addr().unwrap();
-        (0..n)
-            .map(|_| {
-                let mut c = TcpStream::connect(addr).expect("connect");
-                let (mut s, _) = l.accept().expect("accept");
-                c.write_all(b"q").unwrap();
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).unwrap();
-                s.write_all(b"a").unwrap();
-                c.read_exact(&mut b).unwrap();
-                (c, s)
-            })
-            .collect()
-    })
-}
-
-/// `first` closes; the other end sees EOF and closes too.
-fn close_pair(first: TcpStream, mut second: TcpStream) {
-    drop(first);
-    let mut b = [0u8; 1];
-    second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(second.read(&mut b).expect("EOF after the peer's FIN"), 0);
-    drop(second);
+/// `n` established connections inside `ns` (client and server ends), each with a request and
+/// its reply.
+fn connect(ns: &Netns, n: usize, v6: bool) -> Vec<Pair> {
+    let (_server, mut pairs) = workload::pairs(ns, if v6 { "[::1]:0" } else { "127.0.0.1:0" }, n);
+    pairs.iter_mut().for_each(workload::exchange);
+    pairs
 }
 
 fn series(expected: &[(&str, &str, usize)]) -> Vec<(String, f64)> {
@@ -89,7 +68,11 @@ fn four_way(v6: bool, client_first: bool) {
     let pairs = connect(&ns, N, v6);
     let server_port = pairs[0].1.local_addr().unwrap().port();
     for (c, s) in pairs {
-        if client_first { close_pair(c, s) } else { close_pair(s, c) }
+        if client_first {
+            Close::ClientFirst.run((c, s))
+        } else {
+            Close::ServerFirst.run((c, s))
+        };
     }
     let m = expect_transitions(&agent, &full_close(N));
     // Only the active closer holds TIME_WAIT, and the kernel agrees on how many.
@@ -155,13 +138,8 @@ fn abort_with_rst() {
     let ns = Netns::new("rst");
     let agent = Agent::start(&ns);
     let pairs = connect(&ns, N, false);
-    for (c, mut s) in pairs {
-        SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
-        drop(c);
-        let mut b = [0u8; 1];
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let err = s.read(&mut b).expect_err("the peer's RST resets the connection");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    for pair in pairs {
+        Close::Reset.run(pair);
     }
     expect_transitions(&agent, &[("established", "close", 2 * N)]);
     let m = agent.wait_for(SETTLE, |m| {
@@ -192,15 +170,10 @@ fn close_wait_held_then_released() {
     let ns = Netns::new("closewait");
     let agent = Agent::start(&ns);
     let pairs = connect(&ns, N, false);
-    let mut servers = Vec::new();
     // Each server enters CLOSE_WAIT between `first` and `since` (when it reads the EOF).
     let first = std::time::Instant::now();
-    for (c, mut s) in pairs {
-        drop(c);
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).unwrap(), 0);
-        servers.push(s);
-    }
+    let mut servers: Vec<TcpStream> =
+        pairs.into_iter().filter_map(|p| Close::Held.run(p)).collect();
     let since = std::time::Instant::now();
     // The closer reaches FIN_WAIT2 when the peer's (possibly delayed) ACK arrives.
     let m = agent.wait_for(SETTLE, |m| {
@@ -270,8 +243,7 @@ fn close_after_shutdown_is_no_transition() {
     let start = std::time::Instant::now();
     for (c, mut s) in pairs {
         c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).unwrap(), 0, "EOF after the client's shutdown");
+        workload::eof(&mut s);
         kept.push((c, s));
     }
     let deadline = std::time::Instant::now() + SETTLE;
@@ -306,34 +278,35 @@ fn lost_final_ack() {
     let cport = c.local_addr().unwrap().port();
     // Count every FIN the server sends (one table), and drop the client's bare ACKs, the final
     // ACK (another table, removed first, so that every FIN after it is counted and ACKed).
-    for table in ["twmon_count", "twmon_drop"] {
-        ns.exec(&["nft", "add", "table", "inet", table]);
-        ns.exec(&[
-            "nft",
-            &format!("add chain inet {table} out {{ type filter hook output priority 0; }}"),
-        ]);
-    }
-    ns.exec(&[
-        "nft",
-        &format!("add rule inet twmon_count out tcp dport {cport} tcp flags & fin == fin counter"),
-    ]);
-    ns.exec(&[
-        "nft",
-        &format!("add rule inet twmon_drop out tcp sport {cport} tcp flags == ack drop"),
-    ]);
-    close_pair(c, s);
+    let count = NftTable::new(
+        &ns,
+        "twmon_count",
+        &format!(
+            "chain out {{ type filter hook output priority 0; tcp dport {cport} tcp flags & fin \
+             == fin counter; }}"
+        ),
+    );
+    let lose = NftTable::new(
+        &ns,
+        "twmon_drop",
+        &format!(
+            "chain out {{ type filter hook output priority 0; tcp sport {cport} tcp flags == ack \
+             drop; }}"
+        ),
+    );
+    Close::ClientFirst.run((c, s));
     // The server's FIN is retransmitted at about 0.2, 0.6, 1.4 and 3 s. Re-arms that keep the
     // timer in its timer-wheel bucket are silent until the socket ends; the one at 3 s moves the
     // 60 s expiry by more than a bucket (2 s at HZ 250), so the kernel traces it.
     std::thread::sleep(Duration::from_millis(4500));
-    ns.exec(&["nft", "delete", "table", "inet", "twmon_drop"]);
+    drop(lose);
     let fins: u64 = {
-        let rules = ns.exec(&["nft", "list", "table", "inet", "twmon_count"]);
+        let rules = count.list();
         let line = rules.lines().find(|l| l.contains("counter packets")).expect("counter rule");
         let w: Vec<&str> = line.split_whitespace().collect();
         w[w.iter().position(|x| *x == "packets").unwrap() + 1].parse().unwrap()
     };
-    ns.exec(&["nft", "delete", "table", "inet", "twmon_count"]);
+    drop(count);
     assert!(fins >= 3, "the server sent {fins} FINs: the final ACK was not lost?");
     let m = agent.wait_for(SETTLE, |m| m.transitions("last_ack", "close") == 1.0);
     assert_eq!(m.transitions("last_ack", "close"), 1.0, "LAST_ACK ends once the ACK gets through");
@@ -361,7 +334,7 @@ fn time_wait_expires_after_2msl() {
     let ns = Netns::new("expiry");
     let agent = Agent::start(&ns);
     for (c, s) in connect(&ns, M, false) {
-        close_pair(c, s);
+        Close::ClientFirst.run((c, s));
     }
     let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == M as f64);
     assert_eq!(m.sockets("time_wait"), M as f64);
@@ -398,31 +371,16 @@ fn time_wait_reused_by_connect() {
     let ns = Netns::new("reuse");
     ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
     let agent = Agent::start(&ns);
-    let (server, port) = ns.run(|| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        (l, p)
-    });
-    let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let bound_client = move |local: Option<SocketAddr>| {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        s.set_reuse_address(true).unwrap();
-        if let Some(a) = local {
-            s.bind(&a.into()).unwrap();
-        }
-        s.connect(&dst.into()).unwrap();
-        TcpStream::from(s)
-    };
-    let first = ns.run(move || bound_client(None));
-    let local = first.local_addr().unwrap();
-    let (s1, _) = server.accept().unwrap();
-    close_pair(first, s1);
+    let server = ns.run(|| Server::bind("127.0.0.1:0"));
+    let first = ns.run(|| server.connect_reusable(None));
+    let local = first.0.local_addr().unwrap();
+    Close::ClientFirst.run(first);
     let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == 1.0);
     assert_eq!(m.sockets("time_wait"), 1.0);
     // tcp_tw_reuse wants the timewait socket's last timestamp to be over a second old.
     std::thread::sleep(Duration::from_millis(1500));
-    let second = ns.run(move || bound_client(Some(local)));
-    assert_eq!(second.local_addr().unwrap(), local, "the 4-tuple was reused");
+    let second = ns.run(|| server.connect_reusable(Some(local)));
+    assert_eq!(second.0.local_addr().unwrap(), local, "the 4-tuple was reused");
     let m = agent
         .wait_for(SETTLE, |m| m.get("twmon_timewait_ends_total", &[("reason", "reuse")]) == 1.0);
     assert_eq!(
@@ -455,7 +413,7 @@ fn timewait_overflow_counted() {
     ns.exec(&["sysctl", "-qw", &format!("net.ipv4.tcp_max_tw_buckets={LIMIT}")]);
     let agent = Agent::start(&ns);
     for (c, s) in connect(&ns, N, false) {
-        close_pair(c, s);
+        Close::ClientFirst.run((c, s));
     }
     let overflow = || -> f64 {
         let text = ns.exec(&["cat", "/proc/net/netstat"]);
@@ -488,10 +446,9 @@ fn orphaned_fin_wait2_ends_at_fin_timeout() {
     let agent = Agent::start(&ns);
     let mut pairs = connect(&ns, 2, false);
     let (c1, s1) = pairs.pop().unwrap();
-    let (c2, mut s2) = pairs.pop().unwrap();
-    close_pair(c1, s1);
-    drop(c2);
-    assert_eq!(s2.read(&mut [0u8; 1]).unwrap(), 0);
+    let (c2, s2) = pairs.pop().unwrap();
+    Close::ClientFirst.run((c1, s1));
+    let s2 = Close::Held.run((c2, s2));
     let m = agent.wait_for(Duration::from_secs(15), |m| {
         m.get("twmon_timewait_ends_total", &[("reason", "fin_timeout")]) == 1.0
     });
@@ -538,17 +495,13 @@ fn full_maps_are_counted() {
     };
 
     for (c, s) in connect(&ns, M, false) {
-        close_pair(c, s);
+        Close::ClientFirst.run((c, s));
     }
     overflows("time_wait", "TIME-WAIT", "timewait");
 
     let held: Vec<TcpStream> = connect(&ns, M, false)
         .into_iter()
-        .map(|(c, mut s)| {
-            drop(c);
-            assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
-            s
-        })
+        .map(|pair| Close::Held.run(pair).expect("the server's end"))
         .collect();
     overflows("close_wait", "CLOSE-WAIT", "sockets");
     assert!(agent.log().contains("map full"), "the kernel programs' warning reached the log");
@@ -565,7 +518,7 @@ fn lost_events_are_counted() {
     let ns = Netns::new("lost");
     let agent = Agent::start_with(&ns, &["--bpf.ring-buffer-size", "4096"]);
     for (c, s) in connect(&ns, M, false) {
-        close_pair(c, s);
+        Close::ClientFirst.run((c, s));
     }
     let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == M as f64);
     assert_eq!(m.sockets("time_wait"), M as f64);
@@ -917,12 +870,10 @@ impl TraceCli {
 
 /// `n` connections to `l` inside `ns`, each closed by its client first and then by the server:
 /// six traced changes each (three on either side; the TIME_WAIT sockets end later).
-fn close_client_first(ns: &Netns, l: &TcpListener, n: usize) {
-    let l = l.try_clone().unwrap();
-    ns.run(move || {
+fn close_client_first(ns: &Netns, server: &Server, n: usize) {
+    ns.run(|| {
         for _ in 0..n {
-            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            close_pair(c, l.accept().unwrap().0);
+            Close::ClientFirst.run(server.connect());
         }
     });
 }
@@ -951,10 +902,8 @@ fn trace_is_filtered_in_the_kernel() {
         let blind = harness::Blind::watch();
         let ns = Netns::new("tracef");
         let agent = Agent::start(&ns);
-        let (traced, other) = ns.run(|| {
-            (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap())
-        });
-        let port = traced.local_addr().unwrap().port().to_string();
+        let (traced, other) = ns.run(|| (Server::bind("127.0.0.1:0"), Server::bind("127.0.0.1:0")));
+        let port = traced.addr().port().to_string();
         let filtered = TraceCli::start(&agent, &["--port", &port]);
 
         // Only the traced port's connections are written.

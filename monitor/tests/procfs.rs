@@ -3,15 +3,18 @@
 //! what `ip netns exec ... sysctl` and `ss` say.
 use std::{
     collections::HashSet,
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    io::Write,
+    net::TcpListener,
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use testkit::netns::Netns;
+use testkit::{
+    netns::Netns,
+    workload::{Close, Server},
+};
 use twmon::view::{
     netns::{self, Namespace},
     procfs::{self, Sysctls, TcpExt},
@@ -128,22 +131,14 @@ fn sysctls_are_those_of_the_entered_namespace() {
 /// the server closes with unread data (a reset, `TCPAbortOnClose`). Client and server both live
 /// in the calling thread's namespace.
 fn close_connections(n: usize) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
-    let addr = listener.local_addr().unwrap();
+    let server = Server::bind("127.0.0.1:0");
     for _ in 0..n {
-        let client = TcpStream::connect(addr).expect("connect");
-        let (mut server, _) = listener.accept().expect("accept");
-        drop(client);
-        // Wait for the client's FIN before closing, so the server's close is the second one.
-        let mut buf = [0u8; 1];
-        assert_eq!(server.read(&mut buf).expect("read EOF"), 0);
+        Close::ClientFirst.run(server.connect());
     }
-    let mut client = TcpStream::connect(addr).expect("connect");
-    let (server, _) = listener.accept().expect("accept");
+    let (mut client, server) = server.connect();
     client.write_all(b"unread").expect("write");
     // Wait until the data is queued at the server, then close without reading it.
     let mut buf = [0u8; 6];
-    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(server.peek(&mut buf).expect("peek"), 6);
     drop(server);
 }

@@ -3,10 +3,11 @@
 //! twmon's logic). `cases` runs a fixed set of seeds in `cargo xtask test`; `cargo xtask soak`
 //! runs them one after another in one namespace for as long as asked.
 use std::{
-    io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::TcpStream,
     time::{Duration, Instant},
 };
+
+use testkit::workload::{Close, NftTable, Server};
 
 use crate::common::{self, Agent, Metrics, Netns};
 
@@ -39,32 +40,6 @@ impl Rng {
     }
 }
 
-/// How one connection ends.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Close {
-    /// The client closes, the server reads EOF and closes: TIME_WAIT on the client.
-    ClientFirst,
-    /// The server closes first (an HTTP server without keep-alive): TIME_WAIT on the server.
-    ServerFirst,
-    /// Both shut down at about the same time, from two threads (CLOSING when the FINs cross).
-    Simultaneous,
-    /// SO_LINGER 0: a reset instead of a FIN.
-    Linger0,
-    /// The client closes with data it has not read: the kernel resets.
-    Unread,
-    /// The client closes, the server holds its end in CLOSE_WAIT until the case ends.
-    Held,
-}
-
-const CLOSES: [Close; 6] = [
-    Close::ClientFirst,
-    Close::ServerFirst,
-    Close::Simultaneous,
-    Close::Linger0,
-    Close::Unread,
-    Close::Held,
-];
-
 /// A case's settings, drawn from its seed.
 #[derive(Debug)]
 struct Plan {
@@ -88,14 +63,14 @@ struct Plan {
 impl Plan {
     fn draw(rng: &mut Rng) -> Self {
         let mut closes = Vec::new();
-        for c in CLOSES {
+        for c in Close::ALL {
             // Each kind in about two cases of three, at least one kind.
             if rng.chance(66) {
                 closes.push(c);
             }
         }
         if closes.is_empty() {
-            closes.push(rng.pick(&CLOSES));
+            closes.push(rng.pick(&Close::ALL));
         }
         let narrow_ports = rng.chance(25);
         Self {
@@ -161,35 +136,37 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
     ] {
         ns.exec(&["sysctl", "-qw", &format!("{k}={v}")]);
     }
-    if plan.lose_acks {
-        ns.exec(&["nft", "add", "table", "inet", LOSS_TABLE]);
-        ns.exec(&[
-            "nft",
-            &format!("add chain inet {LOSS_TABLE} out {{ type filter hook output priority 0; }}"),
-        ]);
-        // The servers' bare ACKs only (a client's would be the handshake's last too): the
-        // final ACK of a close the server began, and its ACK of a client's FIN.
-        let rule = format!(
-            "add rule inet {LOSS_TABLE} out tcp sport {SERVER_PORTS} tcp flags == ack numgen \
-             random mod 3 == 0 drop"
-        );
-        ns.exec(&["nft", &rule]);
-    }
-    let workers: Vec<_> = (0..plan.threads)
-        .map(|t| {
-            let seed = rng.next();
-            let (per, v6, closes) = (plan.per_thread, plan.ipv6_percent, plan.closes.clone());
-            let path = ns.path();
-            std::thread::spawn(move || worker(&path, t as u16, seed, per, v6, &closes))
-        })
-        .collect();
+    // The servers' bare ACKs only (a client's would be the handshake's last too): the final ACK
+    // of a close the server began, and its ACK of a client's FIN.
+    let loss = plan.lose_acks.then(|| {
+        NftTable::new(
+            ns,
+            "twmon_loss",
+            &format!(
+                "chain out {{ type filter hook output priority 0; tcp sport {SERVER_PORTS} tcp \
+                 flags == ack numgen random mod 3 == 0 drop; }}"
+            ),
+        )
+    });
     let mut made = Made::default();
     let mut held = Vec::new();
-    for w in workers {
-        let (m, h) = w.join().expect("a worker thread panicked");
-        made += m;
-        held.extend(h);
-    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..plan.threads)
+            .map(|t| {
+                let seed = rng.next();
+                let (per, v6, closes) = (plan.per_thread, plan.ipv6_percent, &plan.closes);
+                scope.spawn(move || {
+                    ns.enter().expect("entering the case's namespace");
+                    worker(t as u16, seed, per, v6, closes)
+                })
+            })
+            .collect();
+        for w in workers {
+            let (m, h) = w.join().expect("a worker thread panicked");
+            made += m;
+            held.extend(h);
+        }
+    });
     // Held CLOSE_WAITs: released before their peers' fin_timeout, or after it (those peers then
     // end without their FIN, and the late FIN is answered with a reset).
     let outlive = plan.short_fin_timeout && !held.is_empty();
@@ -231,43 +208,38 @@ pub fn run_case(ns: &Netns, seed: u64) -> Made {
         std::thread::sleep(Duration::from_millis(rng.below(300)));
     }
     drop(held);
-    if plan.lose_acks {
+    if let Some(loss) = loss {
         // Long enough for FINs retransmitted from LAST_ACK (0.2, 0.6, 1.4 s) to meet the loss.
         std::thread::sleep(Duration::from_millis(1500));
-        ns.exec(&["nft", "delete", "table", "inet", LOSS_TABLE]);
+        drop(loss);
     }
     wait_quiet(ns);
     made
 }
 
-/// The nftables table of a case that loses ACKs.
-const LOSS_TABLE: &str = "twmon_loss";
-
 /// The ports the workers' listeners take: 20000 + 2 x worker (IPv4), + 1 (IPv6), 4 workers.
 const SERVER_PORTS: &str = "20000-20007";
 
-/// One thread's connections: `n` of them to its own two listeners (IPv4 and IPv6), each ended
-/// by one of `closes`. Returns what it made and the server ends it holds in CLOSE_WAIT.
+/// One thread's connections (made in the namespace it entered): `n` of them to its own two
+/// listeners (IPv4 and IPv6), each ended by one of `closes`. Returns what it made and the server
+/// ends it holds in CLOSE_WAIT.
 fn worker(
-    netns: &str,
     index: u16,
     seed: u64,
     n: usize,
     v6_percent: u64,
     closes: &[Close],
 ) -> (Made, Vec<TcpStream>) {
-    enter(netns);
     let mut rng = Rng::new(seed);
     // Fixed ports below the ephemeral range: port 0 would take one of a narrow range's few.
-    let l4 = TcpListener::bind(("127.0.0.1", 20_000 + 2 * index)).unwrap();
-    let l6 = TcpListener::bind(("::1", 20_001 + 2 * index)).unwrap();
+    let l4 = Server::bind(("127.0.0.1", 20_000 + 2 * index));
+    let l6 = Server::bind(("::1", 20_001 + 2 * index));
     let mut made = Made::default();
     let mut held = Vec::new();
     for _ in 0..n {
         let l = if rng.chance(v6_percent) { &l6 } else { &l4 };
-        let addr = l.local_addr().unwrap();
-        let c = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(c) => c,
+        let pair = match l.try_connect(Duration::from_secs(2)) {
+            Ok(pair) => pair,
             Err(e) => {
                 // A narrow port range with every port in TIME_WAIT (no SYN sent), or a SYN left
                 // unanswered (closed in SYN_SENT): no connection made.
@@ -277,68 +249,12 @@ fn worker(
                 continue;
             }
         };
-        let (s, _) = l.accept().unwrap();
         made.connections += 1;
         let close = rng.pick(closes);
         made.simultaneous += u64::from(close == Close::Simultaneous);
-        if let Some(h) = close_pair(close, c, s) {
-            held.push(h);
-        }
+        held.extend(close.run(pair));
     }
     (made, held)
-}
-
-/// Runs one connection's close. Returns the server's end when it is held in CLOSE_WAIT.
-fn close_pair(close: Close, mut c: TcpStream, mut s: TcpStream) -> Option<TcpStream> {
-    let eof = |t: &mut TcpStream| {
-        let mut b = [0u8; 64];
-        while matches!(t.read(&mut b), Ok(n) if n > 0) {}
-    };
-    match close {
-        Close::ClientFirst => {
-            drop(c);
-            eof(&mut s);
-        }
-        Close::ServerFirst => {
-            drop(s);
-            eof(&mut c);
-        }
-        Close::Simultaneous => {
-            let t = std::thread::spawn(move || {
-                let _ = s.shutdown(Shutdown::Write);
-                eof(&mut s);
-            });
-            let _ = c.shutdown(Shutdown::Write);
-            eof(&mut c);
-            t.join().unwrap();
-        }
-        Close::Linger0 => {
-            socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
-            drop(c);
-            eof(&mut s);
-        }
-        Close::Unread => {
-            s.write_all(b"data the client never reads").unwrap();
-            // Until it has arrived: then the close resets.
-            std::thread::sleep(Duration::from_millis(2));
-            drop(c);
-            eof(&mut s);
-        }
-        Close::Held => {
-            drop(c);
-            eof(&mut s);
-            return Some(s);
-        }
-    }
-    None
-}
-
-/// Moves this thread into the namespace at `path`.
-fn enter(path: &str) {
-    use std::os::fd::AsRawFd;
-    let fd = std::fs::File::open(path).unwrap();
-    // SAFETY: a valid namespace fd; affects only this thread.
-    assert_eq!(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
 }
 
 /// Until no socket is in a state that moves on its own within seconds: FIN_WAIT1, CLOSING,
@@ -385,13 +301,7 @@ pub fn tw_counted_at_creation() -> bool {
     static AT_CREATION: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AT_CREATION.get_or_init(|| {
         let ns = Netns::new("twprobe");
-        ns.run(|| {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-            let (mut s, _) = l.accept().unwrap();
-            drop(c);
-            let _ = s.read(&mut [0u8; 1]);
-        });
+        ns.run(|| Close::ClientFirst.run(Server::bind("127.0.0.1:0").connect()));
         std::thread::sleep(Duration::from_millis(100));
         ns.counter("TcpExt", "TW") == 1
     })
