@@ -2,6 +2,9 @@
 //!
 //! Everything here is `#[repr(C)]` with explicit padding and a compile-time size check, so
 //! both sides agree on the bytes without relying on the compiler's layout choices.
+//!
+//! Over 400 lines on purpose: every byte the two sides exchange (map keys and values, records,
+//! settings) is laid out here, next to the others it must not collide with; each type is small.
 #![cfg_attr(target_arch = "bpf", no_std)]
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
