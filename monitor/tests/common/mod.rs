@@ -203,26 +203,5 @@ impl Agent {
 
 /// Whether the kernel still has a BPF program with this id.
 pub fn program_exists(id: u32) -> bool {
-    #[repr(C)]
-    struct Attr {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-    let attr = Attr { id, next_id: 0, open_flags: 0 };
-    // SAFETY: attr is a valid bpf_attr prefix for this command, of the size given.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            &attr as *const Attr,
-            size_of::<Attr>() as u32,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: a descriptor the call above returned.
-        unsafe { libc::close(fd as i32) };
-    }
-    fd >= 0
+    aya::programs::loaded_programs().any(|p| p.is_ok_and(|p| p.id() == id))
 }

@@ -6,6 +6,10 @@
 //! the kernel adds every program run's duration to its `run_time_ns` and `run_cnt`. Those are
 //! the `run_time_ns` / `run_cnt` that `bpftool prog show` prints, and the agent's
 //! `twmon_bpf_program_run_nanoseconds_total` / `twmon_bpf_program_runs_total`.
+//!
+//! Plain syscalls rather than aya: the floors are a few hand-written instructions, and aya loads
+//! programs from ELF objects only; the rest reads another process's programs and maps (the
+//! agent's) by id, a dozen lines each that a library would not shorten.
 use std::{
     fs, io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
