@@ -67,12 +67,9 @@ fn four_way(v6: bool, client_first: bool) {
     let agent = Agent::start(&ns);
     let pairs = connect(&ns, N, v6);
     let server_port = pairs[0].1.local_addr().unwrap().port();
-    for (c, s) in pairs {
-        if client_first {
-            Close::ClientFirst.run((c, s))
-        } else {
-            Close::ServerFirst.run((c, s))
-        };
+    let how = if client_first { Close::ClientFirst } else { Close::ServerFirst };
+    for pair in pairs {
+        how.run(pair);
     }
     let m = expect_transitions(&agent, &full_close(N));
     // Only the active closer holds TIME_WAIT, and the kernel agrees on how many.
