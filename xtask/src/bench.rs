@@ -1439,13 +1439,15 @@ fn summary(o: &Options, f: &Findings, failed: &[String]) {
             "| per state change (program and twin) <= 3x the empty program | twmon_state {ns:.0} \
              ns against {floor:.0} ns: {:.2}x; {:.0} ns when it writes no records; a program that \
              only keeps each socket's entry time in a hash map {socket:.0} ns ({:.2}x), with a \
-             twin {:.2}x; the bpftrace reference script {:.0} ns; one ring-buffer record {:.0} ns \
-             with a wake-up, {:.0} ns without | {} |",
+             twin {:.2}x; {}one ring-buffer record {:.0} ns with a wake-up, {:.0} ns without | {} \
+             |",
             ns / floor,
             f.state_paused_ns.unwrap_or(f64::NAN),
             socket / floor,
             (socket + floor) / floor,
-            f.state_reference_ns.unwrap_or(f64::NAN),
+            f.state_reference_ns
+                .map(|r| format!("the bpftrace reference script {r:.0} ns; "))
+                .unwrap_or_default(),
             f.ring_wakeup_ns.unwrap_or(f64::NAN),
             f.ring_nowakeup_ns.unwrap_or(f64::NAN),
             verdict_bounded(ns <= 3.0 * floor, socket + floor > 3.0 * floor)
