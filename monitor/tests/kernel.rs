@@ -419,10 +419,15 @@ fn timewait_overflow_counted() {
         names.zip(values).find(|(n, _)| *n == "TCPTimeWaitOverflow").unwrap().1.parse().unwrap()
     };
     let want = (N - LIMIT) as f64;
-    let m = agent.wait_for(SETTLE, |m| m.get("twmon_timewait_handoff_missed_total", &[]) == want);
+    // Until the last FINs have reached the orphans too: a loaded machine may process them in
+    // ksoftirqd after the closes returned, and the sweep then sees them TIME_WAIT.
+    let m = agent.wait_for(SETTLE, |m| {
+        m.get("twmon_timewait_handoff_missed_total", &[]) == want
+            && m.sockets("time_wait") == LIMIT as f64
+    });
     assert_eq!(overflow(), want, "the kernel's TCPTimeWaitOverflow");
     assert_eq!(m.get("twmon_timewait_handoff_missed_total", &[]), want, "{}", m.text);
-    assert_eq!(m.sockets("time_wait"), LIMIT as f64);
+    assert_eq!(m.sockets("time_wait"), LIMIT as f64, "{}\nss:\n{}", m.explain(), ns.ss_all());
     assert_eq!(ns.ss("TIME-WAIT").len(), LIMIT);
     assert_eq!(
         m.transitions("fin_wait2", "time_wait"),
@@ -517,18 +522,30 @@ fn lost_events_are_counted() {
     for (c, s) in connect(&ns, M, false) {
         Close::ClientFirst.run((c, s));
     }
-    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == M as f64);
-    assert_eq!(m.sockets("time_wait"), M as f64);
+    // Every one in TIME_WAIT, or ended at 2MSL: making them takes over a minute in a loaded VM.
+    let expired = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "expired")]);
+    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") + expired(m) == M as f64);
+    assert_eq!(m.sockets("time_wait") + expired(&m), M as f64, "{}", m.explain());
+    assert_eq!(m.sockets("time_wait"), ns.sockstat_tw() as f64, "the kernel's own count");
+    assert!(expired(&m) < (M / 2) as f64, "{} of {M} expired before the test", expired(&m));
     assert_eq!(m.get("twmon_events_lost_total", &[]), 0.0);
-    // `ip netns del`: the kernel kills every timewait socket of the namespace in one go.
+    // `ip netns del`: the kernel kills every timewait socket of the namespace in one go (any
+    // that reaches 2MSL meanwhile ends as an expiry).
     drop(ns);
     let killed = |m: &Metrics| m.get("twmon_timewait_ends_total", &[("reason", "killed")]);
     let lost = |m: &Metrics| m.get("twmon_events_lost_total", &[]);
-    let m = agent
-        .wait_for(SETTLE, |m| m.sockets("time_wait") == 0.0 && killed(m) + lost(m) == M as f64);
-    eprintln!("killed {}, records lost {}", killed(&m), lost(&m));
+    let ended = |m: &Metrics| killed(m) + lost(m) + expired(m);
+    let m = agent.wait_for(SETTLE, |m| m.sockets("time_wait") == 0.0 && ended(m) == M as f64);
+    eprintln!("killed {}, records lost {}, expired {}", killed(&m), lost(&m), expired(&m));
     assert!(lost(&m) > 0.0, "a 4 KiB ring buffer took {M} records at once");
-    assert_eq!(killed(&m) + lost(&m), M as f64, "killed {} + lost {}", killed(&m), lost(&m));
+    assert_eq!(
+        ended(&m),
+        M as f64,
+        "killed {} + lost {} + expired {}",
+        killed(&m),
+        lost(&m),
+        expired(&m)
+    );
     assert_eq!(
         m.sockets("time_wait"),
         0.0,
