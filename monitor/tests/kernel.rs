@@ -159,6 +159,16 @@ fn abort_with_rst() {
     assert_eq!(m.transitions("fin_wait2", "time_wait"), 0.0);
 }
 
+/// How far a duration the programs measured may lie beyond the span the test measured around
+/// it. The programs read the clock on whichever CPU the state changed on. In a
+/// software-emulated VM (`cargo xtask vm`) the guest's clocks were seen apart by 48-58 ms over
+/// 3 s holds (twice in a dozen runs), 116 ms once in CI's VM on a loaded machine, and 330 ms
+/// over a hold that a starved 5.10 guest stretched to 21.6 s: about 2 % of the span. So 300 ms,
+/// and 3 % of the span beyond that.
+fn clock_slack(span: Duration) -> f64 {
+    0.3 + 0.03 * span.as_secs_f64()
+}
+
 /// 4 and 8. CLOSE_WAIT held by a peer that does not close: the gauge stays up, equal to ss;
 /// when it closes the gauge drops and the time it was held is observed within tolerance.
 #[test]
@@ -197,12 +207,11 @@ fn close_wait_held_then_released() {
     servers.clear();
     let done = std::time::Instant::now();
     // What each CLOSE_WAIT lasted, as measured here (the programs' clock is CLOCK_MONOTONIC,
-    // as Instant's), give or take 300 ms: the programs read the clock on whichever CPU the state
-    // changed on, and in a software-emulated VM (cargo xtask vm) the CPUs' clocks were seen up
-    // to 58 ms apart (means 48 and 58 ms beyond the measured hold, twice in a dozen runs), and
-    // 116 ms once in CI's VM on a loaded machine.
-    let (shortest, longest) =
-        ((released - since).as_secs_f64() - 0.3, (done - first).as_secs_f64() + 0.3);
+    // as Instant's), give or take `clock_slack`.
+    let (shortest, longest) = (
+        (released - since).as_secs_f64() - clock_slack(released - since),
+        (done - first).as_secs_f64() + clock_slack(done - first),
+    );
     let m = expect_transitions(&agent, &full_close(N));
     assert_eq!(m.sockets("close_wait"), 0.0, "close_wait gauge after release");
     assert_eq!(ns.ss("CLOSE-WAIT").len(), 0);
@@ -257,7 +266,8 @@ fn close_after_shutdown_is_no_transition() {
     let m = expect_transitions(&agent, &full_close(N));
     let fw2 = m.duration_sum("fin_wait2") / m.duration_count("fin_wait2");
     assert!(
-        fw2 >= HOLD.as_secs_f64() - 0.05 && fw2 <= start.elapsed().as_secs_f64() + 0.3,
+        fw2 >= HOLD.as_secs_f64() - 0.05
+            && fw2 <= start.elapsed().as_secs_f64() + clock_slack(start.elapsed()),
         "mean FIN_WAIT2 {fw2:.3} s: counted from the shutdown, held at least {HOLD:?}"
     );
     assert_eq!(m.sockets("time_wait"), N as f64);
