@@ -107,7 +107,7 @@ impl Close {
 }
 
 /// A listener in the namespace of the thread that bound it, and connections to it.
-pub struct Server(pub TcpListener);
+pub struct Server(TcpListener);
 
 impl Server {
     pub fn bind(addr: impl ToSocketAddrs + Debug) -> Self {
