@@ -202,13 +202,7 @@ fn per_namespace_counts_match_ss() {
     assert_eq!(sysctl(&m, &b, "ephemeral_ports"), 10000.0);
     // The namespace's TcpExt counters: 30 timewait sockets created in a, 12 in b (the orphaned
     // FIN_WAIT2 clients, kept as timewait sockets on a tcp_fin_timeout timer).
-    let netstat = |ns: &Netns, key: &str| -> f64 {
-        let text = ns.exec(&["cat", "/proc/net/netstat"]);
-        let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
-        let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
-        let i = names.split_whitespace().position(|n| n == key).unwrap();
-        values.split_whitespace().nth(i).unwrap().parse().unwrap()
-    };
+    let netstat = |ns: &Netns, key: &str| ns.counter("TcpExt", key) as f64;
     let tw_of_b = |m: &Metrics| {
         m.get("twmon_kernel_tcpext_total", &[("netns", &name(&b)), ("counter", "TW")])
     };

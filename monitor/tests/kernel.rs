@@ -422,12 +422,7 @@ fn timewait_overflow_counted() {
     for (c, s) in connect(&ns, N, false) {
         Close::ClientFirst.run((c, s));
     }
-    let overflow = || -> f64 {
-        let text = ns.exec(&["cat", "/proc/net/netstat"]);
-        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-        let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
-        names.zip(values).find(|(n, _)| *n == "TCPTimeWaitOverflow").unwrap().1.parse().unwrap()
-    };
+    let overflow = || ns.counter("TcpExt", "TCPTimeWaitOverflow") as f64;
     let want = (N - LIMIT) as f64;
     // Until the last FINs have reached the orphans too: a loaded machine may process them in
     // ksoftirqd after the closes returned, and the sweep then sees them TIME_WAIT.

@@ -157,15 +157,28 @@ pub fn ss_in(dump: &str, state: &str) -> Vec<(String, String)> {
 /// A counter from the text of /proc/net/netstat and /proc/net/snmp: `group` is a line prefix
 /// (`TcpExt`, `Tcp`), `key` a column of it.
 pub fn counter_in(text: &str, group: &str, key: &str) -> u64 {
+    let (_, v) = group_in(text, group)
+        .into_iter()
+        .find(|(n, _)| n == key)
+        .unwrap_or_else(|| panic!("{group} {key} in /proc/net/netstat or snmp"));
+    u64::try_from(v).unwrap_or_else(|_| panic!("{group} {key} is {v}, not a counter"))
+}
+
+/// Every counter of a group (`TcpExt`, `Tcp`) from the text of /proc/net/netstat and
+/// /proc/net/snmp, by name, in the kernel's order. Signed: a few are not counters (`Tcp MaxConn`
+/// is -1).
+pub fn group_in(text: &str, group: &str) -> Vec<(String, i64)> {
     let prefix = format!("{group}:");
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
     assert_eq!(lines.len(), 2, "{group} in /proc/net/netstat or snmp");
-    let (names, values) = (lines[0].split_whitespace(), lines[1].split_whitespace());
-    let value = names.zip(values).find(|(n, _)| *n == key).map(|(_, v)| v);
-    value
-        .unwrap_or_else(|| panic!("{group} {key} in /proc/net/netstat or snmp"))
-        .parse()
-        .expect("a number")
+    let names = lines[0].split_whitespace().skip(1);
+    let values = lines[1].split_whitespace().skip(1);
+    names
+        .zip(values)
+        .map(|(n, v)| {
+            (n.to_string(), v.parse().unwrap_or_else(|_| panic!("{group} {n}: {v} is no number")))
+        })
+        .collect()
 }
 
 /// Deletes the namespaces a run that is gone left behind (killed before its drops ran).

@@ -14,7 +14,7 @@ use std::{
 };
 
 use testkit::{
-    netns::Netns,
+    netns::{self, Netns},
     workload::{self, Close, NftTable, Pair, Server},
 };
 
@@ -80,17 +80,12 @@ pub fn run(plan: Plan) -> Summary {
 
 /// TcpExt counters of the namespace about TIME_WAIT and aborts.
 fn tcpext(ns: &Netns) -> BTreeMap<String, u64> {
-    let text = ns.proc_net("netstat");
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-    assert_eq!(lines.len(), 2, "TcpExt lines in /proc/net/netstat");
-    let names = lines[0].split_whitespace().skip(1);
-    let values = lines[1].split_whitespace().skip(1).map(|v| v.parse::<u64>().unwrap_or(0));
-    names
-        .zip(values)
+    netns::group_in(&ns.proc_net("netstat"), "TcpExt")
+        .into_iter()
         .filter(|(n, _)| {
-            n.starts_with("TW") || n.starts_with("TCPAbortOn") || *n == "TCPTimeWaitOverflow"
+            n.starts_with("TW") || n.starts_with("TCPAbortOn") || n == "TCPTimeWaitOverflow"
         })
-        .map(|(n, v)| (n.to_string(), v))
+        .map(|(n, v)| (n, v as u64))
         .collect()
 }
 
